@@ -1,0 +1,164 @@
+"""The typed, immutable shape of a gateway config: the user-facing contract of `gateway.yaml`.
+
+Every model forbids unknown keys (a typo is an error, not a silent default) and is frozen, so a loaded
+config can be shared by every request and swapped whole on reload.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from yarl import URL
+
+from gateway.policy.allowlist import Allowlist, parse_entry
+
+Port = Annotated[int, Field(ge=0, le=65535)]
+Seconds = Annotated[float, Field(gt=0)]
+
+
+class Section(BaseModel):
+    """Base for every config section: strict about keys, immutable once built."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_http_url(value: str, *, allow_path: bool) -> URL:
+    """Parse an http(s) origin (optionally with a base path); raise ValueError saying what is wrong."""
+    try:
+        url = URL(value)
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"not a URL: {value!r}") from exc
+    if url.scheme not in ("http", "https"):
+        raise ValueError(f"must be an http:// or https:// URL, got {value!r}")
+    if not url.raw_host:
+        raise ValueError(f"has no host: {value!r}")
+    if url.raw_user is not None or url.raw_password is not None:
+        raise ValueError(f"must not carry user:password: {value!r}")
+    if url.raw_query_string or url.raw_fragment:
+        raise ValueError(f"must not carry a query or fragment: {value!r}")
+    if not allow_path and url.raw_path not in ("", "/"):
+        raise ValueError(f"must be an origin without a path: {value!r}")
+    return url
+
+
+class Listen(Section):
+    host: str = "127.0.0.1"
+    port: Port = 8080
+
+
+class Admin(Section):
+    host: str = "127.0.0.1"
+    port: Port = 9901
+
+
+class Route(Section):
+    """One reverse-proxy route: requests under `prefix` go to `upstream` with the prefix stripped."""
+
+    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    prefix: str
+    upstream: str
+
+    @field_validator("prefix")
+    @classmethod
+    def _prefix(cls, value: str) -> str:
+        if not value.startswith("/") or "?" in value or "#" in value or "//" in value:
+            raise ValueError("must start with '/' and hold only a path, e.g. /data-plane")
+        return value.rstrip("/") or "/"
+
+    @field_validator("upstream")
+    @classmethod
+    def _upstream(cls, value: str) -> str:
+        url = parse_http_url(value, allow_path=True)
+        return str(url).rstrip("/")
+
+    @property
+    def upstream_url(self) -> URL:
+        return URL(self.upstream)
+
+
+class UpstreamSettings(Section):
+    connect_timeout_s: Seconds = 10
+    read_timeout_s: Seconds = 300
+    ca_bundle: str | None = None
+    proxy: str | None = None
+
+    @field_validator("proxy")
+    @classmethod
+    def _proxy(cls, value: str | None) -> str | None:
+        if value is None:
+            return None
+        url = URL(value)
+        if url.scheme not in ("http", "https") or not url.raw_host:
+            raise ValueError(f"must be an http:// proxy URL, got {value!r}")
+        return value
+
+
+class Limits(Section):
+    max_body_mb: Annotated[float, Field(gt=0)] = 512
+    max_header_kb: Annotated[int, Field(ge=1, le=1024)] = 64
+    max_connections: Annotated[int, Field(ge=1)] = 1024
+
+
+class Logging(Section):
+    level: Literal["debug", "info", "warning", "error"] = "info"
+    format: Literal["json", "console"] = "json"
+
+
+def _default_routes() -> tuple[Route, ...]:
+    return (Route(name="app", prefix="/", upstream="https://www.braintrust.dev"),)
+
+
+class GatewayConfig(Section):
+    """The whole config. Cross-field rules (allow-listed upstreams, unique routes) are checked here."""
+
+    listen: Listen = Listen()
+    admin: Admin = Admin()
+    public_url: str = "https://www.braintrust.dev"
+    allowlist: tuple[str, ...] = ("www.braintrust.dev", "braintrust.dev")
+    routes: tuple[Route, ...] = Field(default_factory=_default_routes, min_length=1)
+    upstream: UpstreamSettings = UpstreamSettings()
+    limits: Limits = Limits()
+    logging: Logging = Logging()
+    shutdown_timeout_s: Annotated[float, Field(ge=0)] = 15
+
+    @field_validator("public_url")
+    @classmethod
+    def _public_url(cls, value: str) -> str:
+        return str(parse_http_url(value, allow_path=True)).rstrip("/")
+
+    @field_validator("allowlist")
+    @classmethod
+    def _allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for entry in value:
+            parse_entry(entry)
+        return value
+
+    @model_validator(mode="after")
+    def _routes_are_reachable(self) -> GatewayConfig:
+        allow = Allowlist.parse(self.allowlist)
+        seen_names: set[str] = set()
+        seen_prefixes: set[str] = set()
+        for index, route in enumerate(self.routes):
+            if route.name in seen_names:
+                raise RouteError(index, "name", f"duplicate route name {route.name!r}")
+            if route.prefix in seen_prefixes:
+                raise RouteError(index, "prefix", f"duplicate route prefix {route.prefix!r}")
+            seen_names.add(route.name)
+            seen_prefixes.add(route.prefix)
+            url = route.upstream_url
+            if not allow.allows(url.host, url.port or 0):
+                raise RouteError(index, "upstream", f"host {url.host!r} is not on the allowlist")
+        return self
+
+    def route(self, name: str) -> Route | None:
+        return next((r for r in self.routes if r.name == name), None)
+
+
+class RouteError(ValueError):
+    """A cross-field error about one route; carries its key path so the loader can report it precisely."""
+
+    def __init__(self, index: int, key: str, message: str) -> None:
+        super().__init__(message)
+        self.loc: tuple[str | int, ...] = ("routes", index, key)
+        self.message = message

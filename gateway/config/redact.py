@@ -1,0 +1,29 @@
+"""The effective config as plain data with secrets hidden, for `check-config` and start-up logs."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from yarl import URL
+
+from gateway.config.model import GatewayConfig
+
+MASK = "***"
+
+
+def _redact_url(value: str) -> str:
+    url = URL(value)
+    if url.raw_password is not None:
+        return str(url.with_password(MASK))
+    if url.raw_user is not None:
+        return str(url.with_user(MASK))
+    return value
+
+
+def redacted(config: GatewayConfig) -> dict[str, Any]:
+    """`model_dump` with credentials in URLs masked; never print a config any other way."""
+    data = config.model_dump(mode="json")
+    upstream = data["upstream"]
+    if upstream.get("proxy"):
+        upstream["proxy"] = _redact_url(upstream["proxy"])
+    return data

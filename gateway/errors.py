@@ -1,0 +1,79 @@
+"""Error codes as values, and the one table that maps each code to an HTTP status.
+
+Policies return a `GatewayError`; I/O edges raise `GatewayFailure` wrapping one. Only `gateway.server`
+turns either into a response, so a code is invented here and nowhere else.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import StrEnum
+
+
+class Code(StrEnum):
+    """Stable, lowercase error codes: clients and dashboards key on these strings."""
+
+    BAD_REQUEST = "bad_request"
+    BAD_CONNECT_TARGET = "bad_connect_target"
+    NOT_FOUND = "no_route"
+    METHOD_NOT_ALLOWED = "method_not_allowed"
+    EGRESS_DENIED = "egress_denied"
+    PROXY_AUTH_REQUIRED = "proxy_auth_required"
+    UNAUTHENTICATED = "unauthenticated"
+    RATE_LIMITED = "rate_limited"
+    RATE_LIMIT_UNAVAILABLE = "rate_limit_unavailable"
+    BODY_TOO_LARGE = "body_too_large"
+    URI_TOO_LONG = "uri_too_long"
+    HEADERS_TOO_LARGE = "headers_too_large"
+    UPSTREAM_UNREACHABLE = "upstream_unreachable"
+    UPSTREAM_TIMEOUT = "upstream_timeout"
+    UPSTREAM_BAD_ENCODING = "upstream_bad_encoding"
+    UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
+    SHUTTING_DOWN = "shutting_down"
+    INTERNAL = "internal_error"
+
+
+STATUS: dict[Code, int] = {
+    Code.BAD_REQUEST: 400,
+    Code.BAD_CONNECT_TARGET: 400,
+    Code.NOT_FOUND: 404,
+    Code.METHOD_NOT_ALLOWED: 405,
+    Code.EGRESS_DENIED: 403,
+    Code.PROXY_AUTH_REQUIRED: 407,
+    Code.UNAUTHENTICATED: 401,
+    Code.RATE_LIMITED: 429,
+    Code.RATE_LIMIT_UNAVAILABLE: 503,
+    Code.BODY_TOO_LARGE: 413,
+    Code.URI_TOO_LONG: 414,
+    Code.HEADERS_TOO_LARGE: 431,
+    Code.UPSTREAM_UNREACHABLE: 502,
+    Code.UPSTREAM_TIMEOUT: 504,
+    Code.UPSTREAM_BAD_ENCODING: 502,
+    Code.UPSTREAM_PROTOCOL_ERROR: 502,
+    Code.SHUTTING_DOWN: 503,
+    Code.INTERNAL: 500,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class GatewayError:
+    """A refusal or failure, as a value: what went wrong (`code`) and a human sentence (`detail`).
+
+    `headers` carries the few response headers an error must set (Retry-After, Proxy-Authenticate).
+    """
+
+    code: Code
+    detail: str
+    headers: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def status(self) -> int:
+        return STATUS[self.code]
+
+
+class GatewayFailure(Exception):
+    """Raised at an I/O edge (connector, body reader) to carry a `GatewayError` up to the server."""
+
+    def __init__(self, error: GatewayError) -> None:
+        super().__init__(f"{error.code}: {error.detail}")
+        self.error = error

@@ -1,0 +1,31 @@
+"""The one place a `GatewayError` becomes an HTTP response: JSON body, status from the table, request id."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+
+from gateway.errors import Code, GatewayError
+
+
+def error_response(error: GatewayError, request_id: str, *, close: bool = False) -> web.Response:
+    """`{"error": {"code", "message", "request_id"}}` with the code's status and the error's own headers."""
+    body = {"error": {"code": str(error.code), "message": error.detail, "request_id": request_id}}
+    response = web.Response(
+        status=error.status,
+        body=json.dumps(body).encode(),
+        content_type="application/json",
+        headers={"X-Request-Id": request_id, **dict(error.headers)},
+    )
+    if close:
+        response.force_close()
+    return response
+
+
+def parse_error(exc: BaseException | None) -> GatewayError:
+    """What a request the HTTP parser rejected deserves: 431 for oversized headers, else 400."""
+    if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
+        return GatewayError(Code.HEADERS_TOO_LARGE, "request header fields are too large")
+    return GatewayError(Code.BAD_REQUEST, "malformed HTTP request")

@@ -1,0 +1,238 @@
+"""The aiohttp wiring: one low-level server whose single handler runs the pipeline, plus the admin listener.
+
+A low-level `web.Server` (no router) is used on purpose: every method, CONNECT included, and every
+request target reaches the pipeline unaltered, and parser errors get the same JSON errors as the rest.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from aiohttp.web_protocol import RequestHandler
+from yarl import URL
+
+from gateway.config.model import GatewayConfig
+from gateway.errors import Code, GatewayError, GatewayFailure
+from gateway.forward import forward
+from gateway.logs import get_logger
+from gateway.pipeline import Exchange, Pipeline, request_id
+from gateway.policy.allowlist import Allowlist
+from gateway.policy.credentials import bearer_token, fingerprint
+from gateway.responses import error_response, parse_error
+from gateway.upstream import EgressGuard, build_session, client_error
+
+access_log = get_logger("gateway.access")
+log = get_logger("gateway.server")
+
+
+class GatewayProtocol(RequestHandler):
+    """aiohttp's per-connection protocol, with parser failures answered as JSON errors (431/400)."""
+
+    def handle_error(
+        self,
+        request: web.BaseRequest,
+        status: int = 500,
+        exc: BaseException | None = None,
+        message: str | None = None,
+    ) -> web.StreamResponse:
+        if request.writer.output_size > 0:
+            raise ConnectionError("response already started; cannot send an error")
+        error = parse_error(exc) if status == 400 else GatewayError(Code.INTERNAL, "internal error")
+        rid = request_id(None)
+        log.warning("request_rejected", code=str(error.code), status=error.status, request_id=rid)
+        return error_response(error, rid, close=True)
+
+
+class GatewayServer(web.Server):
+    """Builds `GatewayProtocol` instead of aiohttp's plain RequestHandler."""
+
+    def __call__(self) -> RequestHandler:
+        return GatewayProtocol(self, loop=self._loop, **self._kwargs)
+
+
+class Gateway:
+    """Owns the listeners, the upstream session and the live `Pipeline` (swapped whole, never mutated)."""
+
+    def __init__(self, config: GatewayConfig) -> None:
+        self.pipeline = Pipeline(config)
+        proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
+        self.guard = EgressGuard(self.pipeline.allowlist, frozenset({proxy_host} if proxy_host else ()))
+        self.ready = False
+        self._session: aiohttp.ClientSession | None = None
+        self._runners: list[web.BaseRunner] = []
+        self.ports: dict[str, int] = {}
+
+    @property
+    def config(self) -> GatewayConfig:
+        return self.pipeline.config
+
+    async def start(self) -> None:
+        config = self.config
+        self._session = build_session(config, self.guard)
+        header_bytes = config.limits.max_header_kb * 1024
+        proxy = GatewayServer(
+            self.handle,
+            handler_cancellation=True,
+            auto_decompress=False,
+            max_line_size=header_bytes,
+            max_field_size=header_bytes,
+            max_headers=256,
+            access_log=None,
+        )
+        self.ports["listen"] = await self._listen(
+            web.ServerRunner(proxy, shutdown_timeout=config.shutdown_timeout_s), config.listen.host,
+            config.listen.port,
+        )
+        admin = web.AppRunner(self._admin_app(), access_log=None)
+        self.ports["admin"] = await self._listen(admin, config.admin.host, config.admin.port)
+        self.ready = True
+        log.info("gateway_started", listen=self.ports["listen"], admin=self.ports["admin"])
+
+    async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
+        await runner.setup()
+        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
+        await site.start()
+        self._runners.append(runner)
+        server: Any = site._server
+        return int(server.sockets[0].getsockname()[1])
+
+    async def stop(self) -> None:
+        """Drain: refuse readiness, stop accepting, let in-flight requests finish (bounded), then close."""
+        self.ready = False
+        log.info("gateway_draining", timeout_s=self.config.shutdown_timeout_s)
+        proxy_runner, *others = self._runners
+        await proxy_runner.cleanup()
+        for runner in others:
+            await runner.cleanup()
+        if self._session is not None:
+            await self._session.close()
+        log.info("gateway_stopped")
+
+    def _admin_app(self) -> web.Application:
+        async def healthz(_: web.Request) -> web.Response:
+            return web.json_response({"status": "ok"})
+
+        async def readyz(_: web.Request) -> web.Response:
+            if self.ready:
+                return web.json_response({"status": "ready"})
+            return web.json_response({"status": "draining"}, status=503)
+
+        app = web.Application()
+        app.router.add_get("/healthz", healthz)
+        app.router.add_get("/readyz", readyz)
+        return app
+
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """Run one request through the pipeline and log exactly one access event for it."""
+        pipeline = self.pipeline
+        raw_target = request.raw_path
+        exchange = Exchange(
+            request_id=request_id(request.headers.get("X-Request-Id")),
+            method=request.method,
+            path=raw_target.partition("?")[0][:2048],
+            client_ip=request.remote or "",
+            token_fp=fingerprint(bearer_token(request.headers.get("Authorization"))),
+        )
+        started = time.perf_counter()
+        try:
+            response = await self._process(request, pipeline, exchange, raw_target)
+        except asyncio.CancelledError:
+            exchange.status = exchange.status or 499
+            exchange.decisions.append("client:disconnected")
+            raise
+        finally:
+            self._log_access(exchange, started)
+        return response
+
+    async def _process(
+        self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange, raw_target: str
+    ) -> web.StreamResponse:
+        error = self._precheck(request, pipeline, exchange, raw_target)
+        if error is not None:
+            return self._fail(exchange, error, request)
+        path, _, query = raw_target.partition("?")
+        target = pipeline.target(exchange, path.partition("#")[0], query.partition("#")[0])
+        if isinstance(target, GatewayError):
+            return self._fail(exchange, target, request)
+        refused = pipeline.admit(exchange, target)
+        if refused is not None:
+            return self._fail(exchange, refused, request)
+        if request.headers.get("Expect", "").lower() == "100-continue":
+            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+        assert self._session is not None
+        try:
+            return await forward(
+                request,
+                exchange,
+                target,
+                self._session,
+                max_body=pipeline.max_body_bytes,
+                proxy=pipeline.config.upstream.proxy,
+            )
+        except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            return self._fail(exchange, client_error(exc), request)
+
+    def _precheck(
+        self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange, raw_target: str
+    ) -> GatewayError | None:
+        """Refusals that need no route: CONNECT, absolute-form targets, oversized headers or body."""
+        if request.method == "CONNECT" or not raw_target.startswith("/"):
+            return self._foreign_target(request, pipeline.allowlist, exchange)
+        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
+        if header_bytes > pipeline.max_header_bytes:
+            exchange.decisions.append("limits:headers")
+            return GatewayError(Code.HEADERS_TOO_LARGE, "request header fields are too large")
+        length = request.content_length
+        if length is not None and length > pipeline.max_body_bytes:
+            exchange.decisions.append("limits:body")
+            return GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")
+        return None
+
+    def _foreign_target(
+        self, request: web.BaseRequest, allowlist: Allowlist, exchange: Exchange
+    ) -> GatewayError:
+        """CONNECT and absolute-form requests: judged by the host they name; forward-proxy mode is off."""
+        url = request.url
+        host, port = url.raw_host, url.port or 0
+        exchange.upstream_host = host
+        if request.method == "CONNECT" or (request.raw_path.startswith(("http://", "https://"))):
+            denied = allowlist.check(host, port)
+            if denied is not None:
+                exchange.decisions.append("allowlist:deny")
+                return denied
+            exchange.decisions.append("forward_proxy:disabled")
+            return GatewayError(Code.METHOD_NOT_ALLOWED, "forward-proxy requests are not enabled")
+        exchange.decisions.append("route:bad_target")
+        return GatewayError(Code.BAD_REQUEST, "request target must be an absolute path")
+
+    def _fail(self, exchange: Exchange, error: GatewayError, request: web.BaseRequest) -> web.Response:
+        exchange.error = error
+        exchange.status = error.status
+        if error.code is Code.EGRESS_DENIED:
+            log.warning("egress_denied", host=exchange.upstream_host, request_id=exchange.request_id)
+        # An unread request body would otherwise be drained (or smuggled as the next request): close instead.
+        close = request.body_exists and not request.content.at_eof()
+        return error_response(error, exchange.request_id, close=close)
+
+    @staticmethod
+    def _log_access(exchange: Exchange, started: float) -> None:
+        access_log.info(
+            "access",
+            method=exchange.method,
+            path=exchange.path,
+            route=exchange.route,
+            upstream_host=exchange.upstream_host,
+            status=exchange.status,
+            bytes_in=exchange.bytes_in,
+            bytes_out=exchange.bytes_out,
+            duration_ms=round((time.perf_counter() - started) * 1000, 3),
+            request_id=exchange.request_id,
+            token_fp=exchange.token_fp,
+            client=exchange.client_ip,
+            error_code=str(exchange.error.code) if exchange.error else None,
+            decisions=exchange.decisions,
+        )

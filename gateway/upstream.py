@@ -1,0 +1,137 @@
+"""The forwarding core's client side: one pooled aiohttp session whose every connection is allow-listed.
+
+The allow-list is enforced where connections are made (the connector and its resolver), not only in the
+request handler, so no path, header, redirect or retry inside aiohttp can reach a host the config did not
+name. Exceptions from aiohttp become `GatewayError` values through one table, here.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import ssl
+from collections.abc import Mapping
+from typing import Any
+
+import aiohttp
+from aiohttp.abc import AbstractResolver, ResolveResult
+from aiohttp.client_proto import ResponseHandler
+from aiohttp.client_reqrep import ClientRequest
+from aiohttp.resolver import DefaultResolver
+from aiohttp.tracing import Trace
+
+from gateway.config.model import GatewayConfig
+from gateway.errors import Code, GatewayError, GatewayFailure
+from gateway.policy.allowlist import Allowlist
+
+# The client must not invent request headers the SDK did not send (aiohttp adds these by default).
+SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
+
+
+class EgressGuard:
+    """The live allow-list seen by the connector and resolver; `allowlist` is swapped whole on reload."""
+
+    __slots__ = ("allowlist", "extra_hosts")
+
+    def __init__(self, allowlist: Allowlist, extra_hosts: frozenset[str] = frozenset()) -> None:
+        self.allowlist = allowlist
+        self.extra_hosts = extra_hosts  # e.g. the corporate proxy: resolvable, but never a destination
+
+    def require(self, host: str | None, port: int) -> None:
+        error = self.allowlist.check(host, port)
+        if error is not None:
+            raise GatewayFailure(error)
+
+
+class EgressResolver(AbstractResolver):
+    """Resolves only allow-listed names (plus the configured upstream proxy) and honours static entries."""
+
+    def __init__(self, guard: EgressGuard, static: Mapping[str, str] | None = None) -> None:
+        self._guard = guard
+        self._static = dict(static or {})
+        self._inner = DefaultResolver()
+
+    async def resolve(
+        self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
+    ) -> list[ResolveResult]:
+        if host.lower() not in self._guard.extra_hosts:
+            self._guard.require(host, port)
+        address = self._static.get(host.lower())
+        if address is not None:
+            fam = socket.AF_INET6 if ":" in address else socket.AF_INET
+            return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0, flags=0)]
+        return await self._inner.resolve(host, port, family)
+
+    async def close(self) -> None:
+        await self._inner.close()
+
+
+class EgressConnector(aiohttp.TCPConnector):
+    """A TCPConnector that re-checks the final URL's host and port at the moment a connection is made."""
+
+    def __init__(self, guard: EgressGuard, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._guard = guard
+
+    async def _create_connection(
+        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+    ) -> ResponseHandler:
+        self._guard.require(req.url.raw_host, req.url.port or 0)
+        return await super()._create_connection(req, traces, timeout)
+
+
+def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
+    """System CAs plus the operator's bundle (for corporate TLS inspection); verification always on."""
+    context = ssl.create_default_context()
+    if ca_bundle:
+        context.load_verify_locations(cafile=ca_bundle)
+    return context
+
+
+def build_session(config: GatewayConfig, guard: EgressGuard) -> aiohttp.ClientSession:
+    """The one client session: pooled keep-alive, no redirects, no cookies, no decompression, no env proxy."""
+    up = config.upstream
+    connector = EgressConnector(
+        guard,
+        ssl=tls_context(up.ca_bundle),
+        resolver=EgressResolver(guard),
+        limit=config.limits.max_connections,
+        limit_per_host=0,
+        ttl_dns_cache=30,
+        enable_cleanup_closed=False,
+    )
+    return aiohttp.ClientSession(
+        connector=connector,
+        cookie_jar=aiohttp.DummyCookieJar(),
+        auto_decompress=False,
+        trust_env=False,
+        skip_auto_headers=SKIP_AUTO_HEADERS,
+        timeout=aiohttp.ClientTimeout(
+            total=None,
+            connect=up.connect_timeout_s,
+            sock_connect=up.connect_timeout_s,
+            sock_read=up.read_timeout_s,
+        ),
+        max_line_size=config.limits.max_header_kb * 1024,
+        max_field_size=config.limits.max_header_kb * 1024,
+        read_bufsize=2**16,
+    )
+
+
+def client_error(exc: BaseException) -> GatewayError:
+    """The one table from aiohttp/OS exceptions to gateway error codes."""
+    if isinstance(exc, GatewayFailure):
+        return exc.error
+    if isinstance(exc, asyncio.TimeoutError):  # includes ServerTimeoutError / ConnectionTimeoutError
+        return GatewayError(Code.UPSTREAM_TIMEOUT, "upstream did not answer in time")
+    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
+        return GatewayError(Code.UPSTREAM_UNREACHABLE, "upstream TLS certificate was not trusted")
+    if isinstance(exc, aiohttp.ClientConnectorDNSError):
+        return GatewayError(Code.UPSTREAM_UNREACHABLE, "upstream host name did not resolve")
+    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
+        return GatewayError(Code.UPSTREAM_UNREACHABLE, "could not connect to upstream")
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+        return GatewayError(Code.UPSTREAM_PROTOCOL_ERROR, "upstream sent a malformed response")
+    if isinstance(exc, aiohttp.ClientConnectionError | OSError):
+        return GatewayError(Code.UPSTREAM_UNREACHABLE, "connection to upstream failed")
+    return GatewayError(Code.INTERNAL, "internal error while forwarding")

@@ -1,0 +1,137 @@
+"""Shared fixtures: real upstream servers, a canary that records every connection, the gateway in-process."""
+
+from __future__ import annotations
+
+import asyncio
+import ssl
+from collections.abc import AsyncIterator, Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+import trustme
+from aiohttp import web
+
+from gateway.config.model import GatewayConfig
+from gateway.server import Gateway
+from tests.upstream_app import Recorder, make_app
+
+
+@dataclass
+class Upstream:
+    url: str
+    port: int
+    recorder: Recorder
+
+
+@dataclass
+class Canary:
+    """A listener that must never be reached: it counts accepts and answers nothing."""
+
+    port: int
+    accepts: list[bytes]
+
+
+@dataclass
+class RunningGateway:
+    gateway: Gateway
+    url: str
+    admin_url: str
+
+
+@pytest.fixture(scope="session")
+def test_ca() -> trustme.CA:
+    return trustme.CA()
+
+
+@pytest.fixture(scope="session")
+def ca_file(test_ca: trustme.CA, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("ca") / "ca.pem"
+    test_ca.cert_pem.write_to_path(str(path))
+    return path
+
+
+@pytest.fixture
+async def canary() -> AsyncIterator[Canary]:
+    accepts: list[bytes] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        accepts.append(b"")
+        try:
+            accepts[-1] = await asyncio.wait_for(reader.read(4096), 1)
+        except TimeoutError:
+            pass
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    yield Canary(port=server.sockets[0].getsockname()[1], accepts=accepts)
+    server.close()
+    await server.wait_closed()
+
+
+async def _serve(app: web.Application, ssl_context: ssl.SSLContext | None = None) -> tuple[web.AppRunner, int]:
+    runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5)
+    await runner.setup()
+    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    await site.start()
+    server: Any = site._server
+    return runner, server.sockets[0].getsockname()[1]
+
+
+@pytest.fixture
+async def upstream(canary: Canary) -> AsyncIterator[Upstream]:
+    recorder = Recorder()
+    runner, port = await _serve(make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"))
+    yield Upstream(url=f"http://127.0.0.1:{port}", port=port, recorder=recorder)
+    recorder.sse_gate.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def tls_upstream(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[Upstream]:
+    recorder = Recorder()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert("localhost", "127.0.0.1").configure_cert(context)
+    runner, port = await _serve(make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"), context)
+    yield Upstream(url=f"https://localhost:{port}", port=port, recorder=recorder)
+    await runner.cleanup()
+
+
+GatewayFactory = Callable[..., Awaitable[RunningGateway]]
+
+
+@pytest.fixture
+async def start_gateway() -> AsyncIterator[GatewayFactory]:
+    """Start gateways in-process on free ports; each is drained and stopped at teardown."""
+    started: list[Gateway] = []
+
+    async def start(**overrides: Any) -> RunningGateway:
+        data: dict[str, Any] = {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+            "shutdown_timeout_s": 2,
+        }
+        data.update(overrides)
+        gateway = Gateway(GatewayConfig.model_validate(data))
+        await gateway.start()
+        started.append(gateway)
+        return RunningGateway(
+            gateway=gateway,
+            url=f"http://127.0.0.1:{gateway.ports['listen']}",
+            admin_url=f"http://127.0.0.1:{gateway.ports['admin']}",
+        )
+
+    yield start
+    for gateway in started:
+        await gateway.stop()
+
+
+def route_to(upstream: Upstream, **extra: Any) -> dict[str, Any]:
+    """Config that sends every path to `upstream` and allow-lists only it."""
+    host_port = upstream.url.split("://", 1)[1]
+    return {
+        "allowlist": [host_port],
+        "routes": [{"name": "app", "prefix": "/", "upstream": upstream.url}],
+        **extra,
+    }

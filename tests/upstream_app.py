@@ -1,0 +1,93 @@
+"""A real upstream for tests: an aiohttp app on 127.0.0.1 that records what reached it."""
+
+from __future__ import annotations
+
+import asyncio
+import gzip
+import json
+from dataclasses import dataclass, field
+
+from aiohttp import web
+
+
+@dataclass
+class Seen:
+    """One request as the upstream received it."""
+
+    method: str
+    raw_path: str
+    headers: list[tuple[str, str]]
+    body_bytes: int
+
+
+@dataclass
+class Recorder:
+    requests: list[Seen] = field(default_factory=list)
+    sse_gate: asyncio.Event = field(default_factory=asyncio.Event)
+    disconnected: asyncio.Event = field(default_factory=asyncio.Event)
+
+
+def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web.Application:
+    async def catch_all(request: web.Request) -> web.StreamResponse:
+        size = 0
+        async for chunk in request.content.iter_any():
+            size += len(chunk)
+        recorder.requests.append(
+            Seen(request.method, request.raw_path, list(request.headers.items()), size)
+        )
+        path = request.path
+        if path.startswith("/download/"):
+            return await _download(request, int(path.rsplit("/", 1)[1]))
+        if path == "/sse":
+            return await _sse(request, recorder)
+        if path == "/redirect":
+            raise web.HTTPFound(canary_url)
+        if path == "/gzip":
+            body = gzip.compress(b'{"hello": "world"}')
+            return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+        if path == "/hang":
+            try:
+                await asyncio.sleep(3600)
+            finally:
+                recorder.disconnected.set()
+        if path.startswith("/status/"):
+            return web.Response(status=int(path.rsplit("/", 1)[1]))
+        if path == "/hop":
+            return web.Response(
+                text="ok", headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5"}
+            )
+        echo = {
+            "method": request.method,
+            "raw_path": request.raw_path,
+            "headers": list(request.headers.items()),
+            "body_bytes": size,
+        }
+        return web.Response(text=json.dumps(echo), content_type="application/json")
+
+    app = web.Application()
+    app.router.add_route("*", "/{tail:.*}", catch_all)
+    return app
+
+
+async def _download(request: web.Request, size: int) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = size
+    await response.prepare(request)
+    block = b"x" * 2**16
+    sent = 0
+    while sent < size:
+        part = block[: min(len(block), size - sent)]
+        await response.write(part)
+        sent += len(part)
+    await response.write_eof()
+    return response
+
+
+async def _sse(request: web.Request, recorder: Recorder) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "text/event-stream"})
+    await response.prepare(request)
+    await response.write(b"data: first\n\n")
+    await recorder.sse_gate.wait()  # the test opens the gate only after it saw the first event
+    await response.write(b"data: second\n\n")
+    await response.write_eof()
+    return response
