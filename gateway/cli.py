@@ -1,4 +1,7 @@
-"""Command line: `serve`, `check-config`, `--version`. Config problems exit 2 with one line each, no traceback."""
+"""Command line: `serve`, `check-config`, `--version`.
+
+Config problems exit 2 with one line each and no traceback.
+"""
 
 from __future__ import annotations
 
@@ -33,13 +36,21 @@ _FLAGS: tuple[tuple[str, tuple[str, ...], type], ...] = (
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="bt-gateway", description="Egress gateway for Braintrust SDK traffic.")
+    parser = argparse.ArgumentParser(
+        prog="bt-gateway", description="Egress gateway for Braintrust SDK traffic."
+    )
     parser.add_argument("--version", action="version", version=f"bt-gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
-    for name, text in (("serve", "run the gateway"), ("check-config", "validate and print the effective config")):
+    for name, text in (
+        ("serve", "run the gateway"),
+        ("check-config", "validate and print the effective config"),
+    ):
         sub = commands.add_parser(name, help=text)
-        sub.add_argument("-c", "--config", help="YAML file (default: $BT_GATEWAY_CONFIG, config/gateway.yaml, "
-                         "/etc/bt-gateway/gateway.yaml)")
+        sub.add_argument(
+            "-c",
+            "--config",
+            help="YAML file (default: $BT_GATEWAY_CONFIG, config/gateway.yaml, /etc/bt-gateway/gateway.yaml)",
+        )
         for option, _, kind in _FLAGS:
             sub.add_argument(option, type=kind, default=None)
     return parser

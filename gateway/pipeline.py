@@ -1,4 +1,4 @@
-"""The request pipeline: the per-request record (`Exchange`) and the policies run, in order, before forwarding.
+"""The request pipeline: the per-request record (`Exchange`) and the policies run before forwarding.
 
 Order: target -> allow-list -> rate limit -> forward (terminal, in `gateway.forward`) -> rewrite. Every
 policy is built once from config into a `Pipeline`; the server swaps the whole object on reload, so a

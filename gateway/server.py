@@ -84,7 +84,8 @@ class Gateway:
             access_log=None,
         )
         self.ports["listen"] = await self._listen(
-            web.ServerRunner(proxy, shutdown_timeout=config.shutdown_timeout_s), config.listen.host,
+            web.ServerRunner(proxy, shutdown_timeout=config.shutdown_timeout_s),
+            config.listen.host,
             config.listen.port,
         )
         admin = web.AppRunner(self._admin_app(), access_log=None)

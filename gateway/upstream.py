@@ -74,7 +74,10 @@ class EgressConnector(aiohttp.TCPConnector):
         self._guard = guard
 
     async def _create_connection(
-        self, req: ClientRequest, traces: list[Trace], timeout: aiohttp.ClientTimeout
+        self,
+        req: ClientRequest,
+        traces: list[Trace],
+        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's own signature
     ) -> ResponseHandler:
         self._guard.require(req.url.raw_host, req.url.port or 0)
         return await super()._create_connection(req, traces, timeout)

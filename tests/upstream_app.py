@@ -32,9 +32,7 @@ def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web
         size = 0
         async for chunk in request.content.iter_any():
             size += len(chunk)
-        recorder.requests.append(
-            Seen(request.method, request.raw_path, list(request.headers.items()), size)
-        )
+        recorder.requests.append(Seen(request.method, request.raw_path, list(request.headers.items()), size))
         path = request.path
         if path.startswith("/download/"):
             return await _download(request, int(path.rsplit("/", 1)[1]))
@@ -44,7 +42,9 @@ def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web
             raise web.HTTPFound(canary_url)
         if path == "/gzip":
             body = gzip.compress(b'{"hello": "world"}')
-            return web.Response(body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"})
+            return web.Response(
+                body=body, headers={"Content-Encoding": "gzip", "Content-Type": "application/json"}
+            )
         if path == "/hang":
             try:
                 await asyncio.sleep(3600)
@@ -54,7 +54,8 @@ def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web
             return web.Response(status=int(path.rsplit("/", 1)[1]))
         if path == "/hop":
             return web.Response(
-                text="ok", headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5"}
+                text="ok",
+                headers={"Connection": "X-Secret-Hop", "X-Secret-Hop": "1", "Keep-Alive": "timeout=5"},
             )
         echo = {
             "method": request.method,
@@ -74,7 +75,7 @@ async def _download(request: web.Request, size: int) -> web.StreamResponse:
     response.content_length = size
     await response.prepare(request)
     block = b"x" * 2**16
-    sent = 0
+    sent = 0 if request.method != "HEAD" else size
     while sent < size:
         part = block[: min(len(block), size - sent)]
         await response.write(part)

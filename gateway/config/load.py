@@ -33,7 +33,7 @@ class ConfigError(Exception):
 
 
 def config_path(cli_path: str | None, env: Mapping[str, str]) -> Path | None:
-    """`-c FILE`, else `$BT_GATEWAY_CONFIG`, else the first default path that exists, else None (built-ins)."""
+    """`-c FILE`, else `$BT_GATEWAY_CONFIG`, else the first default path that exists, else None."""
     if cli_path:
         return Path(cli_path)
     if env.get("BT_GATEWAY_CONFIG"):

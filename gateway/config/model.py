@@ -8,13 +8,21 @@ from __future__ import annotations
 
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from yarl import URL
 
 from gateway.policy.allowlist import Allowlist, parse_entry
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
+
+
+def _allow_entry(value: str) -> str:
+    parse_entry(value)
+    return value
+
+
+AllowEntryText = Annotated[str, AfterValidator(_allow_entry)]
 
 
 class Section(BaseModel):
@@ -115,8 +123,8 @@ class GatewayConfig(Section):
     listen: Listen = Listen()
     admin: Admin = Admin()
     public_url: str = "https://www.braintrust.dev"
-    allowlist: tuple[str, ...] = ("www.braintrust.dev", "braintrust.dev")
-    routes: tuple[Route, ...] = Field(default_factory=_default_routes, min_length=1)
+    allowlist: tuple[AllowEntryText, ...] = ("www.braintrust.dev", "braintrust.dev")
+    routes: tuple[Route, ...] = Field(default_factory=_default_routes)
     upstream: UpstreamSettings = UpstreamSettings()
     limits: Limits = Limits()
     logging: Logging = Logging()
@@ -127,15 +135,10 @@ class GatewayConfig(Section):
     def _public_url(cls, value: str) -> str:
         return str(parse_http_url(value, allow_path=True)).rstrip("/")
 
-    @field_validator("allowlist")
-    @classmethod
-    def _allowlist(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        for entry in value:
-            parse_entry(entry)
-        return value
-
     @model_validator(mode="after")
     def _routes_are_reachable(self) -> GatewayConfig:
+        if not self.routes:
+            raise ValueError("routes: at least one route is required")
         allow = Allowlist.parse(self.allowlist)
         seen_names: set[str] = set()
         seen_prefixes: set[str] = set()

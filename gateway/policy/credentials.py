@@ -26,6 +26,8 @@ def bearer_token(authorization: str | None) -> str | None:
             return None
         token = rest.strip()
         return token or None
+    if value.lower() == "bearer":
+        return None
     return value or None
 
 

@@ -73,6 +73,6 @@ class RouteTable:
     def match(self, raw_path: str) -> RouteTarget | None:
         for route in self._routes:
             prefix = route.prefix
-            if prefix == "/" or raw_path == prefix or raw_path.startswith(prefix + "/"):
+            if prefix in ("/", raw_path) or raw_path.startswith(prefix + "/"):
                 return route
         return None

@@ -1,0 +1,87 @@
+"""Run the real `bt-gateway serve` CLI as a subprocess and find its ports from its start-up log line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+
+class GatewayProcess:
+    """A gateway subprocess; its stdout JSON log lines are collected in `lines`."""
+
+    def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None) -> None:
+        config = {
+            "listen": {"host": "127.0.0.1", "port": 0},
+            "admin": {"host": "127.0.0.1", "port": 0},
+            **config,
+        }
+        self.config_path = tmp_path / "gateway.yaml"
+        self.config_path.write_text(yaml.safe_dump(config))
+        self.lines: list[dict[str, Any]] = []
+        self.raw_lines: list[str] = []
+        self._started = threading.Event()
+        full_env = {**os.environ, **(env or {})}
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            env=full_env,
+            text=True,
+        )
+        self._reader = threading.Thread(target=self._read, daemon=True)
+        self._reader.start()
+        if not self._started.wait(30):
+            self.stop()
+            raise RuntimeError(f"gateway did not start: {self.raw_lines}")
+        started = next(line for line in self.lines if line.get("event") == "gateway_started")
+        self.port = int(started["listen"])
+        self.admin_port = int(started["admin"])
+        self.url = f"http://127.0.0.1:{self.port}"
+
+    def _read(self) -> None:
+        assert self.proc.stdout is not None
+        for line in self.proc.stdout:
+            self.raw_lines.append(line)
+            try:
+                event = json.loads(line)
+            except ValueError:
+                continue
+            self.lines.append(event)
+            if event.get("event") == "gateway_started":
+                self._started.set()
+        self._started.set()
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [line for line in self.lines if line.get("event") == name]
+
+    def terminate(self) -> None:
+        self.proc.send_signal(signal.SIGTERM)
+
+    def wait(self, timeout: float = 30) -> int:
+        code = self.proc.wait(timeout)
+        self._reader.join(5)
+        return code
+
+    def stop(self) -> int:
+        if self.proc.poll() is None:
+            self.terminate()
+        try:
+            return self.wait()
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.wait()
+
+    def peak_rss_kb(self) -> int:
+        """VmHWM: the most resident memory the process ever held."""
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
