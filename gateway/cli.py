@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import getpass
 import os
 import signal
 import sys
@@ -53,7 +54,27 @@ def _parser() -> argparse.ArgumentParser:
         )
         for option, _, kind in _FLAGS:
             sub.add_argument(option, type=kind, default=None)
+    hasher = commands.add_parser("hash-password", help="print a scrypt hash for forward_proxy.auth.users")
+    hasher.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     return parser
+
+
+def _hash_password(args: argparse.Namespace) -> int:
+    """Prompt (or read stdin) and print the hash; the password itself is never echoed or logged."""
+    from gateway.policy.proxyauth import hash_password
+
+    if args.password_stdin:
+        password = sys.stdin.readline().rstrip("\n")
+    else:
+        password = getpass.getpass("password: ")
+        if password != getpass.getpass("again: "):
+            print("bt-gateway: passwords differ", file=sys.stderr)
+            return EXIT_CONFIG
+    if not password:
+        print("bt-gateway: empty password", file=sys.stderr)
+        return EXIT_CONFIG
+    print(hash_password(password))
+    return 0
 
 
 def _flags(args: argparse.Namespace) -> tuple[Override, ...]:
@@ -72,6 +93,8 @@ def _load(args: argparse.Namespace) -> GatewayConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command == "hash-password":
+        return _hash_password(args)
     try:
         config = _load(args)
     except ConfigError as exc:

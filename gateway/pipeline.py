@@ -16,8 +16,13 @@ from yarl import URL
 
 from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError
-from gateway.policy.allowlist import Allowlist
+from gateway.policy.allowlist import Allowlist, canonical_host
+from gateway.policy.forward_proxy import ForwardProxyPolicy
+from gateway.policy.proxyauth import ProxyAuth, ScryptHash
 from gateway.policy.routes import RouteTable, RouteTarget
+from gateway.policy.tunnel_limit import TunnelLimiter
+
+FORWARD_PROXY_ROUTE = "forward_proxy"
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
@@ -66,6 +71,20 @@ class Pipeline:
         )
         self.max_body_bytes = int(config.limits.max_body_mb * 1024 * 1024)
         self.max_header_bytes = config.limits.max_header_kb * 1024
+        fp = config.forward_proxy
+        self.forward_proxy = (
+            ForwardProxyPolicy(self.allowlist, fp.connect_ports, fp.deny_private_addresses)
+            if fp.enabled
+            else None
+        )
+        self.proxy_auth = (
+            ProxyAuth({name: ScryptHash.parse(text) for name, text in fp.auth.users.items()})
+            if fp.auth
+            else None
+        )
+        self.tunnel_limiter = TunnelLimiter(
+            fp.rate_limit.max_tunnels, max(1, round(fp.rate_limit.window_minutes * 60))
+        )
 
     def target(self, exchange: Exchange, raw_path: str, raw_query: str) -> Target | GatewayError:
         """Pick the route for an origin-form path; the destination comes from config, never the request."""
@@ -79,6 +98,48 @@ class Pipeline:
         exchange.route = route.name
         exchange.decisions.append(f"route:{route.name}")
         return Target(route=route, url=route.url_for(raw_path, raw_query))
+
+    def absolute_target(
+        self, exchange: Exchange, raw_target: str, proxy_authorization: str | None
+    ) -> Target | GatewayError:
+        """An absolute-form request (`GET http://host/path`): judged and forwarded by the URI's own host."""
+        if self.forward_proxy is not None:
+            refused = self.authenticate(exchange, proxy_authorization)
+            if refused is not None:
+                return refused
+        try:
+            url = URL(raw_target, encoded=True)
+        except ValueError:
+            url = URL()
+        host = canonical_host(url.raw_host) if url.absolute and url.raw_user is None else None
+        if url.scheme not in ("http", "https") or host is None or url.port is None:
+            exchange.decisions.append("forward_proxy:bad_target")
+            return GatewayError(
+                Code.BAD_REQUEST, "absolute request target must be http(s)://host[:port]/path"
+            )
+        exchange.upstream_host = host
+        denied = self.allowlist.check(host, url.port)
+        if denied is not None:
+            exchange.decisions.append("allowlist:deny")
+            return denied
+        if self.forward_proxy is None:
+            exchange.decisions.append("forward_proxy:disabled")
+            return GatewayError(Code.METHOD_NOT_ALLOWED, "forward-proxy requests are not enabled")
+        route = RouteTarget(FORWARD_PROXY_ROUTE, "/", url.scheme, host, url.port, "")
+        exchange.route = route.name
+        exchange.decisions.append(f"route:{route.name}")
+        return Target(route=route, url=route.url_for(url.raw_path or "/", url.raw_query_string))
+
+    def authenticate(self, exchange: Exchange, proxy_authorization: str | None) -> GatewayError | None:
+        """Forward-proxy auth when configured; the header itself is hop-by-hop and never forwarded."""
+        if self.proxy_auth is None:
+            return None
+        user = self.proxy_auth.check(proxy_authorization)
+        if isinstance(user, GatewayError):
+            exchange.decisions.append("proxy_auth:deny")
+            return user
+        exchange.decisions.append("proxy_auth:allow")
+        return None
 
     def admit(self, exchange: Exchange, target: Target) -> GatewayError | None:
         """Run the pre-forward policies; the first refusal wins."""

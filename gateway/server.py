@@ -19,13 +19,15 @@ from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.forward import forward
 from gateway.logs import get_logger
-from gateway.pipeline import Exchange, Pipeline, request_id
-from gateway.policy.allowlist import Allowlist
+from gateway.pipeline import Exchange, Pipeline, Target, request_id
 from gateway.policy.credentials import bearer_token, fingerprint
+from gateway.policy.forward_proxy import parse_connect_target
 from gateway.responses import error_response, parse_error
-from gateway.upstream import EgressGuard, build_session, client_error
+from gateway.tunnel import TunnelResult, TunnelStats, connect_upstream, relay
+from gateway.upstream import EgressGuard, EgressResolver, build_session, client_error
 
 access_log = get_logger("gateway.access")
+tunnel_log = get_logger("gateway.tunnel")
 log = get_logger("gateway.server")
 
 
@@ -61,6 +63,8 @@ class Gateway:
         self.pipeline = Pipeline(config)
         proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
         self.guard = EgressGuard(self.pipeline.allowlist, frozenset({proxy_host} if proxy_host else ()))
+        self.resolver = EgressResolver(self.guard, config.resolve)
+        self.tunnels = TunnelStats()
         self.ready = False
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.BaseRunner] = []
@@ -72,7 +76,7 @@ class Gateway:
 
     async def start(self) -> None:
         config = self.config
-        self._session = build_session(config, self.guard)
+        self._session = build_session(config, self.guard, self.resolver)
         header_bytes = config.limits.max_header_kb * 1024
         proxy = GatewayServer(
             self.handle,
@@ -152,11 +156,22 @@ class Gateway:
     async def _process(
         self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange, raw_target: str
     ) -> web.StreamResponse:
-        error = self._precheck(request, pipeline, exchange, raw_target)
+        error = self._precheck(request, pipeline, exchange)
         if error is not None:
             return self._fail(exchange, error, request)
-        path, _, query = raw_target.partition("?")
-        target = pipeline.target(exchange, path.partition("#")[0], query.partition("#")[0])
+        if request.method == "CONNECT":
+            return await self._connect(request, pipeline, exchange, raw_target)
+        target: Target | GatewayError
+        if raw_target.startswith("/"):
+            path, _, query = raw_target.partition("?")
+            target = pipeline.target(exchange, path.partition("#")[0], query.partition("#")[0])
+        elif raw_target.startswith(("http://", "https://", "HTTP://", "HTTPS://")):
+            target = pipeline.absolute_target(
+                exchange, raw_target, request.headers.get("Proxy-Authorization")
+            )
+        else:
+            exchange.decisions.append("route:bad_target")
+            target = GatewayError(Code.BAD_REQUEST, "request target must be an absolute path")
         if isinstance(target, GatewayError):
             return self._fail(exchange, target, request)
         refused = pipeline.admit(exchange, target)
@@ -178,11 +193,9 @@ class Gateway:
             return self._fail(exchange, client_error(exc), request)
 
     def _precheck(
-        self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange, raw_target: str
+        self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange
     ) -> GatewayError | None:
-        """Refusals that need no route: CONNECT, absolute-form targets, oversized headers or body."""
-        if request.method == "CONNECT" or not raw_target.startswith("/"):
-            return self._foreign_target(request, pipeline.allowlist, exchange)
+        """Refusals that need no route: oversized headers or declared body."""
         header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
         if header_bytes > pipeline.max_header_bytes:
             exchange.decisions.append("limits:headers")
@@ -193,22 +206,70 @@ class Gateway:
             return GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")
         return None
 
-    def _foreign_target(
-        self, request: web.BaseRequest, allowlist: Allowlist, exchange: Exchange
-    ) -> GatewayError:
-        """CONNECT and absolute-form requests: judged by the host they name; forward-proxy mode is off."""
-        url = request.url
-        host, port = url.raw_host, url.port or 0
-        exchange.upstream_host = host
-        if request.method == "CONNECT" or (request.raw_path.startswith(("http://", "https://"))):
-            denied = allowlist.check(host, port)
-            if denied is not None:
-                exchange.decisions.append("allowlist:deny")
-                return denied
+    async def _connect(
+        self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange, raw_target: str
+    ) -> web.StreamResponse:
+        """CONNECT: every check first, then connect, then answer 200 and relay until the tunnel ends."""
+        policy = pipeline.forward_proxy
+        if policy is None:
+            target = parse_connect_target(raw_target)
+            denied = (
+                target
+                if isinstance(target, GatewayError)
+                else pipeline.allowlist.check(target.host, target.port)
+            )
             exchange.decisions.append("forward_proxy:disabled")
-            return GatewayError(Code.METHOD_NOT_ALLOWED, "forward-proxy requests are not enabled")
-        exchange.decisions.append("route:bad_target")
-        return GatewayError(Code.BAD_REQUEST, "request target must be an absolute path")
+            return self._fail(
+                exchange, denied or GatewayError(Code.METHOD_NOT_ALLOWED, "CONNECT is not enabled"), request
+            )
+        error = pipeline.authenticate(exchange, request.headers.get("Proxy-Authorization"))
+        target = parse_connect_target(raw_target)
+        if error is None and isinstance(target, GatewayError):
+            error = target
+        if error is None and not isinstance(target, GatewayError):
+            exchange.upstream_host = target.host
+            error = policy.check_target(target) or pipeline.tunnel_limiter.admit(exchange.client_ip)
+        if error is not None or isinstance(target, GatewayError):
+            self.tunnels.refused += 1
+            assert error is not None
+            return self._fail(exchange, error, request)
+        try:
+            reader, writer, address = await connect_upstream(
+                target, policy, self.resolver, pipeline.config.upstream.connect_timeout_s
+            )
+        except GatewayFailure as exc:
+            self.tunnels.refused += 1
+            return self._fail(exchange, exc.error, request)
+        exchange.status = 200
+        exchange.decisions.append("tunnel:open")
+        result = TunnelResult(address=address)
+        stats = self.tunnels
+        stats.opened += 1
+        stats.active += 1
+        started = time.perf_counter()
+        try:
+            await relay(request, (reader, writer), result, pipeline.config.forward_proxy.idle_timeout_s)
+        except asyncio.CancelledError:
+            result.reason = "cancelled"
+            raise
+        finally:
+            stats.active -= 1
+            stats.bytes_up += result.bytes_up
+            stats.bytes_down += result.bytes_down
+            stats.close_reasons[result.reason] = stats.close_reasons.get(result.reason, 0) + 1
+            exchange.bytes_in, exchange.bytes_out = result.bytes_up, result.bytes_down
+            tunnel_log.info(
+                "tunnel",
+                client=exchange.client_ip,
+                target=target.authority,
+                address=result.address,
+                bytes_up=result.bytes_up,
+                bytes_down=result.bytes_down,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                reason=result.reason,
+                request_id=exchange.request_id,
+            )
+        return web.Response()  # never sent: the connection was handed back to aiohttp closed
 
     def _fail(self, exchange: Exchange, error: GatewayError, request: web.BaseRequest) -> web.Response:
         exchange.error = error

@@ -56,7 +56,7 @@ class EgressResolver(AbstractResolver):
     ) -> list[ResolveResult]:
         if host.lower() not in self._guard.extra_hosts:
             self._guard.require(host, port)
-        address = self._static.get(host.lower())
+        address = self._static.get(host.lower().rstrip("."))
         if address is not None:
             fam = socket.AF_INET6 if ":" in address else socket.AF_INET
             return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0, flags=0)]
@@ -91,13 +91,15 @@ def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     return context
 
 
-def build_session(config: GatewayConfig, guard: EgressGuard) -> aiohttp.ClientSession:
+def build_session(
+    config: GatewayConfig, guard: EgressGuard, resolver: EgressResolver
+) -> aiohttp.ClientSession:
     """The one client session: pooled keep-alive, no redirects, no cookies, no decompression, no env proxy."""
     up = config.upstream
     connector = EgressConnector(
         guard,
         ssl=tls_context(up.ca_bundle),
-        resolver=EgressResolver(guard),
+        resolver=resolver,
         limit=config.limits.max_connections,
         limit_per_host=0,
         ttl_dns_cache=30,

@@ -6,12 +6,14 @@ config can be shared by every request and swapped whole on reload.
 
 from __future__ import annotations
 
+import ipaddress
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from yarl import URL
 
-from gateway.policy.allowlist import Allowlist, parse_entry
+from gateway.policy.allowlist import Allowlist, canonical_host, parse_entry
+from gateway.policy.proxyauth import ScryptHash
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 Seconds = Annotated[float, Field(gt=0)]
@@ -113,6 +115,49 @@ class Logging(Section):
     format: Literal["json", "console"] = "json"
 
 
+class TunnelRate(Section):
+    """New CONNECT tunnels per client address (tokens travel inside TLS, so the address is the key)."""
+
+    max_tunnels: Annotated[int, Field(ge=0)] = 60
+    window_minutes: Annotated[float, Field(gt=0)] = 1
+
+
+class ProxyAuthConfig(Section):
+    users: dict[str, str]
+
+    @field_validator("users")
+    @classmethod
+    def _users(cls, value: dict[str, str]) -> dict[str, str]:
+        if not value:
+            raise ValueError("at least one user is required (or set auth: null)")
+        for name, text in value.items():
+            if ":" in name or not name:
+                raise ValueError(f"user name {name!r} must be non-empty and contain no ':'")
+            try:
+                ScryptHash.parse(text)
+            except ValueError as exc:
+                raise ValueError(f"users.{name}: {exc}") from None
+        return value
+
+
+class ForwardProxy(Section):
+    """HTTPS_PROXY mode on the same port: CONNECT tunnels and absolute-form requests, allow-listed."""
+
+    enabled: bool = True
+    connect_ports: tuple[Port, ...] = (443,)
+    idle_timeout_s: Seconds = 300
+    auth: ProxyAuthConfig | None = None
+    rate_limit: TunnelRate = TunnelRate()
+    deny_private_addresses: bool = False
+
+
+def _resolve_address(value: str) -> str:
+    try:
+        return ipaddress.ip_address(value).compressed
+    except ValueError:
+        raise ValueError(f"{value!r} is not an IP address") from None
+
+
 def _default_routes() -> tuple[Route, ...]:
     return (Route(name="app", prefix="/", upstream="https://www.braintrust.dev"),)
 
@@ -129,6 +174,19 @@ class GatewayConfig(Section):
     limits: Limits = Limits()
     logging: Logging = Logging()
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 15
+    forward_proxy: ForwardProxy = ForwardProxy()
+    resolve: dict[str, Annotated[str, AfterValidator(_resolve_address)]] = Field(default_factory=dict)
+
+    @field_validator("resolve")
+    @classmethod
+    def _resolve(cls, value: dict[str, str]) -> dict[str, str]:
+        out = {}
+        for name, address in value.items():
+            canonical = canonical_host(name)
+            if canonical is None:
+                raise ValueError(f"{name!r} is not a host name")
+            out[canonical] = address
+        return out
 
     @field_validator("public_url")
     @classmethod

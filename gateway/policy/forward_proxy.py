@@ -1,0 +1,85 @@
+"""Forward-proxy decisions: which CONNECT targets and absolute-form URLs may leave, decided without I/O.
+
+CONNECT target grammar (RFC 9110 9.3.6 authority-form):
+    target = host ":" port
+    host   = reg-name | IPv4address | "[" IPv6address "]"
+    port   = 1*5DIGIT, 1..65535
+Anything else (no port, userinfo, a path, a bare IPv6 address) is a malformed target: 400.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+
+from gateway.errors import Code, GatewayError
+from gateway.policy.allowlist import Allowlist, canonical_host
+
+
+@dataclass(frozen=True, slots=True)
+class ConnectTarget:
+    host: str  # canonical: lowercase, IDNA, IPv6 without brackets
+    port: int
+
+    @property
+    def authority(self) -> str:
+        return f"[{self.host}]:{self.port}" if ":" in self.host else f"{self.host}:{self.port}"
+
+
+def _bad(target: str) -> GatewayError:
+    return GatewayError(Code.BAD_CONNECT_TARGET, f"CONNECT target {target[:200]!r} is not host:port")
+
+
+def parse_connect_target(target: str) -> ConnectTarget | GatewayError:
+    """Parse an authority-form target strictly (see the module grammar)."""
+    if not target or any(ch in target for ch in "@/?#\\ \t%"):
+        return _bad(target)
+    if target.startswith("["):
+        end = target.find("]")
+        host, rest = target[1:end], target[end + 1 :]
+        if end == -1 or not rest.startswith(":"):
+            return _bad(target)
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            return _bad(target)
+        port_text = rest[1:]
+    else:
+        host, sep, port_text = target.rpartition(":")
+        if not sep or not host or ":" in host:
+            return _bad(target)
+    if not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) < 65536:
+        return _bad(target)
+    canonical = canonical_host(host)
+    if canonical is None:
+        return _bad(target)
+    return ConnectTarget(canonical, int(port_text))
+
+
+class ForwardProxyPolicy:
+    """Allow-list + port + resolved-address rules for tunnels; built once from config."""
+
+    __slots__ = ("_allowlist", "_deny_private", "_literals", "_ports")
+
+    def __init__(self, allowlist: Allowlist, connect_ports: tuple[int, ...], deny_private: bool) -> None:
+        self._allowlist = allowlist
+        self._ports = frozenset(connect_ports)
+        self._deny_private = deny_private
+        self._literals = frozenset(e.host for e in allowlist.entries if not e.wildcard)
+
+    def check_target(self, target: ConnectTarget) -> GatewayError | None:
+        denied = self._allowlist.check(target.host, target.port)
+        if denied is not None:
+            return denied
+        if target.port not in self._ports:
+            return GatewayError(Code.EGRESS_DENIED, f"CONNECT to port {target.port} is not allowed")
+        return None
+
+    def check_address(self, address: str) -> GatewayError | None:
+        """Refuse loopback/private/link-local answers unless that literal address is itself allow-listed."""
+        if not self._deny_private:
+            return None
+        ip = ipaddress.ip_address(address)
+        if not ip.is_global and ip.compressed not in self._literals:
+            return GatewayError(Code.EGRESS_DENIED, f"resolved address {ip.compressed} is not public")
+        return None

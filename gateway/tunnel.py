@@ -1,0 +1,177 @@
+"""CONNECT tunnels: resolve once, connect to that address, then relay raw bytes both ways.
+
+After the `200 Connection Established`, the client connection is taken from aiohttp's HTTP protocol the
+way aiohttp's own WebSocket support does it (`set_parser` to collect bytes already read, then
+`transport.set_protocol`), so half-close and back-pressure are plain asyncio streams. At the end the
+transport is handed back to aiohttp's protocol before it closes, so aiohttp's bookkeeping sees the
+connection go. This leans on aiohttp internals: the aiohttp minor version is pinned and tests cover it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+
+from gateway.errors import Code, GatewayError, GatewayFailure
+from gateway.policy.forward_proxy import ConnectTarget, ForwardProxyPolicy
+from gateway.upstream import EgressResolver
+
+ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
+CHUNK = 2**16
+
+
+@dataclass(slots=True)
+class TunnelStats:
+    """Every tunnel counter in one place, so metrics can export them later."""
+
+    opened: int = 0
+    active: int = 0
+    refused: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    close_reasons: dict[str, int] = field(default_factory=dict)
+
+
+@dataclass(slots=True)
+class TunnelResult:
+    address: str
+    bytes_up: int = 0  # client -> upstream
+    bytes_down: int = 0  # upstream -> client
+    reason: str = "closed"
+
+
+class _Tail:
+    """A stand-in payload parser that keeps bytes aiohttp read past the CONNECT head."""
+
+    def __init__(self) -> None:
+        self.data = bytearray()
+
+    def feed_data(self, data: bytes) -> tuple[bool, bytes]:
+        self.data += data
+        return False, b""
+
+    def feed_eof(self) -> None:
+        pass
+
+
+async def connect_upstream(
+    target: ConnectTarget, policy: ForwardProxyPolicy, resolver: EgressResolver, connect_timeout_s: float
+) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
+    """Resolve once, vet each address, connect to the first that answers; raise GatewayFailure."""
+    try:
+        async with asyncio.timeout(connect_timeout_s):
+            answers = await resolver.resolve(target.host, target.port, socket.AF_UNSPEC)
+    except GatewayFailure:
+        raise
+    except (OSError, TimeoutError) as exc:
+        raise GatewayFailure(GatewayError(Code.UPSTREAM_UNREACHABLE, "tunnel host did not resolve")) from exc
+    last: GatewayError = GatewayError(Code.UPSTREAM_UNREACHABLE, "could not connect to tunnel target")
+    for answer in answers:
+        address = answer["host"]
+        refused = policy.check_address(address)
+        if refused is not None:
+            last = refused
+            continue
+        try:
+            async with asyncio.timeout(connect_timeout_s):
+                reader, writer = await asyncio.open_connection(address, target.port, limit=CHUNK)
+        except TimeoutError:
+            last = GatewayError(Code.UPSTREAM_TIMEOUT, "tunnel target did not accept in time")
+            continue
+        except OSError:
+            continue
+        return reader, writer, address
+    raise GatewayFailure(last)
+
+
+async def relay(
+    request: web.BaseRequest,
+    upstream: tuple[asyncio.StreamReader, asyncio.StreamWriter],
+    result: TunnelResult,
+    idle_timeout: float,
+) -> None:
+    """Answer 200, take the client connection over, and pump bytes until both sides are done or idle."""
+    protocol: Any = request.protocol
+    transport: Any = request.transport
+    tail = _Tail()
+    protocol.set_parser(tail)
+    transport.write(ESTABLISHED)
+    loop = asyncio.get_running_loop()
+    client_reader = asyncio.StreamReader(limit=CHUNK)
+    stream_protocol = asyncio.StreamReaderProtocol(client_reader)
+    transport.set_protocol(stream_protocol)
+    stream_protocol.connection_made(transport)
+    if tail.data:
+        client_reader.feed_data(bytes(tail.data))
+    if not transport.is_reading():
+        transport.resume_reading()
+    client_writer = asyncio.StreamWriter(transport, stream_protocol, client_reader, loop)
+    up_reader, up_writer = upstream
+    activity = [loop.time()]
+    try:
+        result.reason = await _pump_both(
+            client_reader=client_reader,
+            client_writer=client_writer,
+            up_reader=up_reader,
+            up_writer=up_writer,
+            result=result,
+            activity=activity,
+            idle_timeout=idle_timeout,
+        )
+    finally:
+        up_writer.close()
+        transport.set_protocol(protocol)  # aiohttp must see connection_lost to forget this connection
+        transport.close()
+        with contextlib.suppress(Exception):
+            await asyncio.wait_for(up_writer.wait_closed(), 1)
+
+
+async def _pump_both(
+    *,
+    client_reader: asyncio.StreamReader,
+    client_writer: asyncio.StreamWriter,
+    up_reader: asyncio.StreamReader,
+    up_writer: asyncio.StreamWriter,
+    result: TunnelResult,
+    activity: list[float],
+    idle_timeout: float,
+) -> str:
+    async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
+        while data := await src.read(CHUNK):
+            activity[0] = asyncio.get_running_loop().time()
+            if up:
+                result.bytes_up += len(data)
+            else:
+                result.bytes_down += len(data)
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()  # half-close: pass the FIN on, keep the other direction open
+
+    tasks = {
+        asyncio.ensure_future(pump(client_reader, up_writer, True)),
+        asyncio.ensure_future(pump(up_reader, client_writer, False)),
+    }
+    reason = "closed"
+    try:
+        while tasks:
+            deadline = activity[0] + idle_timeout
+            wait = max(0.0, deadline - asyncio.get_running_loop().time())
+            done, tasks = await asyncio.wait(tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
+            if not done and asyncio.get_running_loop().time() >= activity[0] + idle_timeout:
+                return "idle_timeout"
+            for task in done:
+                if task.exception() is not None:
+                    return "reset"
+        return reason
+    finally:
+        for task in tasks:
+            task.cancel()
+        for task in tasks:
+            with contextlib.suppress(BaseException):
+                await task
