@@ -71,6 +71,7 @@ class Pipeline:
         )
         self.max_body_bytes = int(config.limits.max_body_mb * 1024 * 1024)
         self.max_header_bytes = config.limits.max_header_kb * 1024
+        self.public_url = config.public_url
         fp = config.forward_proxy
         self.forward_proxy = (
             ForwardProxyPolicy(self.allowlist, fp.connect_ports, fp.deny_private_addresses)
@@ -140,6 +141,19 @@ class Pipeline:
             return user
         exchange.decisions.append("proxy_auth:allow")
         return None
+
+    def browser_redirect(self, exchange: Exchange, method: str, raw_target: str, accept: str) -> str | None:
+        """Where a browser opening a webapp link printed with the gateway's URL should go: `public_url`.
+
+        The SDK builds span permalinks from its app URL (the gateway); a person clicking one must land
+        on the real webapp, not on a proxied page.
+        """
+        if method not in ("GET", "HEAD") or "text/html" not in accept:
+            return None
+        if not (raw_target == "/app" or raw_target.startswith(("/app/", "/app?"))):
+            return None
+        exchange.decisions.append("redirect:public_url")
+        return self.public_url + raw_target
 
     def admit(self, exchange: Exchange, target: Target) -> GatewayError | None:
         """Run the pre-forward policies; the first refusal wins."""

@@ -161,6 +161,14 @@ class Gateway:
             return self._fail(exchange, error, request)
         if request.method == "CONNECT":
             return await self._connect(request, pipeline, exchange, raw_target)
+        location = pipeline.browser_redirect(
+            exchange, request.method, raw_target, request.headers.get("Accept", "")
+        )
+        if location is not None:
+            exchange.status = 302
+            return web.Response(
+                status=302, headers={"Location": location, "X-Request-Id": exchange.request_id}
+            )
         target: Target | GatewayError
         if raw_target.startswith("/"):
             path, _, query = raw_target.partition("?")

@@ -223,3 +223,20 @@ async def test_tls_upstream_untrusted_is_502(start_gateway: GatewayFactory, tls_
 
 def _json(answer: bytes) -> dict[str, Any]:
     return json.loads(answer.split(b"\r\n\r\n", 1)[1])  # type: ignore[no-any-return]
+
+
+async def test_browser_link_to_app_redirects_to_public_url(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await start_gateway(**route_to(upstream), public_url="https://public.example.com")
+    browser = {"Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"}
+    async with aiohttp.ClientSession() as client:
+        path = "/app/my%20org/p/proj/experiments/e1?r=abc"
+        async with client.get(URL(gw.url + path, encoded=True), headers=browser, allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert resp.headers["Location"] == "https://public.example.com" + path
+        async with client.get(gw.url + "/app/x", headers={"Accept": "application/json"}) as resp:
+            assert resp.status == 200  # an API client is proxied as usual
+        async with client.get(gw.url + "/apps/x", headers=browser) as resp:
+            assert resp.status == 200
+    assert [r.raw_path for r in upstream.recorder.requests] == ["/app/x", "/apps/x"]
