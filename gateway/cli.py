@@ -33,6 +33,8 @@ _FLAGS: tuple[tuple[str, tuple[str, ...], type], ...] = (
     ("--admin-port", ("admin", "port"), int),
     ("--log-level", ("logging", "level"), str),
     ("--log-format", ("logging", "format"), str),
+    ("--outbound-rate-limit-max-requests", ("rate_limit", "max_requests"), int),
+    ("--outbound-rate-limit-window-minutes", ("rate_limit", "window_minutes"), float),
 )
 
 

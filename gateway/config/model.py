@@ -62,12 +62,62 @@ class Admin(Section):
     port: Port = 9901
 
 
+def _whole_seconds(minutes: float) -> float:
+    seconds = minutes * 60
+    if abs(seconds - round(seconds)) > 1e-6 or round(seconds) < 1:
+        raise ValueError(f"must be a whole number of seconds (got {seconds:g} s); 0.05 is 3 s")
+    return minutes
+
+
+WindowMinutes = Annotated[float, Field(gt=0), AfterValidator(_whole_seconds)]
+
+
+class RouteLimit(Section):
+    """A per-route override of the rate limit; `max_requests: 0` disables it for the route."""
+
+    max_requests: Annotated[int, Field(ge=0)]
+    window_minutes: WindowMinutes = 1
+
+    @property
+    def window_s(self) -> int:
+        return round(self.window_minutes * 60)
+
+
+STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
+
+
+class RateLimit(Section):
+    """Per-token sliding-window limit, Braintrust's OUTBOUND_RATE_LIMIT_* contract."""
+
+    max_requests: Annotated[int, Field(ge=0)] = 100
+    window_minutes: WindowMinutes = 1
+    strategy: Literal["moving-window", "sliding-window-counter", "fixed-window"] = "moving-window"
+    storage: str = "memory://"
+    on_storage_error: Literal["allow", "deny"] = "allow"
+    storage_timeout_ms: Annotated[int, Field(ge=1, le=60000)] = 100
+    anonymous: Literal["client-ip", "deny"] = "client-ip"
+
+    @field_validator("storage")
+    @classmethod
+    def _storage(cls, value: str) -> str:
+        scheme = value.partition("://")[0]
+        if "://" not in value or scheme not in STORAGE_SCHEMES:
+            raise ValueError(f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        return value
+
+    @property
+    def window_s(self) -> int:
+        return round(self.window_minutes * 60)
+
+
 class Route(Section):
     """One reverse-proxy route: requests under `prefix` go to `upstream` with the prefix stripped."""
 
     name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
     prefix: str
     upstream: str
+    rate_limit: RouteLimit | Literal["off"] | None = None
+    advertise: bool = False
 
     @field_validator("prefix")
     @classmethod
@@ -108,6 +158,26 @@ class Limits(Section):
     max_body_mb: Annotated[float, Field(gt=0)] = 512
     max_header_kb: Annotated[int, Field(ge=1, le=1024)] = 64
     max_connections: Annotated[int, Field(ge=1)] = 1024
+
+
+class RewriteRule(Section):
+    """An extra response rewrite: URL prefix `from` becomes `to` (applied after the built-in rules)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    from_: str = Field(alias="from")
+    to: str
+
+    @field_validator("from_", "to")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        return str(parse_http_url(value, allow_path=True)).rstrip("/")
+
+
+class Rewrite(Section):
+    enabled: bool = True
+    max_buffer_kb: Annotated[int, Field(ge=1, le=1024)] = 64
+    rules: tuple[RewriteRule, ...] = ()
 
 
 class Logging(Section):
@@ -175,6 +245,26 @@ class GatewayConfig(Section):
     logging: Logging = Logging()
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 15
     forward_proxy: ForwardProxy = ForwardProxy()
+    rate_limit: RateLimit = RateLimit()
+    rewrite: Rewrite = Rewrite()
+    advertise_url: str | None = None
+    trusted_proxies: tuple[str, ...] = ()
+
+    @field_validator("advertise_url")
+    @classmethod
+    def _advertise_url(cls, value: str | None) -> str | None:
+        return None if value is None else str(parse_http_url(value, allow_path=True)).rstrip("/")
+
+    @field_validator("trusted_proxies")
+    @classmethod
+    def _trusted(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        for cidr in value:
+            try:
+                ipaddress.ip_network(cidr, strict=False)
+            except ValueError:
+                raise ValueError(f"{cidr!r} is not an IP address or CIDR network") from None
+        return value
+
     resolve: dict[str, Annotated[str, AfterValidator(_resolve_address)]] = Field(default_factory=dict)
 
     @field_validator("resolve")

@@ -37,6 +37,12 @@ ENV_OVERRIDES: dict[str, Override] = dict(
     [
         _env("BRAINTRUST_APP_URL", "routes", APP_ROUTE, "upstream"),
         _env("BRAINTRUST_APP_PUBLIC_URL", "public_url"),
+        _env("OUTBOUND_RATE_LIMIT_MAX_REQUESTS", "rate_limit", "max_requests"),
+        _env("OUTBOUND_RATE_LIMIT_WINDOW_MINUTES", "rate_limit", "window_minutes"),
+        _env("BT_GATEWAY_RATE_LIMIT_STORAGE", "rate_limit", "storage"),
+        _env("BT_GATEWAY_RATE_LIMIT_STRATEGY", "rate_limit", "strategy"),
+        _env("BT_GATEWAY_RATE_LIMIT_ON_STORAGE_ERROR", "rate_limit", "on_storage_error"),
+        _env("BT_GATEWAY_ADVERTISE_URL", "advertise_url"),
         _env("BT_GATEWAY_LISTEN_HOST", "listen", "host"),
         _env("BT_GATEWAY_LISTEN_PORT", "listen", "port"),
         _env("BT_GATEWAY_ADMIN_HOST", "admin", "host"),

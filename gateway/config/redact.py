@@ -22,8 +22,11 @@ def _redact_url(value: str) -> str:
 
 def redacted(config: GatewayConfig) -> dict[str, Any]:
     """`model_dump` with credentials in URLs masked; never print a config any other way."""
-    data = config.model_dump(mode="json")
+    data = config.model_dump(mode="json", by_alias=True)
     upstream = data["upstream"]
     if upstream.get("proxy"):
         upstream["proxy"] = _redact_url(upstream["proxy"])
+    data["rate_limit"]["storage"] = _redact_url(data["rate_limit"]["storage"])
+    if data["forward_proxy"]["auth"]:
+        data["forward_proxy"]["auth"]["users"] = dict.fromkeys(data["forward_proxy"]["auth"]["users"], MASK)
     return data
