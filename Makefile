@@ -24,6 +24,8 @@ lint: $(STAMP)
 	$(BIN)/mypy
 
 bench: $(STAMP)
+	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
+		(apt-get update -q && apt-get install -y -q nginx-light wrk)
 	$(BIN)/python bench/run.py
 
 clean:
