@@ -43,9 +43,13 @@ class GatewayProtocol(RequestHandler):
     ) -> web.StreamResponse:
         if request.writer.output_size > 0:
             raise ConnectionError("response already started; cannot send an error")
-        error = parse_error(exc) if status == 400 else GatewayError(Code.INTERNAL, "internal error")
         rid = request_id(None)
-        log.warning("request_rejected", code=str(error.code), status=error.status, request_id=rid)
+        if status == 400:
+            error = parse_error(exc)
+            log.warning("request_rejected", code=str(error.code), status=error.status, request_id=rid)
+        else:  # a bug of ours: keep the traceback (scrubbed by the log processors), answer 500
+            error = GatewayError(Code.INTERNAL, "internal error")
+            log.error("unhandled_error", request_id=rid, exc_info=exc)
         return error_response(error, rid, close=True)
 
 
