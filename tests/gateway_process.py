@@ -1,4 +1,4 @@
-"""Run the real `bt-gateway serve` CLI as a subprocess and find its ports from its start-up log line."""
+"""Run the real `bt-gateway serve` console script as a subprocess; find its ports from its start-up log."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ class GatewayProcess:
         self._started = threading.Event()
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "gateway", "serve", "-c", str(self.config_path)],
+            [str(Path(sys.executable).parent / "bt-gateway"), "serve", "-c", str(self.config_path)],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,
