@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from aiohttp import web
-from aiohttp.http_exceptions import BadHttpMessage, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 
 from gateway.errors import Code, GatewayError
 
@@ -28,4 +28,13 @@ def parse_error(exc: BaseException | None) -> GatewayError:
     """What a request the HTTP parser rejected deserves: 431 for oversized headers, else 400."""
     if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
         return GatewayError(Code.HEADERS_TOO_LARGE, "request header fields are too large")
+    if isinstance(exc, InvalidURLError) and _authority_form(exc.message):
+        return GatewayError(Code.BAD_CONNECT_TARGET, "CONNECT target is not host:port")
     return GatewayError(Code.BAD_REQUEST, "malformed HTTP request")
+
+
+def _authority_form(target: str) -> bool:
+    """Whether the rejected target was a CONNECT's: aiohttp quotes the raw target, llhttp the request line."""
+    if "\n" in target:  # llhttp: "Unexpected char in url server:\n\n  b'CONNECT a:\\xc2 HTTP/1.1'..."
+        return "b'CONNECT " in target
+    return not target.startswith(("/", "*")) and "://" not in target

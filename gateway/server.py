@@ -34,6 +34,15 @@ log = get_logger("gateway.server")
 class GatewayProtocol(RequestHandler):
     """aiohttp's per-connection protocol, with parser failures answered as JSON errors (431/400)."""
 
+    client_eof = False  # the client half-closed while a CONNECT was pending
+
+    def eof_received(self) -> bool | None:  # type: ignore[override]
+        """Keep a CONNECT's transport open on the client's FIN: the tunnel passes the FIN on."""
+        if self._upgraded:  # aiohttp's parser marks CONNECT (and Upgrade) requests this way
+            self.client_eof = True
+            return True
+        return None
+
     def handle_error(
         self,
         request: web.BaseRequest,
@@ -240,7 +249,11 @@ class Gateway:
             error = target
         if error is None and not isinstance(target, GatewayError):
             exchange.upstream_host = target.host
-            error = policy.check_target(target) or pipeline.tunnel_limiter.admit(exchange.client_ip)
+            error = policy.check_target(target)
+            exchange.decisions.append("forward_proxy:deny" if error else "forward_proxy:allow")
+            if error is None:
+                error = pipeline.tunnel_limiter.admit(exchange.client_ip)
+                exchange.decisions.append("tunnel_limit:deny" if error else "tunnel_limit:allow")
         if error is not None or isinstance(target, GatewayError):
             self.tunnels.refused += 1
             assert error is not None
@@ -289,7 +302,9 @@ class Gateway:
         if error.code is Code.EGRESS_DENIED:
             log.warning("egress_denied", host=exchange.upstream_host, request_id=exchange.request_id)
         # An unread request body would otherwise be drained (or smuggled as the next request): close instead.
-        close = request.body_exists and not request.content.at_eof()
+        close = (request.body_exists and not request.content.at_eof()) or getattr(
+            request.protocol, "client_eof", False
+        )
         return error_response(error, exchange.request_id, close=close)
 
     @staticmethod

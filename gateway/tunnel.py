@@ -108,6 +108,8 @@ async def relay(
     stream_protocol.connection_made(transport)
     if tail.data:
         client_reader.feed_data(bytes(tail.data))
+    if getattr(protocol, "client_eof", False):
+        client_reader.feed_eof()  # the client's FIN came before the 200: pass it on after its bytes
     if not transport.is_reading():
         transport.resume_reading()
     client_writer = asyncio.StreamWriter(transport, stream_protocol, client_reader, loop)
@@ -125,10 +127,13 @@ async def relay(
         )
     finally:
         up_writer.close()
-        transport.set_protocol(protocol)  # aiohttp must see connection_lost to forget this connection
-        transport.close()
-        with contextlib.suppress(Exception):
-            await asyncio.wait_for(up_writer.wait_closed(), 1)
+        try:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(up_writer.wait_closed(), 1)
+        finally:
+            # Last, with no await after it: aiohttp's connection_lost cancels this handler.
+            transport.set_protocol(protocol)  # aiohttp must see connection_lost to forget this connection
+            transport.close()
 
 
 async def _pump_both(

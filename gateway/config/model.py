@@ -189,7 +189,7 @@ class TunnelRate(Section):
     """New CONNECT tunnels per client address (tokens travel inside TLS, so the address is the key)."""
 
     max_tunnels: Annotated[int, Field(ge=0)] = 60
-    window_minutes: Annotated[float, Field(gt=0)] = 1
+    window_minutes: WindowMinutes = 1
 
 
 class ProxyAuthConfig(Section):

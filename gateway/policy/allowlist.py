@@ -102,7 +102,7 @@ def parse_entry(text: str) -> AllowEntry:
 
 
 def _parse_port(text: str, entry: str) -> int:
-    if not text.isdigit() or not 0 < int(text) < 65536:
+    if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError(f"{entry!r}: port must be a number from 1 to 65535")
     return int(text)
 

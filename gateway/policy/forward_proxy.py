@@ -48,7 +48,8 @@ def parse_connect_target(target: str) -> ConnectTarget | GatewayError:
         host, sep, port_text = target.rpartition(":")
         if not sep or not host or ":" in host:
             return _bad(target)
-    if not port_text.isdigit() or len(port_text) > 5 or not 0 < int(port_text) < 65536:
+    digits = port_text.isascii() and port_text.isdigit() and len(port_text) <= 5
+    if not digits or not 0 < int(port_text) < 65536:
         return _bad(target)
     canonical = canonical_host(host)
     if canonical is None:

@@ -66,6 +66,16 @@ def hash_password(password: str, log2_n: int = 14, r: int = 8, p: int = 1) -> st
     return f"scrypt${log2_n}${r}${p}${base64.b64encode(salt).decode()}${base64.b64encode(key).decode()}"
 
 
+_DECOY: list[ScryptHash] = []
+
+
+def _decoy() -> ScryptHash:
+    """A hash no password matches, made on first use (start-up stays fast when auth is off)."""
+    if not _DECOY:
+        _DECOY.append(ScryptHash.parse(hash_password(os.urandom(16).hex())))
+    return _DECOY[0]
+
+
 class ProxyAuth:
     """Checks Proxy-Authorization; `users` maps a user name to its parsed hash."""
 
@@ -98,6 +108,6 @@ class ProxyAuth:
         except (ValueError, binascii.Error, UnicodeDecodeError):
             return None
         stored = self._users.get(user)
-        if not sep or stored is None:
-            return None
-        return user if stored.verify(password) else None
+        # Unknown names cost one scrypt too, so response time does not tell which user names exist.
+        matched = (stored or _decoy()).verify(password)
+        return user if sep and stored is not None and matched else None

@@ -1,0 +1,338 @@
+"""Forward-proxy decisions without I/O: CONNECT target grammar, tunnel policy, proxy auth, tunnel rate."""
+
+from __future__ import annotations
+
+import base64
+
+import pytest
+
+from gateway.errors import Code, GatewayError
+from gateway.policy import proxyauth
+from gateway.policy.allowlist import Allowlist
+from gateway.policy.forward_proxy import ConnectTarget, ForwardProxyPolicy, parse_connect_target
+from gateway.policy.proxyauth import REALM_HEADER, ProxyAuth, ScryptHash, hash_password
+from gateway.policy.tunnel_limit import TunnelLimiter
+
+# --- parse_connect_target ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("target", "host", "port", "authority"),
+    [
+        ("api.braintrust.dev:443", "api.braintrust.dev", 443, "api.braintrust.dev:443"),
+        ("API.Braintrust.DEV.:8443", "api.braintrust.dev", 8443, "api.braintrust.dev:8443"),
+        ("127.0.0.1:1", "127.0.0.1", 1, "127.0.0.1:1"),
+        ("localhost:65535", "localhost", 65535, "localhost:65535"),
+        ("[::1]:443", "::1", 443, "[::1]:443"),
+        ("[2001:DB8:0:0::1]:443", "2001:db8::1", 443, "[2001:db8::1]:443"),
+        ("bücher.de:443", "xn--bcher-kva.de", 443, "xn--bcher-kva.de:443"),
+    ],
+)
+def test_parse_connect_target_accepts(target: str, host: str, port: int, authority: str) -> None:
+    parsed = parse_connect_target(target)
+    assert parsed == ConnectTarget(host, port)
+    assert isinstance(parsed, ConnectTarget) and parsed.authority == authority
+
+
+@pytest.mark.parametrize(
+    "target",
+    [
+        "",
+        "evil.com",  # no port
+        ":443",  # no host
+        "evil.com:",
+        "braintrust.dev:443@evil.com:443",  # userinfo
+        "user@braintrust.dev:443",
+        "::1:443",  # bare IPv6
+        "::1",
+        "[::1]",  # bracketed, no port
+        "[::1]443",
+        "[::1:443",
+        "[::1]:",
+        "[not-an-ip]:443",
+        "[127.0.0.1]:443",  # brackets are for IPv6 only
+        "[fe80::1%25eth0]:443",  # zone id
+        "evil.com:0",
+        "evil.com:65536",
+        "evil.com:123456",
+        "evil.com:-1",
+        "evil.com:+443",
+        "evil.com: 443",
+        "evil.com:443 ",
+        "evil.com:0x1bb",
+        "evil.com:443/x",
+        "evil.com:443?x",
+        "evil.com:443#x",
+        "evil.com\\x:443",
+        "http://evil.com:443",
+        "evil com:443",
+        "evil\tcom:443",
+        "a:b:443",
+        "under_score.com:443",
+        "-leading.com:443",
+        "a..b:443",
+    ],
+)
+def test_parse_connect_target_refuses(target: str) -> None:
+    parsed = parse_connect_target(target)
+    assert isinstance(parsed, GatewayError)
+    assert parsed.code is Code.BAD_CONNECT_TARGET
+    assert parsed.status == 400
+
+
+@pytest.mark.parametrize(
+    "target", ["evil.com:\u00b3", "evil.com:\u0664\u0664\u0663", "evil.com:\uff14\uff14\uff13"]
+)
+def test_parse_connect_target_refuses_non_ascii_port_digits(target: str) -> None:
+    parsed = parse_connect_target(target)  # str.isdigit() alone: '³' made int() raise, '٤٤٣' parsed as 443
+    assert isinstance(parsed, GatewayError) and parsed.code is Code.BAD_CONNECT_TARGET
+
+
+# --- ForwardProxyPolicy --------------------------------------------------------------------------------
+
+
+def policy(
+    entries: list[str], ports: tuple[int, ...] = (443,), deny_private: bool = False
+) -> ForwardProxyPolicy:
+    return ForwardProxyPolicy(Allowlist.parse(entries), ports, deny_private)
+
+
+def target(text: str) -> ConnectTarget:
+    parsed = parse_connect_target(text)
+    assert isinstance(parsed, ConnectTarget)
+    return parsed
+
+
+def test_check_target_needs_allow_list_and_port() -> None:
+    p = policy(["api.braintrust.dev", "*.braintrust.dev", "pinned.example.com:8443"], ports=(443, 8443))
+    assert p.check_target(target("api.braintrust.dev:443")) is None
+    assert p.check_target(target("API.braintrust.dev.:8443")) is None
+    assert p.check_target(target("x.y.braintrust.dev:443")) is None
+    assert p.check_target(target("pinned.example.com:8443")) is None
+    for denied in (
+        "api.braintrust.dev:22",  # listed host, port not in connect_ports
+        "x.braintrust.dev:80",
+        "pinned.example.com:443",  # in connect_ports, but the entry pins 8443
+        "braintrust.dev.evil.com:443",
+        "evilbraintrust.dev:443",
+        "127.0.0.1:443",  # IP literals match only when listed literally
+        "[::1]:443",
+    ):
+        error = p.check_target(target(denied))
+        assert isinstance(error, GatewayError), denied
+        assert error.code is Code.EGRESS_DENIED and error.status == 403
+
+
+def test_check_target_ip_literal_when_listed() -> None:
+    p = policy(["127.0.0.1", "[::1]"], ports=(443,))
+    assert p.check_target(target("127.0.0.1:443")) is None
+    assert p.check_target(target("[::1]:443")) is None
+    assert p.check_target(target("[0:0::1]:443")) is None
+    assert p.check_target(target("127.0.0.2:443")) is not None
+
+
+@pytest.mark.parametrize(
+    "address", ["127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fe80::1"]
+)
+def test_check_address_without_deny_private_allows_everything(address: str) -> None:
+    assert policy(["api.braintrust.dev"]).check_address(address) is None
+
+
+@pytest.mark.parametrize(
+    "address",
+    [
+        "127.0.0.1",
+        "10.1.2.3",
+        "172.16.0.1",
+        "192.168.0.1",
+        "169.254.169.254",
+        "100.64.0.1",
+        "0.0.0.0",
+        "::1",
+        "fe80::1",
+        "fd00::1",
+        "::ffff:127.0.0.1",
+    ],
+)
+def test_check_address_with_deny_private_refuses_non_public(address: str) -> None:
+    error = policy(["api.braintrust.dev", "*.braintrust.dev"], deny_private=True).check_address(address)
+    assert isinstance(error, GatewayError)
+    assert error.code is Code.EGRESS_DENIED
+
+
+@pytest.mark.parametrize("address", ["8.8.8.8", "104.18.0.1", "2606:4700::1111"])
+def test_check_address_with_deny_private_allows_public(address: str) -> None:
+    assert policy(["api.braintrust.dev"], deny_private=True).check_address(address) is None
+
+
+def test_check_address_allows_a_private_address_listed_literally() -> None:
+    p = policy(["api.braintrust.dev", "127.0.0.1", "10.0.0.7:443", "[::1]"], deny_private=True)
+    assert p.check_address("127.0.0.1") is None
+    assert p.check_address("10.0.0.7") is None  # listed with a port: still the literal
+    assert p.check_address("::1") is None
+    assert p.check_address("0:0:0:0:0:0:0:1") is None  # compared in compressed form
+    assert p.check_address("127.0.0.2") is not None
+    assert p.check_address("10.0.0.8") is not None
+
+
+# --- ScryptHash / hash_password ------------------------------------------------------------------------
+
+
+def test_hash_password_round_trip() -> None:
+    text = hash_password("correct horse", log2_n=10)
+    parsed = ScryptHash.parse(text)
+    assert (parsed.log2_n, parsed.r, parsed.p) == (10, 8, 1)
+    assert len(parsed.salt) == 16 and len(parsed.key) == 32
+    assert parsed.verify("correct horse")
+    assert not parsed.verify("correct horse ")
+    assert not parsed.verify("")
+    assert hash_password("correct horse", log2_n=10) != text  # salted
+
+
+def _b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+SALT, KEY = _b64(b"s" * 16), _b64(b"k" * 32)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("", "must look like"),
+        ("scrypt$10$8$1$" + SALT, "must look like"),
+        (f"bcrypt$10$8$1${SALT}${KEY}", "must look like"),
+        (f"scrypt$10$8$1${SALT}${KEY}$extra", "must look like"),
+        (f"scrypt$ten$8$1${SALT}${KEY}", "is not a valid scrypt hash"),
+        (f"scrypt$10$8$1$not base64!${KEY}", "is not a valid scrypt hash"),
+        (f"scrypt$10$8$1${SALT}$@@@@", "is not a valid scrypt hash"),
+        (f"scrypt$9$8$1${SALT}${KEY}", "out of range"),
+        (f"scrypt$21$8$1${SALT}${KEY}", "out of range"),
+        (f"scrypt$10$0$1${SALT}${KEY}", "out of range"),
+        (f"scrypt$10$33$1${SALT}${KEY}", "out of range"),
+        (f"scrypt$10$8$0${SALT}${KEY}", "out of range"),
+        (f"scrypt$10$8$17${SALT}${KEY}", "out of range"),
+        (f"scrypt$10$8$1$${KEY}", "out of range"),  # empty salt
+        (f"scrypt$10$8$1${SALT}${_b64(b'k' * 15)}", "out of range"),  # key too short
+    ],
+)
+def test_scrypt_hash_parse_errors(text: str, message: str) -> None:
+    with pytest.raises(ValueError, match=message):
+        ScryptHash.parse(text)
+
+
+# --- ProxyAuth -----------------------------------------------------------------------------------------
+
+
+PASSWORD = "s3cret:with-colon"
+
+
+@pytest.fixture(scope="module")
+def alice_hash() -> ScryptHash:
+    return ScryptHash.parse(hash_password(PASSWORD, log2_n=10))
+
+
+def basic(user: str, password: str) -> str:
+    return "Basic " + _b64(f"{user}:{password}".encode())
+
+
+def assert_challenge(result: str | GatewayError) -> None:
+    assert isinstance(result, GatewayError)
+    assert result.code is Code.PROXY_AUTH_REQUIRED and result.status == 407
+    assert result.headers == (REALM_HEADER,)
+    assert REALM_HEADER == ("Proxy-Authenticate", 'Basic realm="bt-gateway"')
+
+
+def test_proxy_auth_accepts_the_right_password(alice_hash: ScryptHash) -> None:
+    auth = ProxyAuth({"alice": alice_hash})
+    assert auth.check(basic("alice", PASSWORD)) == "alice"
+    assert auth.check("basic " + _b64(f"alice:{PASSWORD}".encode())) == "alice"  # scheme is case-insensitive
+    assert auth.check("  Basic   " + _b64(f"alice:{PASSWORD}".encode()) + " ") == "alice"
+
+
+@pytest.mark.parametrize(
+    "header",
+    [
+        None,
+        "",
+        basic("alice", "wrong"),
+        basic("alice", PASSWORD + "x"),
+        basic("alice", ""),
+        basic("bob", PASSWORD),  # unknown user
+        basic("", PASSWORD),
+        "Basic " + _b64(b"alice"),  # no colon
+        "Bearer " + _b64(f"alice:{PASSWORD}".encode()),  # wrong scheme
+        "Digest username=alice",
+        _b64(f"alice:{PASSWORD}".encode()),  # no scheme
+        "Basic",
+        "Basic !!!not-base64!!!",
+        "Basic " + _b64(f"alice:{PASSWORD}".encode())[:-2],  # bad padding
+        "Basic " + _b64(b"\xff\xfe:\xff"),  # not UTF-8
+        "Basic \udcff",  # lone surrogate from a latin-1 header
+    ],
+)
+def test_proxy_auth_refuses(alice_hash: ScryptHash, header: str | None) -> None:
+    assert_challenge(ProxyAuth({"alice": alice_hash}).check(header))
+
+
+def count_verify(monkeypatch: pytest.MonkeyPatch) -> list[int]:
+    """Wrap ScryptHash.verify (the expensive part) and count its calls in the returned one-item list."""
+    calls = [0]
+    real = ScryptHash.verify
+
+    def verify(stored: ScryptHash, password: str) -> bool:
+        calls[0] += 1
+        return real(stored, password)
+
+    monkeypatch.setattr(ScryptHash, "verify", verify)
+    return calls
+
+
+def test_proxy_auth_caches_only_successes(alice_hash: ScryptHash, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = count_verify(monkeypatch)
+    auth = ProxyAuth({"alice": alice_hash})
+    good = basic("alice", PASSWORD)
+    assert auth.check(good) == "alice"
+    assert calls[0] == 1
+    for _ in range(5):
+        assert auth.check(good) == "alice"  # cache hit: no scrypt
+    assert calls[0] == 1
+    for _ in range(3):
+        assert_challenge(auth.check(basic("alice", "wrong")))  # failures are never remembered
+    assert calls[0] == 4
+
+
+def test_proxy_auth_cache_is_bounded(alice_hash: ScryptHash, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxyauth, "_CACHE_SIZE", 2)
+    calls = count_verify(monkeypatch)
+    auth = ProxyAuth({"alice": alice_hash})
+    encoded = _b64(f"alice:{PASSWORD}".encode())
+    first, second, third = f"Basic {encoded}", f"basic {encoded}", f"BASIC {encoded}"  # three cache keys
+    for header in (first, second, third):
+        assert auth.check(header) == "alice"
+    assert calls[0] == 3
+    assert auth.check(third) == "alice" and auth.check(second) == "alice"
+    assert calls[0] == 3
+    assert auth.check(first) == "alice"  # evicted (least recently used): verified again
+    assert calls[0] == 4
+
+
+# --- TunnelLimiter -------------------------------------------------------------------------------------
+
+
+def test_tunnel_limiter_admits_max_then_refuses_with_retry_after() -> None:
+    limiter = TunnelLimiter(2, 60)
+    assert limiter.admit("10.0.0.1") is None
+    assert limiter.admit("10.0.0.1") is None
+    refused = limiter.admit("10.0.0.1")
+    assert isinstance(refused, GatewayError)
+    assert refused.code is Code.RATE_LIMITED and refused.status == 429
+    (name, value), *_ = refused.headers
+    assert name == "Retry-After" and 1 <= int(value) <= 60
+    assert limiter.admit("10.0.0.2") is None  # per client address
+    assert limiter.admit("10.0.0.1") is not None
+
+
+def test_tunnel_limiter_zero_disables() -> None:
+    limiter = TunnelLimiter(0, 60)
+    assert all(limiter.admit("10.0.0.1") is None for _ in range(500))
