@@ -47,6 +47,7 @@ async def forward(
     *,
     max_body: int,
     proxy: str | None,
+    extra_headers: tuple[tuple[str, str], ...] = (),
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; raise GatewayFailure before any byte is sent."""
     headers = upstream_request_headers(
@@ -73,16 +74,20 @@ async def forward(
             raise GatewayFailure(GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")) from exc
         raise
     try:
-        return await _relay(request, exchange, upstream)
+        return await _relay(request, exchange, upstream, extra_headers)
     finally:
         upstream.close()
 
 
 async def _relay(
-    request: web.BaseRequest, exchange: Exchange, upstream: aiohttp.ClientResponse
+    request: web.BaseRequest,
+    exchange: Exchange,
+    upstream: aiohttp.ClientResponse,
+    extra_headers: tuple[tuple[str, str], ...],
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
     response.headers.extend(downstream_response_headers(upstream.headers, exchange.request_id))
+    response.headers.extend(extra_headers)  # ours appended; upstream's own RateLimit fields are kept
     exchange.status = upstream.status
     await response.prepare(request)
     content = upstream.content

@@ -19,6 +19,7 @@ from gateway.errors import Code, GatewayError
 from gateway.policy.allowlist import Allowlist, canonical_host
 from gateway.policy.forward_proxy import ForwardProxyPolicy
 from gateway.policy.proxyauth import ProxyAuth, ScryptHash
+from gateway.policy.ratelimit import LimitSpec, RateLimitSettings
 from gateway.policy.routes import RouteTable, RouteTarget
 from gateway.policy.tunnel_limit import TunnelLimiter
 
@@ -58,6 +59,26 @@ class Target:
 
     route: RouteTarget
     url: URL
+
+
+def rate_limit_settings(config: GatewayConfig) -> RateLimitSettings:
+    """The limiter's settings from config: the global limit plus per-route overrides (`off` -> None)."""
+    rl = config.rate_limit
+    routes: dict[str, LimitSpec | None] = {}
+    for route in config.routes:
+        if route.rate_limit == "off":
+            routes[route.name] = None
+        elif route.rate_limit is not None:
+            routes[route.name] = LimitSpec(route.rate_limit.max_requests, route.rate_limit.window_s)
+    return RateLimitSettings(
+        default=LimitSpec(rl.max_requests, rl.window_s),
+        routes=routes,
+        strategy=rl.strategy,
+        storage=rl.storage,
+        on_storage_error=rl.on_storage_error,
+        storage_timeout_ms=rl.storage_timeout_ms,
+        anonymous=rl.anonymous,
+    )
 
 
 class Pipeline:

@@ -19,9 +19,10 @@ from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.forward import forward
 from gateway.logs import get_logger
-from gateway.pipeline import Exchange, Pipeline, Target, request_id
+from gateway.pipeline import Exchange, Pipeline, Target, rate_limit_settings, request_id
 from gateway.policy.credentials import bearer_token, fingerprint
 from gateway.policy.forward_proxy import parse_connect_target
+from gateway.policy.ratelimit import RateLimiter, rate_key
 from gateway.responses import error_response, parse_error
 from gateway.tunnel import TunnelResult, TunnelStats, connect_upstream, relay
 from gateway.upstream import EgressGuard, EgressResolver, build_session, client_error
@@ -78,6 +79,7 @@ class Gateway:
         self.guard = EgressGuard(self.pipeline.allowlist, frozenset({proxy_host} if proxy_host else ()))
         self.resolver = EgressResolver(self.guard, config.resolve)
         self.tunnels = TunnelStats()
+        self.limiter: RateLimiter | None = None
         self.ready = False
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.BaseRunner] = []
@@ -90,6 +92,7 @@ class Gateway:
     async def start(self) -> None:
         config = self.config
         self._session = build_session(config, self.guard, self.resolver)
+        self.limiter = RateLimiter(rate_limit_settings(config))
         header_bytes = config.limits.max_header_kb * 1024
         proxy = GatewayServer(
             self.handle,
@@ -128,6 +131,8 @@ class Gateway:
             await runner.cleanup()
         if self._session is not None:
             await self._session.close()
+        if self.limiter is not None:
+            await self.limiter.close()
         log.info("gateway_stopped")
 
     def _admin_app(self) -> web.Application:
@@ -198,6 +203,17 @@ class Gateway:
         refused = pipeline.admit(exchange, target)
         if refused is not None:
             return self._fail(exchange, refused, request)
+        assert self.limiter is not None
+        key = rate_key(
+            request.headers.get("Authorization"), exchange.client_ip, self.limiter.settings.anonymous
+        )
+        if isinstance(key, GatewayError):
+            exchange.decisions.append("ratelimit:anonymous_denied")
+            return self._fail(exchange, key, request)
+        decision = await self.limiter.check(target.route.name, key)
+        exchange.decisions.append(f"ratelimit:{decision.outcome}")
+        if decision.error is not None:
+            return self._fail(exchange, decision.error, request)
         if request.headers.get("Expect", "").lower() == "100-continue":
             await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
         assert self._session is not None
@@ -209,6 +225,7 @@ class Gateway:
                 self._session,
                 max_body=pipeline.max_body_bytes,
                 proxy=pipeline.config.upstream.proxy,
+                extra_headers=decision.headers,
             )
         except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError) as exc:
             return self._fail(exchange, client_error(exc), request)

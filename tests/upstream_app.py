@@ -50,6 +50,8 @@ def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web
                 await asyncio.sleep(3600)
             finally:
                 recorder.disconnected.set()
+        if path == "/ratelimited":
+            return web.Response(text="ok", headers={"RateLimit": '"upstream";r=9;t=1'})
         if path.startswith("/status/"):
             return web.Response(status=int(path.rsplit("/", 1)[1]))
         if path == "/hop":

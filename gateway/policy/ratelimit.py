@@ -1,0 +1,171 @@
+"""Per-token sliding-window rate limiting (Braintrust's OUTBOUND_RATE_LIMIT_* contract), on `limits`.
+
+The key is the sha256 of the caller's token (never the token); each route counts separately. The default
+strategy, moving-window, is exact: no interval of one window ever holds more than `max_requests` allowed
+requests. Every storage call is bounded by `storage_timeout_ms`; a dead store fails open or closed as
+configured, with one warning per outage, and limiting resumes by itself when the store comes back.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from limits import RateLimitItemPerSecond
+from limits.aio.strategies import (
+    FixedWindowRateLimiter,
+    MovingWindowRateLimiter,
+    SlidingWindowCounterRateLimiter,
+)
+from limits.storage import storage_from_string
+
+from gateway.errors import Code, GatewayError
+from gateway.logs import get_logger
+from gateway.policy.credentials import bearer_token, token_digest
+
+log = get_logger("gateway.ratelimit")
+
+_STRATEGIES: dict[str, Any] = {
+    "moving-window": MovingWindowRateLimiter,
+    "sliding-window-counter": SlidingWindowCounterRateLimiter,
+    "fixed-window": FixedWindowRateLimiter,
+}
+POLICY_NAME = "default"
+
+
+@dataclass(frozen=True, slots=True)
+class LimitSpec:
+    """`max_requests` per `window_s` seconds; 0 requests means no limit."""
+
+    max_requests: int
+    window_s: int
+
+
+@dataclass(frozen=True, slots=True)
+class RateLimitSettings:
+    """Everything the limiter needs, already validated by the config model."""
+
+    default: LimitSpec
+    routes: Mapping[str, LimitSpec | None] = field(default_factory=dict)  # None: `off` for that route
+    strategy: Literal["moving-window", "sliding-window-counter", "fixed-window"] = "moving-window"
+    storage: str = "memory://"
+    on_storage_error: Literal["allow", "deny"] = "allow"
+    storage_timeout_ms: int = 100
+    anonymous: Literal["client-ip", "deny"] = "client-ip"
+
+
+@dataclass(frozen=True, slots=True)
+class RateDecision:
+    """The outcome for one request: `outcome` is what the access log records."""
+
+    allowed: bool
+    outcome: str
+    headers: tuple[tuple[str, str], ...] = ()
+    error: GatewayError | None = None
+
+
+OFF = RateDecision(allowed=True, outcome="off")
+FAIL_OPEN = RateDecision(allowed=True, outcome="storage_error_allow")
+
+
+@dataclass(frozen=True, slots=True)
+class _Limit:
+    """A LimitSpec made ready for the hot path: the `limits` item and the constant header."""
+
+    item: Any
+    policy_header: str
+    amount: int
+
+
+def storage_uri(uri: str) -> str:
+    """Our config's URI -> the `limits` async storage URI (`redis://` -> `async+redis://`)."""
+    return "async+" + uri
+
+
+def rate_key(authorization: str | None, client_ip: str, anonymous: str) -> str | GatewayError:
+    """Storage key: `tok:<sha256>` for a token, `ip:<addr>` without one; 401 when anonymous is denied."""
+    token = bearer_token(authorization)
+    if token is not None:
+        return "tok:" + token_digest(token)
+    if anonymous == "deny":
+        return GatewayError(Code.UNAUTHENTICATED, "an Authorization token is required")
+    return "ip:" + client_ip
+
+
+class RateLimiter:
+    """Checks and counts one request against its route's limit; shared by every request of a process."""
+
+    def __init__(self, settings: RateLimitSettings, clock: Callable[[], float] = time.time) -> None:
+        self.settings = settings
+        self._clock = clock
+        self._timeout = settings.storage_timeout_ms / 1000
+        self._storage = storage_from_string(storage_uri(settings.storage))
+        self._strategy = _STRATEGIES[settings.strategy](self._storage)
+        self._default = self._compile(settings.default)
+        self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
+        self._healthy = True
+
+    @staticmethod
+    def _compile(spec: LimitSpec | None) -> _Limit | None:
+        if spec is None or spec.max_requests <= 0:
+            return None
+        item = RateLimitItemPerSecond(spec.max_requests, spec.window_s)
+        header = f'"{POLICY_NAME}";q={spec.max_requests};w={spec.window_s}'
+        return _Limit(item=item, policy_header=header, amount=spec.max_requests)
+
+    async def check(self, route: str, key: str) -> RateDecision:
+        """Count the request if allowed; refuse with an exact Retry-After if not."""
+        limit = self._routes.get(route, self._default)
+        if limit is None:
+            return OFF
+        try:
+            async with asyncio.timeout(self._timeout):
+                allowed = await self._strategy.hit(limit.item, route, key)
+                reset, remaining = await self._strategy.get_window_stats(limit.item, route, key)
+        except Exception as exc:  # any store failure or timeout: decided by on_storage_error
+            return self._storage_failed(exc)
+        self._storage_ok()
+        seconds = max(0, math.ceil(reset - self._clock()))
+        headers = (
+            ("RateLimit-Policy", limit.policy_header),
+            ("RateLimit", f'"{POLICY_NAME}";r={max(0, remaining)};t={seconds}'),
+        )
+        if allowed:
+            return RateDecision(allowed=True, outcome="allow", headers=headers)
+        retry = max(1, seconds)
+        error = GatewayError(
+            Code.RATE_LIMITED,
+            f"rate limit of {limit.amount} requests per {limit.item.get_expiry()} s exceeded",
+            (("Retry-After", str(retry)), *headers),
+        )
+        return RateDecision(allowed=False, outcome="deny", headers=headers, error=error)
+
+    def _storage_failed(self, exc: BaseException) -> RateDecision:
+        if self._healthy:
+            self._healthy = False
+            log.warning(
+                "rate_limit_storage_unavailable",
+                error=type(exc).__name__,
+                on_storage_error=self.settings.on_storage_error,
+            )
+        if self.settings.on_storage_error == "allow":
+            return FAIL_OPEN
+        error = GatewayError(Code.RATE_LIMIT_UNAVAILABLE, "rate limit storage is unavailable")
+        return RateDecision(allowed=False, outcome="storage_error_deny", error=error)
+
+    def _storage_ok(self) -> None:
+        if not self._healthy:
+            self._healthy = True
+            log.info("rate_limit_storage_recovered")
+
+    async def close(self) -> None:
+        """Release storage connections (Redis pools); memory storage has nothing to release."""
+        closer = getattr(self._storage, "close", None) or getattr(self._storage, "reset", None)
+        if closer is not None and self.settings.storage != "memory://":
+            result = closer()
+            if asyncio.iscoroutine(result):
+                await result

@@ -1,0 +1,158 @@
+"""Rate limiting through the real gateway: in process memory, and shared by two processes through Redis."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import pytest
+
+from tests.conftest import GatewayFactory, Upstream, route_to
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
+
+
+async def hit(client: aiohttp.ClientSession, url: str, token: str | None = "tok-a") -> aiohttp.ClientResponse:
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    async with client.get(url, headers=headers) as resp:
+        await resp.read()
+        return resp
+
+
+async def test_n_plus_k_gives_exactly_n_forwarded(start_gateway: GatewayFactory, upstream: Upstream) -> None:
+    gw = await start_gateway(**route_to(upstream), rate_limit={"max_requests": 5, "window_minutes": 1})
+    async with aiohttp.ClientSession() as client:
+        answers = [await hit(client, gw.url + "/v1/x") for _ in range(8)]
+        other = await hit(client, gw.url + "/v1/x", token="tok-b")
+        async with client.get(gw.url + "/v1/x", headers={"Authorization": "Bearer tok-a"}) as resp:
+            body = await resp.json()
+    assert [a.status for a in answers] == [200] * 5 + [429] * 3
+    assert other.status == 200
+    assert len(upstream.recorder.requests) == 6  # 5 for tok-a, 1 for tok-b, no refused one forwarded
+    assert answers[0].headers["RateLimit-Policy"] == '"default";q=5;w=60'
+    assert answers[0].headers["RateLimit"].startswith('"default";r=4;t=')
+    refused = answers[5]
+    assert 1 <= int(refused.headers["Retry-After"]) <= 60
+    assert refused.headers["RateLimit"].startswith('"default";r=0;t=')
+    assert body["error"]["code"] == "rate_limited"
+    assert body["error"]["request_id"] == resp.headers["X-Request-Id"]
+
+
+async def test_per_route_override_and_off(start_gateway: GatewayFactory, upstream: Upstream) -> None:
+    host = upstream.url.split("://")[1]
+    gw = await start_gateway(
+        allowlist=[host],
+        routes=[
+            {"name": "app", "prefix": "/", "upstream": upstream.url, "rate_limit": {"max_requests": 2}},
+            {"name": "data", "prefix": "/data-plane", "upstream": upstream.url, "rate_limit": "off"},
+        ],
+        rate_limit={"max_requests": 1},
+    )
+    async with aiohttp.ClientSession() as client:
+        app = [(await hit(client, gw.url + "/x")).status for _ in range(3)]
+        data = [await hit(client, gw.url + "/data-plane/logs3") for _ in range(20)]
+    assert app == [200, 200, 429]
+    assert all(d.status == 200 and "RateLimit" not in d.headers for d in data)
+
+
+async def test_upstream_ratelimit_fields_are_kept_ours_appended(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await start_gateway(**route_to(upstream), rate_limit={"max_requests": 5})
+    async with aiohttp.ClientSession() as client:
+        resp = await hit(client, gw.url + "/ratelimited")
+    assert resp.headers.getall("RateLimit") == ['"upstream";r=9;t=1', '"default";r=4;t=60']
+
+
+async def test_anonymous_by_client_ip_or_denied(start_gateway: GatewayFactory, upstream: Upstream) -> None:
+    by_ip = await start_gateway(**route_to(upstream), rate_limit={"max_requests": 1})
+    denied = await start_gateway(**route_to(upstream), rate_limit={"max_requests": 1, "anonymous": "deny"})
+    async with aiohttp.ClientSession() as client:
+        assert [(await hit(client, by_ip.url + "/x", token=None)).status for _ in range(2)] == [200, 429]
+        async with client.get(denied.url + "/x") as resp:
+            assert resp.status == 401
+            assert (await resp.json())["error"]["code"] == "unauthenticated"
+
+
+async def _spread(urls: list[str], count: int, token: str = "tok-a") -> list[int]:
+    async with aiohttp.ClientSession() as client:
+        return [(await hit(client, urls[i % len(urls)] + "/v1/x", token)).status for i in range(count)]
+
+
+def _two_gateways(tmp_path: Path, upstream: Upstream, rate_limit: dict[str, Any]) -> list[GatewayProcess]:
+    host = upstream.url.split("://")[1]
+    config = {
+        "allowlist": [host],
+        "routes": [{"name": "app", "prefix": "/", "upstream": upstream.url}],
+        "rate_limit": rate_limit,
+    }
+    gateways = []
+    for name in ("a", "b"):
+        (tmp_path / name).mkdir()
+        gateways.append(GatewayProcess(config, tmp_path / name))
+    return gateways
+
+
+@pytest.mark.redis
+async def test_two_processes_share_one_limit_through_redis(tmp_path: Path, upstream: Upstream) -> None:
+    redis = RedisServer(tmp_path)
+    gateways = _two_gateways(tmp_path, upstream, {"max_requests": 7, "storage": redis.url})
+    try:
+        statuses = await _spread([g.url for g in gateways], 12)
+    finally:
+        for g in gateways:
+            g.stop()
+        redis.stop()
+    assert statuses.count(200) == 7 and statuses.count(429) == 5
+    assert len(upstream.recorder.requests) == 7
+
+
+@pytest.mark.redis
+@pytest.mark.parametrize("mode", ["allow", "deny"])
+async def test_redis_outage_fails_open_or_closed_then_recovers(
+    tmp_path: Path, upstream: Upstream, mode: str
+) -> None:
+    redis = RedisServer(tmp_path)
+    rate_limit = {
+        "max_requests": 3,
+        "storage": redis.url,
+        "on_storage_error": mode,
+        "storage_timeout_ms": 200,
+    }
+    gateways = _two_gateways(tmp_path, upstream, rate_limit)
+    urls = [g.url for g in gateways]
+    try:
+        assert await _spread(urls, 2) == [200, 200]
+        redis.stop()
+        during = await _spread(urls, 10)
+        redis.start()
+        after = await _reconnected(urls)
+    finally:
+        for g in gateways:
+            g.stop()
+        redis.stop()
+    expected = 200 if mode == "allow" else 503
+    assert during == [expected] * 10
+    assert after[-1] == 429  # limiting resumed without restarting the gateways
+    for g in gateways:
+        assert len(g.events("rate_limit_storage_unavailable")) == 1  # once per outage, not per request
+        assert len(g.events("rate_limit_storage_recovered")) == 1
+        codes = {a["error_code"] for a in g.events("access") if a["status"] == 503}
+        assert codes <= {"rate_limit_unavailable"}
+
+
+async def _reconnected(urls: list[str]) -> list[int]:
+    """After Redis restarts (empty), until both gateways count again: 3 allowed, then 429.
+
+    Each try uses a fresh token, so a try made while the gateways were still reconnecting spends no
+    quota of the next one.
+    """
+    statuses: list[int] = []
+    for attempt in range(50):
+        statuses = await _spread(urls, 4, token=f"fresh-{attempt}")
+        if statuses == [200, 200, 200, 429]:
+            return statuses
+        await asyncio.sleep(0.1)
+    return statuses

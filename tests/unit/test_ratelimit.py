@@ -1,0 +1,167 @@
+"""The rate-limit policy without sockets: keys, headers, exact Retry-After, exactness as a property."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+from collections.abc import Iterator
+from typing import Any
+
+import limits.aio.storage.memory as memory_storage
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from structlog.testing import capture_logs
+
+from gateway.errors import Code, GatewayError
+from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings, rate_key
+
+
+class Clock:
+    """A controlled clock, installed where the `limits` memory storage reads time."""
+
+    def __init__(self, now: float = 1_000_000.0) -> None:
+        self.now = now
+
+    def time(self) -> float:
+        return self.now
+
+
+@pytest.fixture
+def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
+    fake = Clock()
+    monkeypatch.setattr(memory_storage, "time", fake)
+    yield fake
+
+
+def limiter(clock: Clock, **kwargs: Any) -> RateLimiter:
+    kwargs.setdefault("default", LimitSpec(3, 60))
+    return RateLimiter(RateLimitSettings(**kwargs), clock=clock.time)
+
+
+def test_rate_key() -> None:
+    digest = hashlib.sha256(b"tok-1").hexdigest()
+    assert rate_key("Bearer tok-1", "10.0.0.1", "client-ip") == f"tok:{digest}"
+    assert rate_key("tok-1", "10.0.0.1", "deny") == f"tok:{digest}"
+    assert rate_key(None, "10.0.0.1", "client-ip") == "ip:10.0.0.1"
+    denied = rate_key("Basic Zm9v", "10.0.0.1", "deny")
+    assert isinstance(denied, GatewayError) and denied.code is Code.UNAUTHENTICATED
+
+
+async def test_headers_and_exact_retry_after(clock: Clock) -> None:
+    rl = limiter(clock)
+    outcomes = []
+    for _ in range(4):
+        outcomes.append(await rl.check("app", "tok:a"))
+        clock.now += 10
+    assert [d.outcome for d in outcomes] == ["allow", "allow", "allow", "deny"]
+    assert outcomes[0].headers == (
+        ("RateLimit-Policy", '"default";q=3;w=60'),
+        ("RateLimit", '"default";r=2;t=60'),
+    )
+    assert outcomes[2].headers[1] == ("RateLimit", '"default";r=0;t=40')
+    refused = outcomes[3]
+    assert refused.error is not None and refused.error.code is Code.RATE_LIMITED
+    # The oldest counted request (t=0) leaves the window at t=60; this refusal is at t=30.
+    assert dict(refused.error.headers)["Retry-After"] == "30"
+    clock.now += 0.5  # t=40.5 -> 19.5 s left, rounded up
+    again = await rl.check("app", "tok:a")
+    assert again.error is not None and dict(again.error.headers)["Retry-After"] == "20"
+    clock.now = 1_000_000.0 + 60.001
+    assert (await rl.check("app", "tok:a")).allowed  # the t=0 request left the window
+
+
+async def test_retry_after_is_at_least_one_second(clock: Clock) -> None:
+    rl = limiter(clock, default=LimitSpec(1, 60))
+    assert (await rl.check("app", "k")).allowed
+    clock.now += 59.9
+    refused = await rl.check("app", "k")
+    assert refused.error is not None and dict(refused.error.headers)["Retry-After"] == "1"
+
+
+async def test_routes_count_separately_and_can_be_off(clock: Clock) -> None:
+    rl = limiter(clock, default=LimitSpec(1, 60), routes={"data": None, "slow": LimitSpec(2, 60)})
+    assert (await rl.check("app", "k")).allowed
+    assert not (await rl.check("app", "k")).allowed
+    assert (await rl.check("slow", "k")).allowed
+    assert (await rl.check("slow", "k")).allowed
+    assert not (await rl.check("slow", "k")).allowed
+    for _ in range(10):
+        decision = await rl.check("data", "k")
+        assert decision.allowed and decision.outcome == "off" and decision.headers == ()
+    assert (await rl.check("app", "other")).allowed  # tokens count separately too
+
+
+async def test_zero_disables(clock: Clock) -> None:
+    rl = limiter(clock, default=LimitSpec(0, 60))
+    assert all([(await rl.check("app", "k")).outcome == "off" for _ in range(5)])
+
+
+class BrokenStrategy:
+    """Stands in for a dead store: every call raises, or hangs past the timeout."""
+
+    def __init__(self, hang: bool) -> None:
+        self.hang = hang
+
+    async def hit(self, *_: Any) -> bool:
+        if self.hang:
+            await asyncio.sleep(3600)
+        raise ConnectionError("store down")
+
+    async def get_window_stats(self, *_: Any) -> Any:
+        raise AssertionError("unreachable")
+
+
+@pytest.mark.parametrize("hang", [False, True])
+async def test_store_failure_fails_open_or_closed_and_warns_once(clock: Clock, hang: bool) -> None:
+    opened = limiter(clock, on_storage_error="allow", storage_timeout_ms=20)
+    closed = limiter(clock, on_storage_error="deny", storage_timeout_ms=20)
+    working = opened._strategy
+    opened._strategy = closed._strategy = BrokenStrategy(hang)
+    with capture_logs() as logs:
+        for _ in range(5):
+            assert (await opened.check("app", "k")).outcome == "storage_error_allow"
+            refused = await closed.check("app", "k")
+            assert refused.error is not None and refused.error.code is Code.RATE_LIMIT_UNAVAILABLE
+        opened._strategy = working
+        assert (await opened.check("app", "k")).outcome == "allow"
+    events = [entry["event"] for entry in logs]
+    assert events.count("rate_limit_storage_unavailable") == 2  # once per limiter, not per request
+    assert events.count("rate_limit_storage_recovered") == 1
+
+
+WINDOW = 10.0
+LIMIT = 4
+
+
+@settings(max_examples=150, deadline=None)
+@given(gaps=st.lists(st.integers(min_value=0, max_value=4000), min_size=1, max_size=60))
+def test_moving_window_is_exact(gaps: list[int]) -> None:
+    """For random arrivals: no window-long interval holds more than LIMIT allowed requests, and no
+    request is refused while fewer than LIMIT were allowed in its trailing window."""
+    fake = Clock()
+    original = memory_storage.time
+    memory_storage.time = fake  # type: ignore[assignment]
+    try:
+        decisions = asyncio.run(_run_arrivals(fake, gaps))
+    finally:
+        memory_storage.time = original
+    allowed_times = [t for t, ok in decisions if ok]
+    for t, ok in decisions:
+        in_window = sum(1 for a in allowed_times if t - WINDOW <= a <= t)
+        assert in_window <= LIMIT  # (a) never more than LIMIT in any closed window ending at a request
+        if not ok:
+            prior = sum(1 for a in allowed_times if t - WINDOW <= a <= t)
+            assert prior >= LIMIT, f"refused at {t} with only {prior} allowed in the window"  # (b)
+    for i, start in enumerate(allowed_times):
+        assert sum(1 for a in allowed_times[i:] if a - start <= WINDOW) <= LIMIT
+
+
+async def _run_arrivals(fake: Clock, gaps: list[int]) -> list[tuple[float, bool]]:
+    rl = RateLimiter(RateLimitSettings(default=LimitSpec(LIMIT, int(WINDOW))), clock=fake.time)
+    out = []
+    for gap in gaps:
+        fake.now += gap / 1000
+        decision = await rl.check("app", "tok:x")
+        out.append((fake.now, decision.allowed))
+    return out
