@@ -7,7 +7,6 @@ import asyncio
 import gc
 import shutil
 import socket
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings, rate_key  # noqa: E402
+from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings, rate_key
 
 CHECKS = 20_000
 TOKENS = 100_000
