@@ -232,7 +232,9 @@ async def test_browser_link_to_app_redirects_to_public_url(
     browser = {"Accept": "text/html,application/xhtml+xml;q=0.9,*/*;q=0.8"}
     async with aiohttp.ClientSession() as client:
         path = "/app/my%20org/p/proj/experiments/e1?r=abc"
-        async with client.get(URL(gw.url + path, encoded=True), headers=browser, allow_redirects=False) as resp:
+        async with client.get(
+            URL(gw.url + path, encoded=True), headers=browser, allow_redirects=False
+        ) as resp:
             assert resp.status == 302
             assert resp.headers["Location"] == "https://public.example.com" + path
         async with client.get(gw.url + "/app/x", headers={"Accept": "application/json"}) as resp:
