@@ -10,10 +10,12 @@ from collections.abc import AsyncIterator
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.headers import downstream_response_headers, upstream_request_headers
 from gateway.pipeline import Exchange, Target
+from gateway.policy.urlrewrite import REWRITE_HEADERS, BodyRewriter, RewritePolicy, RuleSet
 from gateway.upstream import client_error
 
 CHUNK = 2**16
@@ -48,6 +50,7 @@ async def forward(
     max_body: int,
     proxy: str | None,
     extra_headers: tuple[tuple[str, str], ...] = (),
+    rules: RuleSet | None = None,
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; raise GatewayFailure before any byte is sent."""
     headers = upstream_request_headers(
@@ -74,7 +77,7 @@ async def forward(
             raise GatewayFailure(GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")) from exc
         raise
     try:
-        return await _relay(request, exchange, upstream, extra_headers)
+        return await _relay(request, exchange, upstream, extra_headers, rules)
     finally:
         upstream.close()
 
@@ -84,30 +87,89 @@ async def _relay(
     exchange: Exchange,
     upstream: aiohttp.ClientResponse,
     extra_headers: tuple[tuple[str, str], ...],
+    rules: RuleSet | None,
 ) -> web.StreamResponse:
     response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
-    response.headers.extend(downstream_response_headers(upstream.headers, exchange.request_id))
+    headers = downstream_response_headers(upstream.headers, exchange.request_id)
+    body = _rewriter(request, upstream, headers, rules, exchange)
+    response.headers.extend(headers)
     response.headers.extend(extra_headers)  # ours appended; upstream's own RateLimit fields are kept
     exchange.status = upstream.status
-    await response.prepare(request)
+    if body is None:
+        await response.prepare(request)  # nothing to rewrite: headers go at once (SSE clients see them)
     content = upstream.content
-    while True:
-        try:
-            chunk = await content.readany()
-        except (aiohttp.ClientError, TimeoutError) as exc:
-            # Headers are gone already: the only honest signal left is to cut the connection short.
-            exchange.decisions.append("forward:aborted_midstream")
-            exchange.error = client_error(exc)
-            if request.transport is not None:
-                request.transport.close()
+    try:
+        while chunk := await content.readany():
+            out = body.feed(chunk) if body is not None else chunk
+            if out and not await _send(request, response, exchange, out):
+                return response
+        if body is not None and not await _send(request, response, exchange, body.finish()):
             return response
-        if not chunk:
-            break
-        exchange.bytes_out += len(chunk)
-        try:
-            await response.write(chunk)
-        except ConnectionError:
-            exchange.decisions.append("client:disconnected")
-            return response  # aiohttp sees the dead transport and finishes quietly
+    except GatewayFailure:
+        if not response.prepared:
+            raise  # nothing sent yet: the client gets a proper 502 upstream_bad_encoding
+        _abort(request, exchange, GatewayError(Code.UPSTREAM_BAD_ENCODING, "malformed compressed body"))
+        return response
+    except (aiohttp.ClientError, TimeoutError) as exc:
+        if not response.prepared:
+            raise
+        _abort(request, exchange, client_error(exc))
+        return response
+    if not response.prepared:
+        await response.prepare(request)
     await response.write_eof()
     return response
+
+
+def _rewriter(
+    request: web.BaseRequest,
+    upstream: aiohttp.ClientResponse,
+    headers: CIMultiDict[str],
+    rules: RuleSet | None,
+    exchange: Exchange,
+) -> BodyRewriter | None:
+    """Rewrite URL headers now; if the body may change, fix its headers and return its rewriter."""
+    if rules is None or rules.empty:
+        return None
+    for name in REWRITE_HEADERS:
+        values = headers.popall(name, ())
+        for value in values:
+            headers.add(name, rules.rewrite_header(name, value))
+    if request.method == "HEAD" or upstream.status in (204, 304):
+        return None
+    body = RewritePolicy.body(
+        rules, upstream.headers.get("Content-Type"), upstream.headers.get("Content-Encoding")
+    )
+    if body is None:
+        exchange.decisions.append("rewrite:passthrough")
+        return None
+    exchange.decisions.append("rewrite:body")
+    headers.popall("Content-Length", None)  # the length may change: stream chunked
+    etag = headers.get("ETag")
+    if etag is not None and not etag.startswith("W/"):
+        headers["ETag"] = "W/" + etag  # same meaning, no longer byte-identical
+    return body
+
+
+async def _send(
+    request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange, data: bytes
+) -> bool:
+    """Write to the client (sending headers first if still pending); False when the client went away."""
+    try:
+        if not response.prepared:
+            await response.prepare(request)
+        if data:
+            await response.write(data)
+    except ConnectionError:
+        exchange.decisions.append("client:disconnected")
+        return False  # aiohttp sees the dead transport and finishes quietly
+    exchange.bytes_out += len(data)
+    return True
+
+
+def _abort(request: web.BaseRequest, exchange: Exchange, error: GatewayError) -> None:
+    """Headers are gone already: the only honest signal left is to cut the connection short."""
+    exchange.decisions.append("forward:aborted_midstream")
+    exchange.error = error
+    if request.transport is not None:
+        request.transport.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import re
 import secrets
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 from yarl import URL
@@ -17,11 +18,13 @@ from yarl import URL
 from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError
 from gateway.policy.allowlist import Allowlist, canonical_host
+from gateway.policy.external_url import ExternalUrl
 from gateway.policy.forward_proxy import ForwardProxyPolicy
 from gateway.policy.proxyauth import ProxyAuth, ScryptHash
 from gateway.policy.ratelimit import LimitSpec, RateLimitSettings
 from gateway.policy.routes import RouteTable, RouteTarget
 from gateway.policy.tunnel_limit import TunnelLimiter
+from gateway.policy.urlrewrite import RewritePolicy, RuleSet
 
 FORWARD_PROXY_ROUTE = "forward_proxy"
 
@@ -81,6 +84,23 @@ def rate_limit_settings(config: GatewayConfig) -> RateLimitSettings:
     )
 
 
+def rewrite_policy(config: GatewayConfig) -> RewritePolicy:
+    """Built-in rules (app upstream -> public_url), then the config's extra rules, then advertised routes."""
+    static: list[tuple[str, str]] = []
+    app = config.route("app")
+    if app is not None:
+        static.append((app.upstream, config.public_url))
+    static += [(rule.from_, rule.to) for rule in config.rewrite.rules]
+    advertised = tuple((origin(r.upstream), r.prefix) for r in config.routes if r.advertise)
+    return RewritePolicy(tuple(static), advertised, config.rewrite.max_buffer_kb * 1024)
+
+
+def origin(url: str) -> str:
+    """`scheme://host[:port]` of a URL (its path dropped), as written in responses."""
+    parsed = URL(url)
+    return str(parsed.origin())
+
+
 class Pipeline:
     """The policies of one config generation, built once and never mutated."""
 
@@ -93,6 +113,8 @@ class Pipeline:
         self.max_body_bytes = int(config.limits.max_body_mb * 1024 * 1024)
         self.max_header_bytes = config.limits.max_header_kb * 1024
         self.public_url = config.public_url
+        self.external_url = ExternalUrl(config.advertise_url, config.trusted_proxies)
+        self.rewrite = rewrite_policy(config) if config.rewrite.enabled else None
         fp = config.forward_proxy
         self.forward_proxy = (
             ForwardProxyPolicy(self.allowlist, fp.connect_ports, fp.deny_private_addresses)
@@ -175,6 +197,22 @@ class Pipeline:
             return None
         exchange.decisions.append("redirect:public_url")
         return self.public_url + raw_target
+
+    def rewrite_rules(
+        self, target: Target, remote: str | None, scheme: str, headers: Mapping[str, str]
+    ) -> RuleSet | None:
+        """The rule set for this response. Absolute-form (proxy) requests know no external URL of ours
+        unless advertise_url is set, so they get only the static rules."""
+        if self.rewrite is None:
+            return None
+        external = self.external_url.for_request(
+            remote=remote,
+            scheme=scheme,
+            host=headers.get("Host") if target.route.name != FORWARD_PROXY_ROUTE else None,
+            forwarded_proto=headers.get("X-Forwarded-Proto"),
+            forwarded_host=headers.get("X-Forwarded-Host"),
+        )
+        return self.rewrite.rules_for(external)
 
     def admit(self, exchange: Exchange, target: Target) -> GatewayError | None:
         """Run the pre-forward policies; the first refusal wins."""

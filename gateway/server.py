@@ -226,6 +226,7 @@ class Gateway:
                 max_body=pipeline.max_body_bytes,
                 proxy=pipeline.config.upstream.proxy,
                 extra_headers=decision.headers,
+                rules=pipeline.rewrite_rules(target, request.remote, request.scheme, request.headers),
             )
         except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError) as exc:
             return self._fail(exchange, client_error(exc), request)

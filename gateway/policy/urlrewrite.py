@@ -1,0 +1,198 @@
+"""Response URL rewriting: app URL -> public URL, advertised upstream origins -> the gateway's own URL.
+
+A rule `from -> to` matches only on URL boundaries: not after a scheme or host character (so
+`xhttps://a.com` is left alone) and not before one that would continue the host, port or path segment
+(so `https://a.com` never matches inside `https://a.com.evil.com`, `https://a.comx` or `https://a.com:8443`).
+The longest `from` wins. JSON-escaped forms (`https:\\/\\/a.com\\/x`) are rewritten to the escaped `to`.
+Matching is on bytes and case-sensitive (URLs in JSON bodies are already lowercase in practice).
+
+Bodies are rewritten as a stream: only bytes that could still begin a match are held back, so memory per
+response is bounded by the longest rule, and SSE events flush as soon as they are complete.
+"""
+
+from __future__ import annotations
+
+import re
+from collections import OrderedDict
+from collections.abc import Iterable
+
+from gateway.policy.codec import Codec, open_codec, parse_content_encoding
+
+_BEFORE = rb"(?<![A-Za-z0-9+.\-])"
+_AFTER = rb"(?![A-Za-z0-9.\-_~:@%])"
+REWRITE_HEADERS = ("Location", "Content-Location", "Link", "Refresh")
+_CACHE_SIZE = 64
+
+
+def rewritable(content_type: str | None) -> bool:
+    """JSON, text, JavaScript, `*+json` and SSE bodies are rewritten; everything else passes untouched."""
+    if not content_type:
+        return False
+    mime = content_type.split(";", 1)[0].strip().lower()
+    return (
+        mime.startswith("text/")
+        or mime in ("application/json", "application/javascript", "application/x-javascript")
+        or mime.endswith("+json")
+    )
+
+
+class RuleSet:
+    """Compiled rules for one (external URL) context: one regex, one lookup table, one prefix set."""
+
+    __slots__ = ("_hold", "_prefixes", "_regex", "_starts", "_table")
+
+    def __init__(self, rules: Iterable[tuple[str, str]], max_buffer: int) -> None:
+        table: dict[bytes, bytes] = {}
+        for source, target in rules:
+            if source == target or not source:
+                continue
+            raw_from, raw_to = source.encode(), target.encode()
+            table.setdefault(raw_from, raw_to)
+            table.setdefault(raw_from.replace(b"/", b"\\/"), raw_to.replace(b"/", b"\\/"))
+        longest = max((len(k) for k in table), default=0)
+        if longest + 1 > max_buffer:
+            raise ValueError(
+                f"a rewrite rule is {longest} bytes long, over max_buffer_kb ({max_buffer} bytes)"
+            )
+        self._table = table
+        alternatives = b"|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))
+        self._regex = re.compile(_BEFORE + b"(?:" + alternatives + b")" + _AFTER) if table else None
+        self._hold = longest
+        self._prefixes = frozenset(k[:i] for k in table for i in range(1, len(k) + 1))
+        self._starts = frozenset(k[0] for k in table)
+
+    @property
+    def empty(self) -> bool:
+        return self._regex is None
+
+    def rewrite_all(self, data: bytes) -> bytes:
+        """One-shot rewrite of a whole body; the streaming rewriter's output always equals this."""
+        if self._regex is None:
+            return data
+        return self._regex.sub(lambda m: self._table[m.group(0)], data)
+
+    def rewrite_header(self, name: str, value: str) -> str:
+        if self._regex is None or name.title() not in REWRITE_HEADERS:
+            return value
+        return self.rewrite_all(value.encode("latin-1")).decode("latin-1")
+
+    def stream(self) -> StreamRewriter:
+        return StreamRewriter(self)
+
+    def _safe_end(self, buf: bytes, start: int) -> int:
+        """Index from which `buf` must be held back: the earliest tail that could still begin a match."""
+        end = len(buf)
+        for i in range(max(start, end - self._hold), end):
+            if buf[i] in self._starts and buf[i:] in self._prefixes:
+                return i
+        return end
+
+
+class StreamRewriter:
+    """Rewrites a body fed in chunks; holds at most the longest rule's length between calls."""
+
+    __slots__ = ("_carry", "_prev", "_rules")
+
+    def __init__(self, rules: RuleSet) -> None:
+        self._rules = rules
+        self._carry = b""
+        self._prev = b" "  # the byte before the carry, for the look-behind boundary check
+
+    @property
+    def buffered(self) -> int:
+        return len(self._carry)
+
+    def feed(self, chunk: bytes) -> bytes:
+        rules = self._rules
+        if rules._regex is None:
+            return chunk
+        buf = self._prev + self._carry + chunk
+        cut = rules._safe_end(buf, 1)
+        out = bytearray()
+        pos = 1
+        for match in rules._regex.finditer(buf, 1):
+            if match.start() >= cut:
+                break
+            out += buf[pos : match.start()]
+            out += rules._table[match.group(0)]
+            pos = match.end()
+        cut = max(cut, pos)
+        out += buf[pos:cut]
+        self._carry = buf[cut:]
+        self._prev = buf[cut - 1 : cut]
+        return bytes(out)
+
+    def finish(self) -> bytes:
+        rules = self._rules
+        if rules._regex is None or not self._carry:
+            return b""
+        buf = self._prev + self._carry
+        self._carry = b""
+        out = bytearray()
+        pos = 1
+        for match in rules._regex.finditer(buf, 1):
+            out += buf[pos : match.start()] + rules._table[match.group(0)]
+            pos = match.end()
+        out += buf[pos:]
+        return bytes(out)
+
+
+class BodyRewriter:
+    """decode -> rewrite -> encode for one response body; `feed`/`finish` raise BadEncoding."""
+
+    __slots__ = ("_codec", "_flush", "_stream")
+
+    def __init__(self, rules: RuleSet, codec: Codec, flush: bool) -> None:
+        self._stream = rules.stream()
+        self._codec = codec
+        self._flush = flush
+
+    def feed(self, chunk: bytes) -> bytes:
+        codec = self._codec
+        out = b"".join(codec.encode(self._stream.feed(piece)) for piece in codec.decode(chunk))
+        return out + codec.flush() if self._flush and out else out
+
+    def finish(self) -> bytes:
+        codec = self._codec
+        tail = codec.decode_end()
+        return codec.encode(self._stream.feed(tail) + self._stream.finish()) + codec.encode_end()
+
+
+class RewritePolicy:
+    """Static rules from config plus per-request advertised rules, compiled once per external URL (LRU)."""
+
+    def __init__(
+        self,
+        static_rules: tuple[tuple[str, str], ...],
+        advertised: tuple[tuple[str, str], ...],
+        max_buffer: int,
+    ) -> None:
+        self._static = static_rules
+        self._advertised = advertised  # (upstream origin, route prefix)
+        self._max_buffer = max_buffer
+        self._cache: OrderedDict[str | None, RuleSet] = OrderedDict()
+        self.rules_for(None)  # validates every static rule at start-up
+
+    def rules_for(self, external_url: str | None) -> RuleSet:
+        cached = self._cache.get(external_url)
+        if cached is not None:
+            self._cache.move_to_end(external_url)
+            return cached
+        rules = list(self._static)
+        if external_url is not None:
+            rules += [(origin, external_url + prefix.rstrip("/")) for origin, prefix in self._advertised]
+        compiled = RuleSet(rules, self._max_buffer)
+        self._cache[external_url] = compiled
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return compiled
+
+    @staticmethod
+    def body(rules: RuleSet, content_type: str | None, content_encoding: str | None) -> BodyRewriter | None:
+        """A body rewriter, or None when the body must pass byte for byte (type, coding or no rules)."""
+        if rules.empty or not rewritable(content_type):
+            return None
+        encoding = parse_content_encoding(content_encoding)
+        if encoding is None:
+            return None
+        return BodyRewriter(rules, open_codec(encoding), flush=True)
