@@ -1,0 +1,151 @@
+"""The real braintrust SDK (0.47.0) through the gateway, against fake control and data planes.
+
+Reverse-proxy mode: BRAINTRUST_APP_URL is the gateway; the login response is rewritten so data-plane
+calls come back through the gateway too. Forward-proxy mode: HTTPS_PROXY is the gateway and the planes
+are TLS hosts only the gateway can resolve.
+"""
+
+from __future__ import annotations
+
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import aiohttp
+import pytest
+import trustme
+from aiohttp import web
+from yarl import URL
+
+from tests.conftest import GatewayFactory, _serve
+from tests.fake_planes import Plane, Store, control_plane, data_plane
+from tests.sdk_flow import run_in_subprocess
+
+PUBLIC = "https://public.example.com"
+API_KEY = "sk-e2e-test-key-0123456789"
+
+
+@dataclass
+class Planes:
+    control: Plane
+    data: Plane
+    control_url: str
+    data_url: str
+    control_port: int
+    data_port: int
+
+
+async def start_planes(
+    scheme: str, context: ssl.SSLContext | None, host: str = "127.0.0.1"
+) -> tuple[Planes, list[web.AppRunner]]:
+    control, data, store = Plane("control"), Plane("data"), Store()
+    data_url, control_url = [""], [""]
+    data_runner, data_port = await _serve(data_plane(data, store), context)
+    data_url[0] = f"{scheme}://{host.replace('cp.', 'dp.')}:{data_port}"
+    control_runner, control_port = await _serve(control_plane(control, data_url, control_url), context)
+    control_url[0] = f"{scheme}://{host}:{control_port}"
+    planes = Planes(control, data, control_url[0], data_url[0], control_port, data_port)
+    return planes, [control_runner, data_runner]
+
+
+@pytest.fixture
+async def planes() -> AsyncIterator[Planes]:
+    found, runners = await start_planes("http", None)
+    yield found
+    for runner in runners:
+        await runner.cleanup()
+
+
+@pytest.fixture
+def sdk_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK subprocess inherits this environment: no stray proxies or Braintrust settings."""
+    monkeypatch.setenv("BRAINTRUST_APP_PUBLIC_URL", PUBLIC)
+    for name in (
+        "BRAINTRUST_API_URL",
+        "BRAINTRUST_PROXY_URL",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+        "BRAINTRUST_ORG_NAME",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+async def test_sdk_through_the_gateway_as_app_url(
+    start_gateway: GatewayFactory, planes: Planes, sdk_env: None
+) -> None:
+    gw = await start_gateway(
+        public_url=PUBLIC,
+        allowlist=[f"127.0.0.1:{planes.control_port}", f"127.0.0.1:{planes.data_port}"],
+        routes=[
+            {"name": "app", "prefix": "/", "upstream": planes.control_url},
+            {
+                "name": "data",
+                "prefix": "/data-plane",
+                "upstream": planes.data_url,
+                "advertise": True,
+                "rate_limit": "off",
+            },
+        ],
+    )
+    result = await run_in_subprocess(gw.url, API_KEY, {"BRAINTRUST_APP_URL": gw.url})
+
+    # The login response the SDK saw pointed the data plane back at the gateway.
+    assert result.api_url == f"{gw.url}/data-plane"
+    assert result.proxy_url == f"{gw.url}/data-plane"
+    # The SDK's work really happened, on the fake planes, through the gateway.
+    assert result.rows == [("a", "b"), ("c", "d")]
+    assert result.scores == {"accuracy": 1.0}
+    assert result.summary_url == f"{PUBLIC}/app/acme/p/proj/experiments/exp1"
+    assert [path for _, path, _ in planes.control.requests] == ["/api/apikey/login"]
+    data_paths = [path for _, path, _ in planes.data.requests]
+    assert "/logs3" in data_paths and "/v1/experiment" in data_paths
+    for plane in (planes.control, planes.data):
+        for _, path, headers in plane.requests:
+            assert "1.1 bt-gateway" in headers.get("Via", ""), f"{path} reached {plane.name} directly"
+
+    # The permalink is built from the SDK's app URL (the gateway); a browser lands on public_url.
+    assert result.permalink.startswith(f"{gw.url}/app/")
+    async with aiohttp.ClientSession() as browser:
+        link = URL(result.permalink, encoded=True)
+        async with browser.get(link, headers={"Accept": "text/html"}, allow_redirects=False) as resp:
+            assert resp.status == 302
+            assert resp.headers["Location"] == PUBLIC + link.raw_path_qs
+
+
+async def test_sdk_through_the_gateway_as_https_proxy(
+    start_gateway: GatewayFactory,
+    test_ca: trustme.CA,
+    ca_file: Path,
+    sdk_env: None,
+) -> None:
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert("cp.braintrust.test", "dp.braintrust.test").configure_cert(context)
+    found, runners = await start_planes("https", context, host="cp.braintrust.test")
+    try:
+        gw = await start_gateway(
+            allowlist=["cp.braintrust.test", "dp.braintrust.test"],
+            resolve={"cp.braintrust.test": "127.0.0.1", "dp.braintrust.test": "127.0.0.1"},
+            forward_proxy={"connect_ports": [found.control_port, found.data_port]},
+            routes=[{"name": "app", "prefix": "/", "upstream": found.control_url}],
+            upstream={"ca_bundle": str(ca_file)},
+        )
+        env = {
+            "HTTPS_PROXY": gw.url,
+            "REQUESTS_CA_BUNDLE": str(ca_file),
+            "BRAINTRUST_APP_URL": found.control_url,
+        }
+        result = await run_in_subprocess(found.control_url, API_KEY, env)
+        stats = gw.gateway.tunnels
+    finally:
+        for runner in runners:
+            await runner.cleanup()
+    # The names resolve nowhere but in the gateway's `resolve` map: the SDK can only have tunnelled.
+    assert result.api_url == found.data_url
+    assert result.rows == [("a", "b"), ("c", "d")]
+    assert [path for _, path, _ in found.control.requests] == ["/api/apikey/login"]
+    assert stats.opened >= 2 and stats.refused == 0
