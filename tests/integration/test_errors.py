@@ -91,7 +91,7 @@ async def test_headers_over_limit_total_is_431(start_gateway: GatewayFactory, up
     gw = await start_gateway(**route_to(upstream), limits={"max_header_kb": 8})
     many = "".join(f"X-Filler-{i}: {'v' * 900}\r\n" for i in range(12))
     answer = await raw_request(
-        gw.gateway.ports["listen"], f"GET /x HTTP/1.1\r\nHost: a\r\n{many}\r\n".encode()
+        gw.gateway.ports["listen"], f"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{many}\r\n".encode()
     )
     status, headers, body = parse(answer)
     assert_error(status, body, 431, "headers_too_large")
