@@ -16,6 +16,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from gateway.policy.credentials import digest_of
 from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings, rate_key
 
 CHECKS = 20_000
@@ -31,7 +32,7 @@ async def cost(storage: str, checks: int) -> tuple[float, float]:
     limiter = RateLimiter(
         RateLimitSettings(default=LimitSpec(100, 60), storage=storage, storage_timeout_ms=1000)
     )
-    keys = [rate_key(f"Bearer token-{i}", "127.0.0.1", "client-ip") for i in range(1000)]
+    keys = [rate_key(digest_of(f"Bearer token-{i}"), "127.0.0.1", "client-ip") for i in range(1000)]
     samples = []
     for i in range(checks):
         key = keys[i % len(keys)]
@@ -49,7 +50,7 @@ async def memory_per_tokens() -> float:
     limiter = RateLimiter(RateLimitSettings(default=LimitSpec(100, 60)))
     before = tracemalloc.get_traced_memory()[0]
     for i in range(TOKENS):
-        key = rate_key(f"Bearer token-{i}", "127.0.0.1", "client-ip")
+        key = rate_key(digest_of(f"Bearer token-{i}"), "127.0.0.1", "client-ip")
         assert isinstance(key, str)
         await limiter.check("app", key)
     held = tracemalloc.get_traced_memory()[0] - before

@@ -23,10 +23,10 @@ from gateway.policy.forward_proxy import ForwardProxyPolicy
 from gateway.policy.proxyauth import ProxyAuth, ScryptHash
 from gateway.policy.ratelimit import LimitSpec, RateLimitSettings
 from gateway.policy.routes import RouteTable, RouteTarget
-from gateway.policy.tunnel_limit import TunnelLimiter
 from gateway.policy.urlrewrite import RewritePolicy, RuleSet
 
 FORWARD_PROXY_ROUTE = "forward_proxy"
+TUNNEL_ROUTE = "tunnel"  # the limiter's name for new CONNECT tunnels, counted per client address
 
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
@@ -48,7 +48,7 @@ class Exchange:
     client_ip: str
     route: str | None = None
     upstream_host: str | None = None
-    token_fp: str | None = None
+    token_digest: str | None = None  # full sha256 of the caller's token; never the token itself
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
@@ -101,6 +101,12 @@ def origin(url: str) -> str:
     return str(parsed.origin())
 
 
+def tunnel_limit_settings(config: GatewayConfig) -> RateLimitSettings:
+    """New tunnels per client address: the same limiter, in process memory (it guards this process)."""
+    rate = config.forward_proxy.rate_limit
+    return RateLimitSettings(default=LimitSpec(rate.max_tunnels, rate.window_s))
+
+
 class Pipeline:
     """The policies of one config generation, built once and never mutated."""
 
@@ -125,9 +131,6 @@ class Pipeline:
             ProxyAuth({name: ScryptHash.parse(text) for name, text in fp.auth.users.items()})
             if fp.auth
             else None
-        )
-        self.tunnel_limiter = TunnelLimiter(
-            fp.rate_limit.max_tunnels, max(1, round(fp.rate_limit.window_minutes * 60))
         )
 
     def target(self, exchange: Exchange, raw_path: str, raw_query: str) -> Target | GatewayError:

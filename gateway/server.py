@@ -19,8 +19,16 @@ from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.forward import forward
 from gateway.logs import get_logger
-from gateway.pipeline import Exchange, Pipeline, Target, rate_limit_settings, request_id
-from gateway.policy.credentials import bearer_token, fingerprint
+from gateway.pipeline import (
+    TUNNEL_ROUTE,
+    Exchange,
+    Pipeline,
+    Target,
+    rate_limit_settings,
+    request_id,
+    tunnel_limit_settings,
+)
+from gateway.policy.credentials import FINGERPRINT_HEX, digest_of
 from gateway.policy.forward_proxy import parse_connect_target
 from gateway.policy.ratelimit import RateLimiter, rate_key
 from gateway.responses import error_response, parse_error
@@ -80,6 +88,7 @@ class Gateway:
         self.resolver = EgressResolver(self.guard, config.resolve)
         self.tunnels = TunnelStats()
         self.limiter: RateLimiter | None = None
+        self.tunnel_limiter: RateLimiter | None = None
         self.ready = False
         self._session: aiohttp.ClientSession | None = None
         self._runners: list[web.BaseRunner] = []
@@ -93,6 +102,7 @@ class Gateway:
         config = self.config
         self._session = build_session(config, self.guard, self.resolver)
         self.limiter = RateLimiter(rate_limit_settings(config))
+        self.tunnel_limiter = RateLimiter(tunnel_limit_settings(config))
         header_bytes = config.limits.max_header_kb * 1024
         proxy = GatewayServer(
             self.handle,
@@ -131,8 +141,9 @@ class Gateway:
             await runner.cleanup()
         if self._session is not None:
             await self._session.close()
-        if self.limiter is not None:
-            await self.limiter.close()
+        for limiter in (self.limiter, self.tunnel_limiter):
+            if limiter is not None:
+                await limiter.close()
         log.info("gateway_stopped")
 
     def _admin_app(self) -> web.Application:
@@ -158,7 +169,7 @@ class Gateway:
             method=request.method,
             path=raw_target.partition("?")[0][:2048],
             client_ip=request.remote or "",
-            token_fp=fingerprint(bearer_token(request.headers.get("Authorization"))),
+            token_digest=digest_of(request.headers.get("Authorization")),
         )
         started = time.perf_counter()
         try:
@@ -204,9 +215,7 @@ class Gateway:
         if refused is not None:
             return self._fail(exchange, refused, request)
         assert self.limiter is not None
-        key = rate_key(
-            request.headers.get("Authorization"), exchange.client_ip, self.limiter.settings.anonymous
-        )
+        key = rate_key(exchange.token_digest, exchange.client_ip, self.limiter.settings.anonymous)
         if isinstance(key, GatewayError):
             exchange.decisions.append("ratelimit:anonymous_denied")
             return self._fail(exchange, key, request)
@@ -270,8 +279,10 @@ class Gateway:
             error = policy.check_target(target)
             exchange.decisions.append("forward_proxy:deny" if error else "forward_proxy:allow")
             if error is None:
-                error = pipeline.tunnel_limiter.admit(exchange.client_ip)
-                exchange.decisions.append("tunnel_limit:deny" if error else "tunnel_limit:allow")
+                assert self.tunnel_limiter is not None
+                decision = await self.tunnel_limiter.check(TUNNEL_ROUTE, "ip:" + exchange.client_ip)
+                exchange.decisions.append(f"tunnel_limit:{decision.outcome}")
+                error = decision.error
         if error is not None or isinstance(target, GatewayError):
             self.tunnels.refused += 1
             assert error is not None
@@ -338,7 +349,7 @@ class Gateway:
             bytes_out=exchange.bytes_out,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             request_id=exchange.request_id,
-            token_fp=exchange.token_fp,
+            token_fp=exchange.token_digest[:FINGERPRINT_HEX] if exchange.token_digest else None,
             client=exchange.client_ip,
             error_code=str(exchange.error.code) if exchange.error else None,
             decisions=exchange.decisions,

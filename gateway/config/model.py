@@ -191,6 +191,10 @@ class TunnelRate(Section):
     max_tunnels: Annotated[int, Field(ge=0)] = 60
     window_minutes: WindowMinutes = 1
 
+    @property
+    def window_s(self) -> int:
+        return round(self.window_minutes * 60)
+
 
 class ProxyAuthConfig(Section):
     users: dict[str, str]

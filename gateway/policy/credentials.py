@@ -36,6 +36,12 @@ def token_digest(token: str) -> str:
     return hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
 
 
+def digest_of(authorization: str | None) -> str | None:
+    """The sha256 of the request's token, or None without one: computed once per request."""
+    token = bearer_token(authorization)
+    return None if token is None else token_digest(token)
+
+
 def fingerprint(token: str | None) -> str | None:
     """First 12 hex of sha256: enough to tell callers apart in a log, useless to an attacker."""
     if token is None:

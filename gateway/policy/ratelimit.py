@@ -25,7 +25,6 @@ from limits.storage import storage_from_string
 
 from gateway.errors import Code, GatewayError
 from gateway.logs import get_logger
-from gateway.policy.credentials import bearer_token, token_digest
 
 log = get_logger("gateway.ratelimit")
 
@@ -86,11 +85,13 @@ def storage_uri(uri: str) -> str:
     return "async+" + uri
 
 
-def rate_key(authorization: str | None, client_ip: str, anonymous: str) -> str | GatewayError:
-    """Storage key: `tok:<sha256>` for a token, `ip:<addr>` without one; 401 when anonymous is denied."""
-    token = bearer_token(authorization)
-    if token is not None:
-        return "tok:" + token_digest(token)
+def rate_key(digest: str | None, client_ip: str, anonymous: str) -> str | GatewayError:
+    """Storage key: `tok:<sha256 of the token>`, or `ip:<addr>` without one; 401 when anonymous is denied.
+
+    Takes the digest, not the token, so the one sha256 per request also serves the log fingerprint.
+    """
+    if digest is not None:
+        return "tok:" + digest
     if anonymous == "deny":
         return GatewayError(Code.UNAUTHENTICATED, "an Authorization token is required")
     return "ip:" + client_ip

@@ -6,12 +6,14 @@ import base64
 
 import pytest
 
+from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError
+from gateway.pipeline import TUNNEL_ROUTE, tunnel_limit_settings
 from gateway.policy import proxyauth
 from gateway.policy.allowlist import Allowlist
 from gateway.policy.forward_proxy import ConnectTarget, ForwardProxyPolicy, parse_connect_target
 from gateway.policy.proxyauth import REALM_HEADER, ProxyAuth, ScryptHash, hash_password
-from gateway.policy.tunnel_limit import TunnelLimiter
+from gateway.policy.ratelimit import RateLimiter
 
 # --- parse_connect_target ------------------------------------------------------------------------------
 
@@ -317,22 +319,25 @@ def test_proxy_auth_cache_is_bounded(alice_hash: ScryptHash, monkeypatch: pytest
     assert calls[0] == 4
 
 
-# --- TunnelLimiter -------------------------------------------------------------------------------------
+# --- the tunnel limiter (the rate limiter, keyed by client address) ----------------------------------
 
 
-def test_tunnel_limiter_admits_max_then_refuses_with_retry_after() -> None:
-    limiter = TunnelLimiter(2, 60)
-    assert limiter.admit("10.0.0.1") is None
-    assert limiter.admit("10.0.0.1") is None
-    refused = limiter.admit("10.0.0.1")
+async def test_tunnel_limiter_admits_max_then_refuses_with_retry_after() -> None:
+    config = GatewayConfig.model_validate({"forward_proxy": {"rate_limit": {"max_tunnels": 2}}})
+    limiter = RateLimiter(tunnel_limit_settings(config))
+    assert (await limiter.check(TUNNEL_ROUTE, "ip:10.0.0.1")).allowed
+    assert (await limiter.check(TUNNEL_ROUTE, "ip:10.0.0.1")).allowed
+    refused = (await limiter.check(TUNNEL_ROUTE, "ip:10.0.0.1")).error
     assert isinstance(refused, GatewayError)
     assert refused.code is Code.RATE_LIMITED and refused.status == 429
     (name, value), *_ = refused.headers
     assert name == "Retry-After" and 1 <= int(value) <= 60
-    assert limiter.admit("10.0.0.2") is None  # per client address
-    assert limiter.admit("10.0.0.1") is not None
+    assert (await limiter.check(TUNNEL_ROUTE, "ip:10.0.0.2")).allowed  # per client address
+    assert not (await limiter.check(TUNNEL_ROUTE, "ip:10.0.0.1")).allowed
 
 
-def test_tunnel_limiter_zero_disables() -> None:
-    limiter = TunnelLimiter(0, 60)
-    assert all(limiter.admit("10.0.0.1") is None for _ in range(500))
+async def test_tunnel_limiter_zero_disables() -> None:
+    config = GatewayConfig.model_validate({"forward_proxy": {"rate_limit": {"max_tunnels": 0}}})
+    limiter = RateLimiter(tunnel_limit_settings(config))
+    for _ in range(500):
+        assert (await limiter.check(TUNNEL_ROUTE, "ip:10.0.0.1")).outcome == "off"

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from structlog.testing import capture_logs
 
 from gateway.errors import Code, GatewayError
+from gateway.policy.credentials import digest_of
 from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings, rate_key
 
 
@@ -41,10 +42,11 @@ def limiter(clock: Clock, **kwargs: Any) -> RateLimiter:
 
 def test_rate_key() -> None:
     digest = hashlib.sha256(b"tok-1").hexdigest()
-    assert rate_key("Bearer tok-1", "10.0.0.1", "client-ip") == f"tok:{digest}"
-    assert rate_key("tok-1", "10.0.0.1", "deny") == f"tok:{digest}"
-    assert rate_key(None, "10.0.0.1", "client-ip") == "ip:10.0.0.1"
-    denied = rate_key("Basic Zm9v", "10.0.0.1", "deny")
+    assert digest_of("Bearer tok-1") == digest_of("tok-1") == digest
+    assert rate_key(digest, "10.0.0.1", "client-ip") == f"tok:{digest}"
+    assert rate_key(digest, "10.0.0.1", "deny") == f"tok:{digest}"
+    assert rate_key(digest_of(None), "10.0.0.1", "client-ip") == "ip:10.0.0.1"
+    denied = rate_key(digest_of("Basic Zm9v"), "10.0.0.1", "deny")
     assert isinstance(denied, GatewayError) and denied.code is Code.UNAUTHENTICATED
 
 
