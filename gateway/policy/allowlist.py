@@ -24,6 +24,8 @@ _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 def _canonical_ip(host: str) -> str | None:
     """The compressed text of an IP literal (`[::1]` and `::1` alike), or None for a name."""
     text = host[1:-1] if host.startswith("[") and host.endswith("]") else host
+    if "%" in text:  # an IPv6 zone id names a local interface, never a remote destination
+        return None
     try:
         return ipaddress.ip_address(text).compressed
     except ValueError:
@@ -94,7 +96,7 @@ def parse_entry(text: str) -> AllowEntry:
     canonical = canonical_host(host_part)
     if canonical is None:
         raise ValueError(f"{text!r} is not a valid host name or IP address")
-    if wildcard and _canonical_ip(canonical) is not None:
+    if wildcard and (_canonical_ip(canonical) is not None or canonical.replace(".", "").isdigit()):
         raise ValueError(f"{text!r}: a wildcard cannot cover an IP address")
     if wildcard and "." not in canonical:
         raise ValueError(f"{text!r}: a wildcard must sit above a domain with at least two labels")
@@ -130,7 +132,8 @@ class Allowlist:
             return False
         if canonical in self._exact:
             return True
-        return any(rule.matches(canonical, port) for rule in self._rules)
+        literal = _canonical_ip(canonical) is not None  # IP literals match only entries naming them
+        return any(rule.matches(canonical, port) for rule in self._rules if not (literal and rule.wildcard))
 
     def check(self, host: str | None, port: int) -> GatewayError | None:
         """None when allowed; otherwise the `egress_denied` error naming the host."""

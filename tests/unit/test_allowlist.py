@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from gateway.errors import Code
-from gateway.policy.allowlist import Allowlist, canonical_host, parse_entry
+from gateway.policy.allowlist import AllowEntry, Allowlist, canonical_host, parse_entry
 
 ALLOW = Allowlist.parse(
     ["www.braintrust.dev", "*.braintrust.dev", "api.example.com:8443", "10.0.0.5", "[::1]"]
@@ -51,6 +51,8 @@ def test_allowed(host: str, port: int) -> None:
         ("", 443),
         (None, 443),
         ("-x.braintrust.dev", 443),
+        ("::1%eth0", 443),  # an IPv6 zone id names a local interface
+        ("[fe80::1%25eth0]", 443),
     ],
 )
 def test_denied(host: str | None, port: int) -> None:
@@ -81,12 +83,21 @@ def test_idna_names_match_in_punycode() -> None:
         ("host:\u0664\u0664\u0663", "'host:\u0664\u0664\u0663': port must be a number from 1 to 65535"),
         ("bad host", "'bad host' is not a valid host name or IP address"),
         ("a@b.com", "'a@b.com' is not a valid host name or IP address"),
+        ("[fe80::1%eth0]", "'[fe80::1%eth0]' is not a valid host name or IP address"),
     ],
 )
 def test_bad_entries_are_rejected_with_exact_messages(entry: str, message: str) -> None:
     with pytest.raises(ValueError) as info:
         parse_entry(entry)
     assert str(info.value) == message
+
+
+def test_a_wildcard_never_covers_an_ip_literal() -> None:
+    """IP literals match only when listed literally, whatever a wildcard's suffix looks like."""
+    wild = Allowlist((AllowEntry(host="0.0.1", wildcard=True, port=None),))
+    assert not wild.allows("127.0.0.1", 80)
+    with pytest.raises(ValueError, match="a wildcard cannot cover an IP address"):
+        parse_entry("*.0.0.1")
 
 
 def test_ipv6_entry_with_port() -> None:
