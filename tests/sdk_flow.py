@@ -50,7 +50,7 @@ def run_sdk_flow(app_url: str, api_key: str) -> SdkFlowResult:
     return SdkFlowResult(
         api_url=_state.api_url,
         proxy_url=_state.proxy_url,
-        summary_url=summary.experiment_url,
+        summary_url=summary.experiment_url or "",
         scores=scores,
         rows=rows,
         permalink=permalink,
