@@ -7,9 +7,9 @@ from pathlib import Path
 
 import aiohttp
 
+from tests.clients import send_raw
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
-from tests.integration.test_forward import raw_request
 
 TOKEN = "sk-live-THISMUSTNEVERAPPEARINLOGS0123456789"
 
@@ -27,9 +27,7 @@ async def test_access_events_carry_fingerprint_not_secrets(tmp_path: Path, upstr
                 assert resp.status == 200
             async with client.get(gw.url + "/status/503", headers={"Authorization": TOKEN}) as resp:
                 assert resp.status == 503
-        await raw_request(
-            gw.port, f"GET /x HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nBad\r\n\r\n".encode(), 1
-        )
+        await send_raw(gw.port, f"GET /x HTTP/1.1\r\nAuthorization: Bearer {TOKEN}\r\nBad\r\n\r\n".encode())
     finally:
         assert gw.stop() == 0
     everything = "".join(gw.raw_lines)

@@ -8,9 +8,6 @@ is never allow-listed) accepted no connection at all.
 from __future__ import annotations
 
 import asyncio
-import json
-import os
-from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,54 +18,10 @@ from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayFailure
 from gateway.policy.allowlist import Allowlist
 from gateway.upstream import EgressGuard, EgressResolver, build_session
+from tests.clients import curl, curl_reply, get, send_raw
 from tests.conftest import Canary, GatewayFactory, Upstream, route_to
 
 MARKER = b"egress-test-marker"
-
-
-@dataclass
-class Reply:
-    status: int
-    headers: dict[str, str]  # lower-case names, last value wins
-    body: bytes
-
-    @property
-    def code(self) -> str:
-        return str(json.loads(self.body)["error"]["code"])
-
-
-def parse_reply(raw: bytes) -> Reply:
-    head, _, body = raw.partition(b"\r\n\r\n")
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers = {k.strip().lower(): v.strip() for k, _, v in (line.partition(":") for line in lines)}
-    return Reply(int(status_line.split(" ", 2)[1]), headers, body)
-
-
-async def send_raw(port: int, data: bytes) -> Reply:
-    """Write exact bytes to the gateway; read one response (Content-Length, chunked, or up to EOF)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        async with asyncio.timeout(10):  # a hang guard, not a timing assertion
-            reply = parse_reply(await reader.readuntil(b"\r\n\r\n"))
-            if "content-length" in reply.headers:
-                reply.body = await reader.readexactly(int(reply.headers["content-length"]))
-            elif reply.headers.get("transfer-encoding") == "chunked":
-                chunks = []
-                while size := int((await reader.readline()).split(b";")[0], 16):
-                    chunks.append(await reader.readexactly(size))
-                    await reader.readline()
-                reply.body = b"".join(chunks)
-            else:
-                reply.body = await reader.read()
-    finally:
-        writer.close()
-    return reply
-
-
-async def get(port: int, target: str, headers: str = "Host: gw") -> Reply:
-    return await send_raw(port, f"GET {target} HTTP/1.1\r\n{headers}\r\nConnection: close\r\n\r\n".encode())
 
 
 async def canary_accepts(canary: Canary) -> list[bytes]:
@@ -143,7 +96,7 @@ async def test_headers_cannot_move_the_destination(
     start_gateway: GatewayFactory, upstream: Upstream, canary: Canary, headers: str
 ) -> None:
     gw = await start_gateway(**route_to(upstream))
-    reply = await get(gw.gateway.ports["listen"], "/v1/x", headers.format(c=canary.port))
+    reply = await get(gw.gateway.ports["listen"], "/v1/x", headers.format(c=canary.port) + "\r\n")
     assert reply.status == 200
     assert [r.raw_path for r in upstream.recorder.requests] == ["/v1/x"]
     assert host_seen(upstream) == [f"127.0.0.1:{upstream.port}"]
@@ -189,7 +142,7 @@ async def test_absolute_form_to_the_allowed_host_ignores_a_canary_host_header(
 ) -> None:
     gw = await start_gateway(**route_to(upstream))
     target = f"http://127.0.0.1:{upstream.port}/v1/x"
-    reply = await get(gw.gateway.ports["listen"], target, f"Host: 127.0.0.1:{canary.port}")
+    reply = await get(gw.gateway.ports["listen"], target, f"Host: 127.0.0.1:{canary.port}\r\n")
     assert reply.status == 200
     assert [r.raw_path for r in upstream.recorder.requests] == ["/v1/x"]
     assert host_seen(upstream) == [f"127.0.0.1:{upstream.port}"]
@@ -208,29 +161,20 @@ async def test_upstream_redirect_to_the_canary_is_relayed_not_followed(
     assert await canary_accepts(canary) == []
 
 
-async def curl(*args: str) -> bytes:
-    """Run curl without blocking the loop the in-process gateway answers on; no proxy from the env."""
-    process = await asyncio.create_subprocess_exec(
-        "curl", "-s", *args, stdout=asyncio.subprocess.PIPE, env={"PATH": os.environ["PATH"]}
-    )
-    out, _ = await process.communicate()
-    return out
-
-
 async def test_curl_attacks(start_gateway: GatewayFactory, upstream: Upstream, canary: Canary) -> None:
     gw = await start_gateway(**route_to(upstream))
     c = canary.port
-    path = await curl("-i", "--path-as-is", f"{gw.url}//127.0.0.1:{c}/../x", "-H", f"Host: 127.0.0.1:{c}")
-    assert parse_reply(path).status == 200
+    path = await curl_reply("--path-as-is", f"{gw.url}//127.0.0.1:{c}/../x", "-H", f"Host: 127.0.0.1:{c}")
+    assert path.status == 200
     assert [r.raw_path for r in upstream.recorder.requests] == [f"//127.0.0.1:{c}/../x"]
     assert host_seen(upstream) == [f"127.0.0.1:{upstream.port}"]
-    absolute = parse_reply(await curl("-i", "--request-target", f"http://127.0.0.1:{c}/x", gw.url + "/"))
+    absolute = await curl_reply("--request-target", f"http://127.0.0.1:{c}/x", gw.url + "/")
     assert (absolute.status, absolute.code) == (403, "egress_denied")
-    tunnel = await curl(
+    _, tunnel, _ = await curl(
         "-o", "/dev/null", "-w", "%{http_connect}", "-p", "-x", gw.url, f"https://127.0.0.1:{c}/"
     )
-    assert tunnel == b"403"
-    redirect = parse_reply(await curl("-i", gw.url + "/redirect"))  # no -L: curl itself must not follow
+    assert tunnel == "403"
+    redirect = await curl_reply(gw.url + "/redirect")  # no -L: curl itself must not follow
     assert redirect.status == 302
     assert redirect.headers["location"] == f"http://127.0.0.1:{c}/stolen"
     assert len(upstream.recorder.requests) == 2

@@ -3,29 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import json
 import socket
 from collections.abc import AsyncIterator
-from typing import Any
 
 import aiohttp
 
+from tests.clients import assert_error, reply_of, send_raw
 from tests.conftest import GatewayFactory, Upstream, route_to
-from tests.integration.test_forward import raw_request
-
-
-def parse(answer: bytes) -> tuple[int, dict[str, str], dict[str, Any]]:
-    head, _, body = answer.partition(b"\r\n\r\n")
-    lines = head.decode("latin-1").split("\r\n")
-    headers = dict(line.split(": ", 1) for line in lines[1:])
-    return int(lines[0].split()[1]), headers, json.loads(body)
-
-
-def assert_error(status: int, body: dict[str, Any], want_status: int, code: str) -> None:
-    assert status == want_status
-    assert body["error"]["code"] == code
-    assert len(body["error"]["request_id"]) >= 16
-    assert body["error"]["message"]
 
 
 def free_port() -> int:
@@ -41,9 +25,9 @@ async def test_connection_refused_is_502(start_gateway: GatewayFactory) -> None:
         routes=[{"name": "app", "prefix": "/", "upstream": f"http://127.0.0.1:{port}"}],
     )
     async with aiohttp.ClientSession() as client, client.get(gw.url + "/x") as resp:
-        body = await resp.json()
-    assert_error(resp.status, body, 502, "upstream_unreachable")
-    assert resp.headers["X-Request-Id"] == body["error"]["request_id"]
+        reply = await reply_of(resp)
+    assert_error(reply, 502, "upstream_unreachable")
+    assert reply.headers["X-Request-Id"] == reply.json()["error"]["request_id"]
 
 
 async def test_dns_failure_is_502(start_gateway: GatewayFactory) -> None:
@@ -52,15 +36,15 @@ async def test_dns_failure_is_502(start_gateway: GatewayFactory) -> None:
         routes=[{"name": "app", "prefix": "/", "upstream": "http://no-such-host.invalid"}],
     )
     async with aiohttp.ClientSession() as client, client.get(gw.url + "/x") as resp:
-        body = await resp.json()
-    assert_error(resp.status, body, 502, "upstream_unreachable")
+        reply = await reply_of(resp)
+    assert_error(reply, 502, "upstream_unreachable")
 
 
 async def test_read_timeout_is_504(start_gateway: GatewayFactory, upstream: Upstream) -> None:
     gw = await start_gateway(**route_to(upstream), upstream={"read_timeout_s": 0.3})
     async with aiohttp.ClientSession() as client, client.get(gw.url + "/hang") as resp:
-        body = await resp.json()
-    assert_error(resp.status, body, 504, "upstream_timeout")
+        reply = await reply_of(resp)
+    assert_error(reply, 504, "upstream_timeout")
 
 
 async def test_declared_body_over_limit_is_413_and_not_forwarded(
@@ -69,8 +53,8 @@ async def test_declared_body_over_limit_is_413_and_not_forwarded(
     gw = await start_gateway(**route_to(upstream), limits={"max_body_mb": 1})
     async with aiohttp.ClientSession() as client:
         async with client.post(gw.url + "/upload", data=b"x" * (1024 * 1024 + 1)) as resp:
-            body = await resp.json()
-    assert_error(resp.status, body, 413, "body_too_large")
+            reply = await reply_of(resp)
+    assert_error(reply, 413, "body_too_large")
     assert upstream.recorder.requests == []
 
 
@@ -82,20 +66,19 @@ async def test_chunked_body_over_limit_is_413(start_gateway: GatewayFactory, ups
             yield b"x" * 65536
 
     async with aiohttp.ClientSession() as client, client.post(gw.url + "/upload", data=chunks()) as resp:
-        body = await resp.json()
-    assert_error(resp.status, body, 413, "body_too_large")
+        reply = await reply_of(resp)
+    assert_error(reply, 413, "body_too_large")
     assert all(seen.body_bytes <= 1024 * 1024 for seen in upstream.recorder.requests)
 
 
 async def test_headers_over_limit_total_is_431(start_gateway: GatewayFactory, upstream: Upstream) -> None:
     gw = await start_gateway(**route_to(upstream), limits={"max_header_kb": 8})
     many = "".join(f"X-Filler-{i}: {'v' * 900}\r\n" for i in range(12))
-    answer = await raw_request(
+    reply = await send_raw(
         gw.gateway.ports["listen"], f"GET /x HTTP/1.1\r\nHost: a\r\nConnection: close\r\n{many}\r\n".encode()
     )
-    status, headers, body = parse(answer)
-    assert_error(status, body, 431, "headers_too_large")
-    assert headers["X-Request-Id"] == body["error"]["request_id"]
+    assert_error(reply, 431, "headers_too_large")
+    assert reply.headers["X-Request-Id"] == reply.json()["error"]["request_id"]
     assert upstream.recorder.requests == []
 
 
@@ -103,26 +86,23 @@ async def test_single_header_over_limit_is_431_from_parser(
     start_gateway: GatewayFactory, upstream: Upstream
 ) -> None:
     gw = await start_gateway(**route_to(upstream), limits={"max_header_kb": 8})
-    answer = await raw_request(
+    reply = await send_raw(
         gw.gateway.ports["listen"], f"GET /x HTTP/1.1\r\nHost: a\r\nX-Big: {'v' * 9000}\r\n\r\n".encode()
     )
-    status, _, body = parse(answer)
-    assert_error(status, body, 431, "headers_too_large")
+    assert_error(reply, 431, "headers_too_large")
     assert upstream.recorder.requests == []
 
 
 async def test_garbage_request_is_400_json(start_gateway: GatewayFactory, upstream: Upstream) -> None:
     gw = await start_gateway(**route_to(upstream))
-    answer = await raw_request(gw.gateway.ports["listen"], b"GET /x HTTP/1.1\r\nHost a\r\n\r\n")
-    status, _, body = parse(answer)
-    assert_error(status, body, 400, "bad_request")
+    reply = await send_raw(gw.gateway.ports["listen"], b"GET /x HTTP/1.1\r\nHost a\r\n\r\n")
+    assert_error(reply, 400, "bad_request")
 
 
 async def test_asterisk_target_is_400(start_gateway: GatewayFactory, upstream: Upstream) -> None:
     gw = await start_gateway(**route_to(upstream))
-    answer = await raw_request(gw.gateway.ports["listen"], b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n", 1)
-    status, _, body = parse(answer)
-    assert_error(status, body, 400, "bad_request")
+    reply = await send_raw(gw.gateway.ports["listen"], b"OPTIONS * HTTP/1.1\r\nHost: a\r\n\r\n")
+    assert_error(reply, 400, "bad_request")
     assert upstream.recorder.requests == []
 
 
@@ -132,8 +112,8 @@ async def test_no_route_is_404(start_gateway: GatewayFactory, upstream: Upstream
         allowlist=[host], routes=[{"name": "data", "prefix": "/data-plane", "upstream": upstream.url}]
     )
     async with aiohttp.ClientSession() as client, client.get(gw.url + "/elsewhere") as resp:
-        body = await resp.json()
-    assert_error(resp.status, body, 404, "no_route")
+        reply = await reply_of(resp)
+    assert_error(reply, 404, "no_route")
 
 
 async def test_upstream_dies_midstream_client_sees_truncation(

@@ -4,29 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import gzip
-import json
 from typing import Any
 
 import aiohttp
 import pytest
 from yarl import URL
 
+from tests.clients import send_raw
 from tests.conftest import Canary, GatewayFactory, Upstream, route_to
-
-
-async def raw_request(port: int, data: bytes, read_timeout: float = 5) -> bytes:
-    """Send exact bytes; return everything the gateway answered until it closed or went quiet."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    writer.write(data)
-    await writer.drain()
-    chunks = []
-    try:
-        while chunk := await asyncio.wait_for(reader.read(65536), read_timeout):
-            chunks.append(chunk)
-    except TimeoutError:
-        pass
-    writer.close()
-    return b"".join(chunks)
 
 
 def headers_of(seen: list[Any]) -> dict[str, list[str]]:
@@ -95,8 +80,8 @@ async def test_request_headers_hop_by_hop_dropped_forwarded_added(
         b"Proxy-Authorization: Basic Zm9vOmJhcg==\r\nX-Forwarded-For: 10.0.0.1\r\nVia: 1.0 corp\r\n"
         b"X-Keep: yes\r\nAuthorization: Bearer tok\r\n\r\n"
     )
-    answer = await raw_request(gw.gateway.ports["listen"], request, read_timeout=1)
-    assert answer.startswith(b"HTTP/1.1 200")
+    reply = await send_raw(gw.gateway.ports["listen"], request)  # keep-alive: read to the reply's framing
+    assert (reply.version, reply.status) == ("HTTP/1.1", 200)
     seen = headers_of(upstream.recorder.requests[-1].headers)
     for dropped in ("x-drop-me", "keep-alive", "te", "upgrade", "proxy-authorization"):
         assert dropped not in seen, dropped
@@ -219,10 +204,6 @@ async def test_tls_upstream_untrusted_is_502(start_gateway: GatewayFactory, tls_
     assert resp.status == 502
     assert body["error"]["code"] == "upstream_unreachable"
     assert tls_upstream.recorder.requests == []
-
-
-def _json(answer: bytes) -> dict[str, Any]:
-    return json.loads(answer.split(b"\r\n\r\n", 1)[1])  # type: ignore[no-any-return]
 
 
 async def test_browser_link_to_app_redirects_to_public_url(

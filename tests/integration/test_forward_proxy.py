@@ -12,7 +12,6 @@ import asyncio
 import base64
 import contextlib
 import json
-import os
 import ssl
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
@@ -25,24 +24,14 @@ import requests
 import trustme
 
 from gateway.policy.proxyauth import hash_password
+from tests.clients import assert_error, curl, raw_connect, read_reply, send_raw
 from tests.conftest import Canary, GatewayFactory, Upstream, _serve
 from tests.upstream_app import Recorder, make_app
 
 NAME = "api.braintrust.test"  # the TLS upstream's name (CONNECT)
 PLAIN = "plain.braintrust.test"  # the plain upstream's name (absolute-form)
-TIMEOUT = 10.0
 USER, PASSWORD = "alice", "pw-Zq8vN3-never-logged"
 REALM = 'Basic realm="bt-gateway"'
-
-
-@dataclass
-class Answer:
-    status: int
-    headers: dict[str, str]  # lower-case names
-    body: bytes
-
-    def json(self) -> Any:
-        return json.loads(self.body)
 
 
 @dataclass
@@ -52,81 +41,8 @@ class NamedUpstream:
     recorder: Recorder
 
 
-async def read_answer(reader: asyncio.StreamReader) -> Answer:
-    """One HTTP/1.1 response head plus its Content-Length body; the reader stays usable after."""
-    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), TIMEOUT)
-    status_line, *lines = head.decode("latin-1").split("\r\n")
-    headers: dict[str, str] = {}
-    for line in lines:
-        if line:
-            name, _, value = line.partition(":")
-            headers[name.strip().lower()] = value.strip()
-    length = int(headers.get("content-length", "0"))
-    body = await asyncio.wait_for(reader.readexactly(length), TIMEOUT) if length else b""
-    return Answer(int(status_line.split()[1]), headers, body)
-
-
-@contextlib.asynccontextmanager
-async def raw_connect(
-    port: int, target: str, headers: str = "", tail: bytes = b""
-) -> AsyncIterator[tuple[Answer, asyncio.StreamReader, asyncio.StreamWriter]]:
-    """Send `CONNECT target` (plus `tail`, pipelined); yield the answer and the still-open streams."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n{headers}\r\n".encode() + tail)
-        await writer.drain()
-        yield await read_answer(reader), reader, writer
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-
-
-async def raw_send(port: int, data: bytes) -> Answer:
-    reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    try:
-        writer.write(data)
-        await writer.drain()
-        return await read_answer(reader)
-    finally:
-        writer.close()
-
-
-def assert_error(answer: Answer, status: int, code: str) -> None:
-    assert answer.status == status, answer
-    assert answer.headers["content-type"].startswith("application/json")
-    assert answer.json()["error"]["code"] == code
-
-
 def basic(user: str, password: str) -> str:
     return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
-
-
-async def curl(*args: str) -> tuple[int, str, str]:
-    """Run curl without blocking the event loop that serves the in-process gateway.
-
-    `-q` skips any .curlrc, and the *_proxy/NO_PROXY variables are dropped so only `-x` decides.
-    """
-    env = {name: value for name, value in os.environ.items() if "proxy" not in name.lower()}
-    proc = await asyncio.create_subprocess_exec(
-        "curl",
-        "-q",
-        "-sS",
-        "--max-time",
-        "15",
-        *args,
-        stdout=asyncio.subprocess.PIPE,
-        stderr=asyncio.subprocess.PIPE,
-        env=env,
-    )
-    try:
-        out, err = await asyncio.wait_for(proc.communicate(), 30)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise
-    assert proc.returncode is not None
-    return proc.returncode, out.decode(), err.decode()
 
 
 def requests_get(url: str, proxies: dict[str, str], **kwargs: Any) -> requests.Response:
@@ -240,7 +156,7 @@ async def test_denied_connect_targets_get_403_and_connect_nothing(
         assert_error(answer, 403, "egress_denied")
         for target in targets[1:]:  # a refused CONNECT leaves the connection usable (curl retries on it)
             writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-            assert_error(await read_answer(reader), 403, "egress_denied")
+            assert_error(await read_reply(reader), 403, "egress_denied")
     assert canary.accepts == []
     assert gw.gateway.tunnels.refused == 3 and gw.gateway.tunnels.opened == 0
 
@@ -338,7 +254,7 @@ async def test_absolute_form_is_judged_and_forwarded_by_the_uri_not_the_host_hea
 ) -> None:
     gw = await start_gateway(**absolute_config(upstream))
     port = gw.gateway.ports["listen"]
-    answer = await raw_send(
+    answer = await send_raw(
         port,
         f"GET http://{PLAIN}:{upstream.port}/y?a=%41 HTTP/1.1\r\nHost: 127.0.0.1:{canary.port}\r\n"
         "Connection: close\r\n\r\n".encode(),
@@ -347,7 +263,7 @@ async def test_absolute_form_is_judged_and_forwarded_by_the_uri_not_the_host_hea
     assert upstream.recorder.requests[-1].raw_path == "/y?a=%41"  # byte for byte
     assert seen_headers(upstream.recorder)["host"] == f"{PLAIN}:{upstream.port}"
     # The other way round: an allowed Host header does not let a denied URI through.
-    answer = await raw_send(
+    answer = await send_raw(
         port,
         f"GET http://127.0.0.1:{canary.port}/z HTTP/1.1\r\nHost: {PLAIN}:{upstream.port}\r\n"
         "Connection: close\r\n\r\n".encode(),
@@ -389,7 +305,7 @@ async def test_proxy_auth_required_for_connect_and_absolute_form(
         async with raw_connect(port, f"{NAME}:{named_tls.port}", headers) as (answer, _, _):
             assert_error(answer, 407, "proxy_auth_required")
             assert answer.headers["proxy-authenticate"] == REALM
-    answer = await raw_send(
+    answer = await send_raw(
         port, f"GET http://{PLAIN}:{upstream.port}/x HTTP/1.1\r\nHost: {PLAIN}\r\n\r\n".encode()
     )
     assert_error(answer, 407, "proxy_auth_required")

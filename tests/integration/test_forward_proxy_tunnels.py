@@ -21,20 +21,16 @@ import trustme
 
 from gateway.policy.proxyauth import hash_password
 from gateway.tunnel import TunnelStats
+from tests.clients import HANG_GUARD_S, assert_error, closed_by_peer, curl, raw_connect, read_reply
 from tests.conftest import Canary, GatewayFactory, Upstream
 from tests.gateway_process import GatewayProcess
 from tests.integration.test_forward_proxy import (
     NAME,
     PASSWORD,
     PLAIN,
-    TIMEOUT,
     USER,
-    assert_error,
     basic,
-    curl,
     proxy_config,
-    raw_connect,
-    read_answer,
     requests_get,
     serve_named_tls,
     settle,
@@ -103,7 +99,7 @@ async def test_half_close_still_gets_the_reply(
         w.write(b"x" * 300_000)  # more than the relay's buffers: exercises back-pressure both ways
         await w.drain()
         w.write_eof()
-        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"300000"
+        assert await asyncio.wait_for(reader.read(), HANG_GUARD_S) == b"300000"
     assert await settle(lambda: stats.active == 0)
     assert stats.opened == 1
     assert stats.bytes_up == 300_000 and stats.bytes_down == 6
@@ -119,7 +115,7 @@ async def test_bytes_pipelined_after_connect_head_are_relayed(
         assert answer.status == 200
         w.write(b"late")
         w.write_eof()
-        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"54"
+        assert await asyncio.wait_for(reader.read(), HANG_GUARD_S) == b"54"
 
 
 async def test_idle_tunnel_is_closed(start_gateway: GatewayFactory, count_server: CountServer) -> None:
@@ -127,7 +123,7 @@ async def test_idle_tunnel_is_closed(start_gateway: GatewayFactory, count_server
     stats: TunnelStats = gw.gateway.tunnels
     async with raw_connect(gw.gateway.ports["listen"], f"{NAME}:{count_server.port}") as (answer, reader, _):
         assert answer.status == 200
-        assert await asyncio.wait_for(reader.read(), TIMEOUT) == b""  # the gateway hung up on us
+        assert await closed_by_peer(reader)  # the gateway hung up on us
     assert await settle(lambda: stats.active == 0)
     assert stats.close_reasons == {"idle_timeout": 1}
     assert await settle(lambda: not count_server.tasks)  # and on the upstream
@@ -144,7 +140,7 @@ async def test_client_disconnects_leak_no_sockets(
     async def open_tunnel() -> asyncio.StreamWriter:
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\n".encode())
-        assert (await read_answer(reader)).status == 200
+        assert (await read_reply(reader, head_only=True)).status == 200  # a 2xx to CONNECT has no body
         writer.write(b"half a request")
         await writer.drain()
         return writer
@@ -210,7 +206,7 @@ async def test_deny_private_allows_a_literally_listed_address(
             assert answer.status == 200
             writer.write(b"abc")
             writer.write_eof()
-            assert await asyncio.wait_for(reader.read(), TIMEOUT) == b"3"
+            assert await asyncio.wait_for(reader.read(), HANG_GUARD_S) == b"3"
     assert gw.gateway.tunnels.opened == 2
 
 
@@ -223,10 +219,11 @@ async def test_half_close_right_after_a_pipelined_connect(
     try:
         writer.write(f"CONNECT {target} HTTP/1.1\r\nHost: {target}\r\n\r\nabc".encode())
         writer.write_eof()  # like `printf 'CONNECT ...' | nc -N`: all sent, then FIN
-        answer = await asyncio.wait_for(reader.read(), TIMEOUT)
+        reply = await read_reply(reader, head_only=True)
+        relayed = await asyncio.wait_for(reader.read(), HANG_GUARD_S)  # the tunnel, to the server's close
     finally:
         writer.close()
-    assert answer.startswith(b"HTTP/1.1 200 ") and answer.endswith(b"\r\n\r\n3")
+    assert (reply.version, reply.status, relayed) == ("HTTP/1.1", 200, b"3")
 
 
 # --- the real CLI subprocess (uvloop, JSON logs): what reaches the logs ----------------------------
