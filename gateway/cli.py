@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import getpass
 import os
 import signal
@@ -17,8 +18,7 @@ from typing import Any
 import yaml
 
 from gateway import __version__
-from gateway.config.load import ConfigError, config_path, load_config
-from gateway.config.model import GatewayConfig
+from gateway.config.load import DEFAULT_PATHS, DEFAULTS, ConfigError, LoadedConfig, config_path, load_config
 from gateway.config.overrides import Override, flag
 from gateway.config.redact import redacted
 from gateway.logs import configure, get_logger
@@ -88,7 +88,7 @@ def _flags(args: argparse.Namespace) -> tuple[Override, ...]:
     return tuple(found)
 
 
-def _load(args: argparse.Namespace) -> GatewayConfig:
+def _load(args: argparse.Namespace) -> LoadedConfig:
     path = config_path(args.config, os.environ)
     return load_config(path, os.environ, _flags(args))
 
@@ -98,46 +98,99 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command == "hash-password":
         return _hash_password(args)
     try:
-        config = _load(args)
+        loaded = _load(args)
     except ConfigError as exc:
-        for problem in exc.problems:
-            print(f"bt-gateway: config error: {problem}", file=sys.stderr)
-        return EXIT_CONFIG
+        return _config_errors(exc.problems)
     if args.command == "check-config":
-        print(yaml.safe_dump(redacted(config), sort_keys=False), end="")
-        print("config ok", file=sys.stderr)
-        return 0
-    return serve(config)
+        return check_config(loaded)
+    return serve(loaded)
 
 
-def serve(config: GatewayConfig) -> int:
-    """Run until SIGTERM/SIGINT, then drain within `shutdown_timeout_s` and exit 0."""
-    configure(config.logging.level, config.logging.format)
+def _config_errors(problems: list[str]) -> int:
+    for problem in problems:
+        print(problem, file=sys.stderr)
+    return EXIT_CONFIG
+
+
+def _event_loop_runner() -> Any:
     try:
         import uvloop
 
-        runner: Any = uvloop.run
+        return uvloop.run
     except ImportError:  # non-Linux: the stdlib loop is fine
-        runner = asyncio.run
-    try:
-        runner(_serve(config))
-    except OSError as exc:
-        get_logger("gateway.cli").error("startup_failed", error=str(exc))
-        return 1
+        return asyncio.run
+
+
+def check_config(loaded: LoadedConfig) -> int:
+    """Build everything `serve` would (but the listeners), print the effective config, say what was read."""
+    problems = _event_loop_runner()(_build_and_close(loaded))
+    if problems:
+        return _config_errors(problems)
+    print(yaml.safe_dump(redacted(loaded.config), sort_keys=False), end="")
+    if loaded.path is None:
+        looked = " or ".join(str(p) for p in DEFAULT_PATHS)
+        print(
+            f"config ok: {DEFAULTS} (no -c FILE or $BT_GATEWAY_CONFIG, and no file at {looked})",
+            file=sys.stderr,
+        )
+    else:
+        print(f"config ok: {loaded.path}", file=sys.stderr)
     return 0
 
 
-async def _serve(config: GatewayConfig) -> None:
-    from gateway.server import Gateway
+async def _build_and_close(loaded: LoadedConfig) -> list[str]:
+    from gateway.generation import BuildError, Generation
 
-    gateway = Gateway(config)
-    stop = asyncio.Event()
+    try:
+        generation = await Generation.build(loaded.config)
+    except BuildError as exc:
+        return [loaded.problem(exc.key, exc.message)]
+    await generation.close()
+    return []
+
+
+def serve(loaded: LoadedConfig) -> int:
+    """Run until SIGTERM/SIGINT, then drain (`shutdown_delay_s`, then `shutdown_timeout_s`) and exit 0."""
+    config = loaded.config
+    configure(config.logging.level, config.logging.format)
+    code: int = _event_loop_runner()(_serve(loaded))
+    return code
+
+
+async def _serve(loaded: LoadedConfig) -> int:
+    from gateway.generation import BuildError
+    from gateway.server import Gateway, StartupError
+
+    log = get_logger("gateway.cli")
+    gateway = Gateway(loaded.config)
+    stop, hurry = asyncio.Event(), asyncio.Event()
+
+    def on_stop() -> None:
+        """The first signal starts a graceful stop; a second one cuts `shutdown_delay_s` short."""
+        (hurry if stop.is_set() else stop).set()
+
+    def on_reload() -> None:
+        log.warning("reload_not_supported", detail="SIGHUP is ignored; restart to apply a new config")
+
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, stop.set)
-    await gateway.start()
+        loop.add_signal_handler(sig, on_stop)
+    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    try:
+        await gateway.start(loaded.origin)
+    except BuildError as exc:
+        await gateway.stop()
+        return _config_errors([loaded.problem(exc.key, exc.message)])
+    except StartupError as exc:
+        await gateway.stop()
+        log.error("startup_failed", error=str(exc), config=loaded.origin)
+        return 1
     await stop.wait()
+    gateway.drain()
+    with contextlib.suppress(TimeoutError):
+        await asyncio.wait_for(hurry.wait(), loaded.config.shutdown_delay_s)
     await gateway.stop()
+    return 0
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ class Code(StrEnum):
     PROXY_AUTH_REQUIRED = "proxy_auth_required"
     UNAUTHENTICATED = "unauthenticated"
     RATE_LIMITED = "rate_limited"
+    TOO_MANY_AUTH_FAILURES = "too_many_auth_failures"
     RATE_LIMIT_UNAVAILABLE = "rate_limit_unavailable"
     BODY_TOO_LARGE = "body_too_large"
     URI_TOO_LONG = "uri_too_long"
@@ -30,6 +31,7 @@ class Code(StrEnum):
     UPSTREAM_BAD_ENCODING = "upstream_bad_encoding"
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     SHUTTING_DOWN = "shutting_down"
+    CLIENT_DISCONNECTED = "client_disconnected"
     INTERNAL = "internal_error"
 
 
@@ -42,6 +44,7 @@ STATUS: dict[Code, int] = {
     Code.PROXY_AUTH_REQUIRED: 407,
     Code.UNAUTHENTICATED: 401,
     Code.RATE_LIMITED: 429,
+    Code.TOO_MANY_AUTH_FAILURES: 429,
     Code.RATE_LIMIT_UNAVAILABLE: 503,
     Code.BODY_TOO_LARGE: 413,
     Code.URI_TOO_LONG: 414,
@@ -51,8 +54,30 @@ STATUS: dict[Code, int] = {
     Code.UPSTREAM_BAD_ENCODING: 502,
     Code.UPSTREAM_PROTOCOL_ERROR: 502,
     Code.SHUTTING_DOWN: 503,
+    Code.CLIENT_DISCONNECTED: 499,  # nginx's number: logged only, the client is no longer there to see it
     Code.INTERNAL: 500,
 }
+
+
+class Reason(StrEnum):
+    """Why, more precisely than the code: logged with every refusal and failure, never sent to clients.
+
+    One code (`egress_denied`, `upstream_unreachable`) covers several causes an operator must tell apart.
+    """
+
+    HOST_NOT_ALLOWED = "host_not_allowed"
+    PORT_NOT_ALLOWED = "port_not_allowed"  # a CONNECT port outside forward_proxy.connect_ports
+    PRIVATE_ADDRESS = "private_address"  # a tunnel name that resolved to a non-public address
+    MALFORMED_TARGET = "malformed_target"
+    NO_ROUTE = "no_route"
+    CONNECTION_REFUSED = "connection_refused"
+    DNS_FAILURE = "dns_failure"
+    TLS_VERIFICATION = "tls_verification"
+    CONNECT_TIMEOUT = "connect_timeout"
+    READ_TIMEOUT = "read_timeout"
+    CONNECTION_FAILED = "connection_failed"  # reset, closed early, or another socket error
+    BAD_RESPONSE = "bad_response"
+    PROXY_REFUSED = "proxy_refused"  # the corporate proxy (upstream.proxy) refused a CONNECT
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,15 +85,23 @@ class GatewayError:
     """A refusal or failure, as a value: what went wrong (`code`) and a human sentence (`detail`).
 
     `headers` carries the few response headers an error must set (Retry-After, Proxy-Authenticate).
+    `reason` and `context` (key/value pairs such as the upstream address) go to the log only.
     """
 
     code: Code
     detail: str
     headers: tuple[tuple[str, str], ...] = ()
+    reason: Reason | None = None
+    context: tuple[tuple[str, str], ...] = ()
 
     @property
     def status(self) -> int:
         return STATUS[self.code]
+
+    @property
+    def why(self) -> str:
+        """The log's `reason` field: the precise reason when known, else the code."""
+        return str(self.reason or self.code)
 
 
 class GatewayFailure(Exception):

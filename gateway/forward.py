@@ -14,30 +14,42 @@ from multidict import CIMultiDict
 
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.headers import downstream_response_headers, upstream_request_headers
-from gateway.pipeline import Exchange, Target
+from gateway.pipeline import CLIENT_GONE, Exchange, Target
 from gateway.policy.urlrewrite import REWRITE_HEADERS, BodyRewriter, RewritePolicy, RuleSet
+from gateway.responses import RelayedResponse
 from gateway.upstream import client_error
 
 CHUNK = 2**16
 
 
-class UploadState:
-    """What the request-body generator saw; read after a failure to tell a 413 from an upstream fault."""
+BODY_TOO_LARGE = GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")
 
-    __slots__ = ("too_large",)
+
+class UploadState:
+    """What the request-body generator saw; read after a failure to tell whose fault it was."""
+
+    __slots__ = ("client_error",)
 
     def __init__(self) -> None:
-        self.too_large = False
+        self.client_error: GatewayError | None = None  # 413, or the client leaving mid-upload
 
 
 async def _request_body(
     request: web.BaseRequest, exchange: Exchange, limit: int, state: UploadState
 ) -> AsyncIterator[bytes]:
-    async for chunk in request.content.iter_chunked(CHUNK):
+    content = request.content
+    while True:
+        try:
+            chunk = await content.readany()
+        except Exception:  # the client's side broke (reset, or a body shorter than it declared)
+            state.client_error = CLIENT_GONE
+            raise
+        if not chunk:
+            return
         exchange.bytes_in += len(chunk)
         if exchange.bytes_in > limit:
-            state.too_large = True
-            raise GatewayFailure(GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit"))
+            state.client_error = BODY_TOO_LARGE
+            raise GatewayFailure(BODY_TOO_LARGE)
         yield chunk
 
 
@@ -52,7 +64,10 @@ async def forward(
     extra_headers: tuple[tuple[str, str], ...] = (),
     rules: RuleSet | None = None,
 ) -> web.StreamResponse:
-    """Send the request upstream and stream the answer back; raise GatewayFailure before any byte is sent."""
+    """Send the request upstream and stream the answer back; raise GatewayFailure before any byte is sent.
+
+    Failures are the client's (413, 499) when its body broke, else mapped by `client_error`.
+    """
     headers = upstream_request_headers(
         request.headers,
         host_header=target.route.host_header,
@@ -72,12 +87,14 @@ async def forward(
             allow_redirects=False,
             proxy=proxy,
         )
-    except Exception as exc:
-        if state.too_large:
-            raise GatewayFailure(GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")) from exc
-        raise
+    except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError) as exc:
+        if state.client_error is not None:
+            raise GatewayFailure(state.client_error) from exc
+        raise GatewayFailure(client_error(exc, target.route.host)) from exc
     try:
-        return await _relay(request, exchange, upstream, extra_headers, rules)
+        return await _relay(request, exchange, upstream, extra_headers, rules, host=target.route.host)
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        raise GatewayFailure(client_error(exc, target.route.host)) from exc
     finally:
         upstream.close()
 
@@ -88,15 +105,17 @@ async def _relay(
     upstream: aiohttp.ClientResponse,
     extra_headers: tuple[tuple[str, str], ...],
     rules: RuleSet | None,
+    *,
+    host: str,
 ) -> web.StreamResponse:
-    response = web.StreamResponse(status=upstream.status, reason=upstream.reason)
+    response = RelayedResponse(status=upstream.status, reason=upstream.reason)
     headers = downstream_response_headers(upstream.headers, exchange.request_id)
     body = _rewriter(request, upstream, headers, rules, exchange)
     response.headers.extend(headers)
     response.headers.extend(extra_headers)  # ours appended; upstream's own RateLimit fields are kept
-    exchange.status = upstream.status
-    if body is None:
-        await response.prepare(request)  # nothing to rewrite: headers go at once (SSE clients see them)
+    exchange.status = exchange.upstream_status = upstream.status
+    if body is None and not await _send(request, response, exchange, b""):
+        return response  # nothing to rewrite: headers go at once (SSE clients see them)
     content = upstream.content
     try:
         while chunk := await content.readany():
@@ -110,14 +129,16 @@ async def _relay(
             raise  # nothing sent yet: the client gets a proper 502 upstream_bad_encoding
         _abort(request, exchange, GatewayError(Code.UPSTREAM_BAD_ENCODING, "malformed compressed body"))
         return response
-    except (aiohttp.ClientError, TimeoutError) as exc:
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         if not response.prepared:
             raise
-        _abort(request, exchange, client_error(exc))
+        _abort(request, exchange, client_error(exc, host))
         return response
-    if not response.prepared:
-        await response.prepare(request)
-    await response.write_eof()
+    if await _send(request, response, exchange, b""):
+        try:
+            await response.write_eof()
+        except ConnectionError:
+            exchange.client_gone()
     return response
 
 
@@ -161,7 +182,7 @@ async def _send(
         if data:
             await response.write(data)
     except ConnectionError:
-        exchange.decisions.append("client:disconnected")
+        exchange.client_gone()
         return False  # aiohttp sees the dead transport and finishes quietly
     exchange.bytes_out += len(data)
     return True
@@ -170,6 +191,6 @@ async def _send(
 def _abort(request: web.BaseRequest, exchange: Exchange, error: GatewayError) -> None:
     """Headers are gone already: the only honest signal left is to cut the connection short."""
     exchange.decisions.append("forward:aborted_midstream")
-    exchange.error = error
+    exchange.error = error  # the status stays the upstream's: that is what the client was told
     if request.transport is not None:
         request.transport.close()

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 from yarl import URL
 
 from gateway.config.model import GatewayConfig
-from gateway.errors import Code, GatewayError
+from gateway.errors import Code, GatewayError, Reason
 from gateway.policy.allowlist import Allowlist, canonical_host
 from gateway.policy.external_url import ExternalUrl
 from gateway.policy.forward_proxy import ForwardProxyPolicy
@@ -28,6 +28,10 @@ from gateway.policy.urlrewrite import RewritePolicy, RuleSet
 FORWARD_PROXY_ROUTE = "forward_proxy"
 TUNNEL_ROUTE = "tunnel"  # the limiter's name for new CONNECT tunnels, counted per client address
 
+BAD_TARGET = GatewayError(
+    Code.BAD_REQUEST, "request target must be an absolute path", reason=Reason.MALFORMED_TARGET
+)
+CLIENT_GONE = GatewayError(Code.CLIENT_DISCONNECTED, "the client closed the connection")
 _SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
 
 
@@ -52,8 +56,20 @@ class Exchange:
     status: int = 0
     bytes_in: int = 0
     bytes_out: int = 0
+    upstream_status: int | None = None
     error: GatewayError | None = None
     decisions: list[str] = field(default_factory=list)
+
+    def refuse(self, error: GatewayError) -> None:
+        """Record the error this request ends with (its status is the error's)."""
+        self.error = error
+        self.status = error.status
+
+    def client_gone(self) -> None:
+        """The client left before its response was complete: nginx's 499, whatever upstream said."""
+        if self.error is None or self.error.code is not Code.CLIENT_DISCONNECTED:
+            self.decisions.append("client:disconnected")
+        self.refuse(CLIENT_GONE)
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +85,7 @@ def rate_limit_settings(config: GatewayConfig) -> RateLimitSettings:
     rl = config.rate_limit
     routes: dict[str, LimitSpec | None] = {}
     for route in config.routes:
-        if route.rate_limit == "off":
-            routes[route.name] = None
-        elif route.rate_limit is not None:
+        if route.rate_limit is not None:
             routes[route.name] = LimitSpec(route.rate_limit.max_requests, route.rate_limit.window_s)
     return RateLimitSettings(
         default=LimitSpec(rl.max_requests, rl.window_s),
@@ -110,7 +124,7 @@ def tunnel_limit_settings(config: GatewayConfig) -> RateLimitSettings:
 class Pipeline:
     """The policies of one config generation, built once and never mutated."""
 
-    def __init__(self, config: GatewayConfig) -> None:
+    def __init__(self, config: GatewayConfig, rewrite: RewritePolicy | None) -> None:
         self.config = config
         self.allowlist = Allowlist.parse(config.allowlist)
         self.routes = RouteTable(
@@ -120,7 +134,7 @@ class Pipeline:
         self.max_header_bytes = config.limits.max_header_kb * 1024
         self.public_url = config.public_url
         self.external_url = ExternalUrl(config.advertise_url, config.trusted_proxies)
-        self.rewrite = rewrite_policy(config) if config.rewrite.enabled else None
+        self.rewrite = rewrite
         fp = config.forward_proxy
         self.forward_proxy = (
             ForwardProxyPolicy(self.allowlist, fp.connect_ports, fp.deny_private_addresses)
@@ -128,7 +142,10 @@ class Pipeline:
             else None
         )
         self.proxy_auth = (
-            ProxyAuth({name: ScryptHash.parse(text) for name, text in fp.auth.users.items()})
+            ProxyAuth(
+                {name: ScryptHash.parse(text) for name, text in fp.auth.users.items()},
+                fp.auth.max_failures_per_minute,
+            )
             if fp.auth
             else None
         )
@@ -137,21 +154,21 @@ class Pipeline:
         """Pick the route for an origin-form path; the destination comes from config, never the request."""
         if not raw_path.startswith("/"):
             exchange.decisions.append("route:bad_target")
-            return GatewayError(Code.BAD_REQUEST, "request target must be an absolute path")
+            return BAD_TARGET
         route = self.routes.match(raw_path)
         if route is None:
             exchange.decisions.append("route:none")
-            return GatewayError(Code.NOT_FOUND, "no route matches this path")
+            return GatewayError(Code.NOT_FOUND, "no route matches this path", reason=Reason.NO_ROUTE)
         exchange.route = route.name
         exchange.decisions.append(f"route:{route.name}")
         return Target(route=route, url=route.url_for(raw_path, raw_query))
 
-    def absolute_target(
+    async def absolute_target(
         self, exchange: Exchange, raw_target: str, proxy_authorization: str | None
     ) -> Target | GatewayError:
         """An absolute-form request (`GET http://host/path`): judged and forwarded by the URI's own host."""
         if self.forward_proxy is not None:
-            refused = self.authenticate(exchange, proxy_authorization)
+            refused = await self.authenticate(exchange, proxy_authorization)
             if refused is not None:
                 return refused
         try:
@@ -162,7 +179,9 @@ class Pipeline:
         if url.scheme not in ("http", "https") or host is None or url.port is None:
             exchange.decisions.append("forward_proxy:bad_target")
             return GatewayError(
-                Code.BAD_REQUEST, "absolute request target must be http(s)://host[:port]/path"
+                Code.BAD_REQUEST,
+                "absolute request target must be http(s)://host[:port]/path",
+                reason=Reason.MALFORMED_TARGET,
             )
         exchange.upstream_host = host
         denied = self.allowlist.check(host, url.port)
@@ -177,11 +196,11 @@ class Pipeline:
         exchange.decisions.append(f"route:{route.name}")
         return Target(route=route, url=route.url_for(url.raw_path or "/", url.raw_query_string))
 
-    def authenticate(self, exchange: Exchange, proxy_authorization: str | None) -> GatewayError | None:
+    async def authenticate(self, exchange: Exchange, proxy_authorization: str | None) -> GatewayError | None:
         """Forward-proxy auth when configured; the header itself is hop-by-hop and never forwarded."""
         if self.proxy_auth is None:
             return None
-        user = self.proxy_auth.check(proxy_authorization)
+        user = await self.proxy_auth.check(proxy_authorization, exchange.client_ip)
         if isinstance(user, GatewayError):
             exchange.decisions.append("proxy_auth:deny")
             return user

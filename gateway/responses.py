@@ -1,13 +1,36 @@
-"""The one place a `GatewayError` becomes an HTTP response: JSON body, status from the table, request id."""
+"""The gateway's own responses: the one place a `GatewayError` becomes HTTP, and relayed responses.
+
+aiohttp stamps `Server: Python/3.x aiohttp/3.x` (and a default `Content-Type`) on every response it
+prepares. Responses the gateway makes itself say `Server: bt-gateway`, with no version for a scanner to
+match; relayed responses carry exactly the `Server` and `Content-Type` the upstream sent, or none.
+"""
 
 from __future__ import annotations
 
 import json
 
-from aiohttp import web
+from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
 
 from gateway.errors import Code, GatewayError
+
+SERVER = "bt-gateway"
+
+
+class RelayedResponse(web.StreamResponse):
+    """A response streamed from upstream: aiohttp adds no `Server` or `Content-Type` of its own."""
+
+    async def _prepare_headers(self) -> None:
+        absent = [name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in self.headers]
+        await super()._prepare_headers()
+        for name in absent:
+            self.headers.popall(name, None)
+
+
+def redirect_response(location: str, request_id: str) -> web.Response:
+    return web.Response(
+        status=302, headers={"Location": location, "X-Request-Id": request_id, "Server": SERVER}
+    )
 
 
 def error_response(error: GatewayError, request_id: str, *, close: bool = False) -> web.Response:
@@ -17,7 +40,7 @@ def error_response(error: GatewayError, request_id: str, *, close: bool = False)
         status=error.status,
         body=json.dumps(body).encode(),
         content_type="application/json",
-        headers={"X-Request-Id": request_id, **dict(error.headers)},
+        headers={"X-Request-Id": request_id, "Server": SERVER, **dict(error.headers)},
     )
     if close:
         response.force_close()

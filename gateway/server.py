@@ -10,34 +10,24 @@ import asyncio
 import time
 from typing import Any
 
-import aiohttp
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
-from yarl import URL
 
-from gateway.config.model import GatewayConfig
+from gateway.config.model import Admin, GatewayConfig, Listen
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.forward import forward
+from gateway.generation import Generation
 from gateway.logs import get_logger
-from gateway.pipeline import (
-    TUNNEL_ROUTE,
-    Exchange,
-    Pipeline,
-    Target,
-    rate_limit_settings,
-    request_id,
-    tunnel_limit_settings,
-)
+from gateway.pipeline import BAD_TARGET, CLIENT_GONE, TUNNEL_ROUTE, Exchange, Pipeline, Target, request_id
 from gateway.policy.credentials import FINGERPRINT_HEX, digest_of
 from gateway.policy.forward_proxy import parse_connect_target
-from gateway.policy.ratelimit import RateLimiter, rate_key
-from gateway.responses import error_response, parse_error
-from gateway.tunnel import TunnelResult, TunnelStats, connect_upstream, relay
-from gateway.upstream import EgressGuard, EgressResolver, build_session, client_error
+from gateway.responses import SERVER, error_response, parse_error, redirect_response
+from gateway.tunnel import TunnelResult, TunnelStats, relay
 
 access_log = get_logger("gateway.access")
 tunnel_log = get_logger("gateway.tunnel")
 log = get_logger("gateway.server")
+SHUTTING_DOWN = GatewayError(Code.SHUTTING_DOWN, "the gateway is shutting down")
 
 
 class GatewayProtocol(RequestHandler):
@@ -78,31 +68,30 @@ class GatewayServer(web.Server):
         return GatewayProtocol(self, loop=self._loop, **self._kwargs)
 
 
+class StartupError(Exception):
+    """A listener could not be opened; the message names it and says why, in one line."""
+
+
 class Gateway:
-    """Owns the listeners, the upstream session and the live `Pipeline` (swapped whole, never mutated)."""
+    """Owns the listeners and the live `Generation` (the config's runtime, swapped whole, never mutated)."""
 
     def __init__(self, config: GatewayConfig) -> None:
-        self.pipeline = Pipeline(config)
-        proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
-        self.guard = EgressGuard(self.pipeline.allowlist, frozenset({proxy_host} if proxy_host else ()))
-        self.resolver = EgressResolver(self.guard, config.resolve)
+        self.config = config
+        self.generation: Generation | None = None
         self.tunnels = TunnelStats()
-        self.limiter: RateLimiter | None = None
-        self.tunnel_limiter: RateLimiter | None = None
         self.ready = False
-        self._session: aiohttp.ClientSession | None = None
+        self.started = False
+        self.stopping = False
         self._runners: list[web.BaseRunner] = []
         self.ports: dict[str, int] = {}
 
-    @property
-    def config(self) -> GatewayConfig:
-        return self.pipeline.config
+    async def start(self, origin: str = "") -> None:
+        """Build the generation, then listen. On failure, `stop()` releases whatever was opened.
 
-    async def start(self) -> None:
+        `origin` (the config file, or built-in defaults) is logged with the start-up event.
+        """
         config = self.config
-        self._session = build_session(config, self.guard, self.resolver)
-        self.limiter = RateLimiter(rate_limit_settings(config))
-        self.tunnel_limiter = RateLimiter(tunnel_limit_settings(config))
+        self.generation = await Generation.build(config)
         header_bytes = config.limits.max_header_kb * 1024
         proxy = GatewayServer(
             self.handle,
@@ -114,55 +103,72 @@ class Gateway:
             access_log=None,
         )
         self.ports["listen"] = await self._listen(
-            web.ServerRunner(proxy, shutdown_timeout=config.shutdown_timeout_s),
-            config.listen.host,
-            config.listen.port,
+            web.ServerRunner(proxy, shutdown_timeout=config.shutdown_timeout_s), "listen", config.listen
         )
         admin = web.AppRunner(self._admin_app(), access_log=None)
-        self.ports["admin"] = await self._listen(admin, config.admin.host, config.admin.port)
-        self.ready = True
-        log.info("gateway_started", listen=self.ports["listen"], admin=self.ports["admin"])
+        self.ports["admin"] = await self._listen(admin, "admin", config.admin)
+        self.ready = self.started = True
+        log.info("gateway_started", listen=self.ports["listen"], admin=self.ports["admin"], config=origin)
 
-    async def _listen(self, runner: web.BaseRunner, host: str, port: int) -> int:
+    async def _listen(self, runner: web.BaseRunner, name: str, where: Listen | Admin) -> int:
         await runner.setup()
-        site = web.TCPSite(runner, host, port, backlog=1024, reuse_address=True)
-        await site.start()
         self._runners.append(runner)
+        site = web.TCPSite(runner, where.host, where.port, backlog=1024, reuse_address=True)
+        try:
+            await site.start()
+        except OSError as exc:
+            reason = (exc.strerror or str(exc)).lower()
+            raise StartupError(f"cannot listen on {where.host}:{where.port} ({name}): {reason}") from None
         server: Any = site._server
         return int(server.sockets[0].getsockname()[1])
 
+    def drain(self) -> None:
+        """First step of a graceful stop: `/readyz` answers 503 while the proxy port keeps serving."""
+        if self.ready:
+            self.ready = False
+            log.info("gateway_draining", shutdown_delay_s=self.config.shutdown_delay_s)
+
     async def stop(self) -> None:
-        """Drain: refuse readiness, stop accepting, let in-flight requests finish (bounded), then close."""
-        self.ready = False
-        log.info("gateway_draining", timeout_s=self.config.shutdown_timeout_s)
-        proxy_runner, *others = self._runners
-        await proxy_runner.cleanup()
-        for runner in others:
-            await runner.cleanup()
-        if self._session is not None:
-            await self._session.close()
-        for limiter in (self.limiter, self.tunnel_limiter):
-            if limiter is not None:
-                await limiter.close()
-        log.info("gateway_stopped")
+        """Stop accepting, give in-flight requests `shutdown_timeout_s`, then close everything.
+
+        Safe after a partial start, and safe to call twice.
+        """
+        self.drain()
+        self.stopping = True
+        if self.started:
+            log.info("gateway_stopping", shutdown_timeout_s=self.config.shutdown_timeout_s)
+        while self._runners:
+            await self._runners.pop(0).cleanup()  # the proxy listener first, the admin one last
+        if self.generation is not None:
+            await self.generation.close()
+            self.generation = None
+        if self.started:
+            log.info("gateway_stopped")
 
     def _admin_app(self) -> web.Application:
         async def healthz(_: web.Request) -> web.Response:
             return web.json_response({"status": "ok"})
 
         async def readyz(_: web.Request) -> web.Response:
-            if self.ready:
-                return web.json_response({"status": "ready"})
-            return web.json_response({"status": "draining"}, status=503)
+            generation = self.generation
+            if not self.ready or generation is None:
+                return web.json_response({"status": "draining"}, status=503)
+            if not await generation.limiter.ready():
+                return web.json_response({"status": "rate_limit_storage_unavailable"}, status=503)
+            return web.json_response({"status": "ready"})
+
+        async def server_header(_: web.Request, response: web.StreamResponse) -> None:
+            response.headers["Server"] = SERVER
 
         app = web.Application()
+        app.on_response_prepare.append(server_header)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
         return app
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """Run one request through the pipeline and log exactly one access event for it."""
-        pipeline = self.pipeline
+        generation = self.generation
         raw_target = request.raw_path
         exchange = Exchange(
             request_id=request_id(request.headers.get("X-Request-Id")),
@@ -173,72 +179,73 @@ class Gateway:
         )
         started = time.perf_counter()
         try:
-            response = await self._process(request, pipeline, exchange, raw_target)
+            if generation is None:  # a request accepted while the gateway was closing
+                return self._fail(exchange, SHUTTING_DOWN, request)
+            return await self._process(request, generation, exchange, raw_target)
         except asyncio.CancelledError:
-            exchange.status = exchange.status or 499
-            exchange.decisions.append("client:disconnected")
+            if self.stopping and not _client_closed(request):
+                exchange.refuse(SHUTTING_DOWN)  # cut at the shutdown deadline, not by the client
+            else:
+                exchange.client_gone()
             raise
         finally:
             self._log_access(exchange, started)
-        return response
 
     async def _process(
-        self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange, raw_target: str
+        self, request: web.BaseRequest, generation: Generation, exchange: Exchange, raw_target: str
     ) -> web.StreamResponse:
+        pipeline = generation.pipeline
         error = self._precheck(request, pipeline, exchange)
         if error is not None:
             return self._fail(exchange, error, request)
         if request.method == "CONNECT":
-            return await self._connect(request, pipeline, exchange, raw_target)
+            return await self._connect(request, generation, exchange, raw_target)
         location = pipeline.browser_redirect(
             exchange, request.method, raw_target, request.headers.get("Accept", "")
         )
         if location is not None:
             exchange.status = 302
-            return web.Response(
-                status=302, headers={"Location": location, "X-Request-Id": exchange.request_id}
-            )
+            return redirect_response(location, exchange.request_id)
         target: Target | GatewayError
         if raw_target.startswith("/"):
             path, _, query = raw_target.partition("?")
             target = pipeline.target(exchange, path.partition("#")[0], query.partition("#")[0])
         elif raw_target.startswith(("http://", "https://", "HTTP://", "HTTPS://")):
-            target = pipeline.absolute_target(
+            target = await pipeline.absolute_target(
                 exchange, raw_target, request.headers.get("Proxy-Authorization")
             )
         else:
             exchange.decisions.append("route:bad_target")
-            target = GatewayError(Code.BAD_REQUEST, "request target must be an absolute path")
+            target = BAD_TARGET
         if isinstance(target, GatewayError):
             return self._fail(exchange, target, request)
         refused = pipeline.admit(exchange, target)
         if refused is not None:
             return self._fail(exchange, refused, request)
-        assert self.limiter is not None
-        key = rate_key(exchange.token_digest, exchange.client_ip, self.limiter.settings.anonymous)
-        if isinstance(key, GatewayError):
-            exchange.decisions.append("ratelimit:anonymous_denied")
-            return self._fail(exchange, key, request)
-        decision = await self.limiter.check(target.route.name, key)
+        decision = await generation.limiter.decide(
+            target.route.name, exchange.token_digest, exchange.client_ip
+        )
         exchange.decisions.append(f"ratelimit:{decision.outcome}")
         if decision.error is not None:
             return self._fail(exchange, decision.error, request)
         if request.headers.get("Expect", "").lower() == "100-continue":
-            await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-        assert self._session is not None
+            try:
+                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            except ConnectionError:
+                return self._fail(exchange, CLIENT_GONE, request)
         try:
             return await forward(
                 request,
                 exchange,
                 target,
-                self._session,
+                generation.session,
                 max_body=pipeline.max_body_bytes,
                 proxy=pipeline.config.upstream.proxy,
                 extra_headers=decision.headers,
                 rules=pipeline.rewrite_rules(target, request.remote, request.scheme, request.headers),
             )
-        except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError) as exc:
-            return self._fail(exchange, client_error(exc), request)
+        except GatewayFailure as exc:
+            return self._fail(exchange, exc.error, request)
 
     def _precheck(
         self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange
@@ -255,11 +262,12 @@ class Gateway:
         return None
 
     async def _connect(
-        self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange, raw_target: str
+        self, request: web.BaseRequest, generation: Generation, exchange: Exchange, raw_target: str
     ) -> web.StreamResponse:
         """CONNECT: every check first, then connect, then answer 200 and relay until the tunnel ends."""
+        pipeline = generation.pipeline
         policy = pipeline.forward_proxy
-        if policy is None:
+        if policy is None or generation.dialer is None:
             target = parse_connect_target(raw_target)
             denied = (
                 target
@@ -270,7 +278,7 @@ class Gateway:
             return self._fail(
                 exchange, denied or GatewayError(Code.METHOD_NOT_ALLOWED, "CONNECT is not enabled"), request
             )
-        error = pipeline.authenticate(exchange, request.headers.get("Proxy-Authorization"))
+        error = await pipeline.authenticate(exchange, request.headers.get("Proxy-Authorization"))
         target = parse_connect_target(raw_target)
         if error is None and isinstance(target, GatewayError):
             error = target
@@ -279,8 +287,7 @@ class Gateway:
             error = policy.check_target(target)
             exchange.decisions.append("forward_proxy:deny" if error else "forward_proxy:allow")
             if error is None:
-                assert self.tunnel_limiter is not None
-                decision = await self.tunnel_limiter.check(TUNNEL_ROUTE, "ip:" + exchange.client_ip)
+                decision = await generation.tunnel_limiter.check(TUNNEL_ROUTE, "ip:" + exchange.client_ip)
                 exchange.decisions.append(f"tunnel_limit:{decision.outcome}")
                 error = decision.error
         if error is not None or isinstance(target, GatewayError):
@@ -288,9 +295,7 @@ class Gateway:
             assert error is not None
             return self._fail(exchange, error, request)
         try:
-            reader, writer, address = await connect_upstream(
-                target, policy, self.resolver, pipeline.config.upstream.connect_timeout_s
-            )
+            reader, writer, address = await generation.dialer.connect(target)
         except GatewayFailure as exc:
             self.tunnels.refused += 1
             return self._fail(exchange, exc.error, request)
@@ -326,10 +331,15 @@ class Gateway:
         return web.Response()  # never sent: the connection was handed back to aiohttp closed
 
     def _fail(self, exchange: Exchange, error: GatewayError, request: web.BaseRequest) -> web.Response:
-        exchange.error = error
-        exchange.status = error.status
+        exchange.refuse(error)
         if error.code is Code.EGRESS_DENIED:
-            log.warning("egress_denied", host=exchange.upstream_host, request_id=exchange.request_id)
+            log.warning(
+                "egress_denied",
+                host=exchange.upstream_host,
+                reason=error.why,
+                request_id=exchange.request_id,
+                **dict(error.context),
+            )
         # An unread request body would otherwise be drained (or smuggled as the next request): close instead.
         close = (request.body_exists and not request.content.at_eof()) or getattr(
             request.protocol, "client_eof", False
@@ -338,6 +348,7 @@ class Gateway:
 
     @staticmethod
     def _log_access(exchange: Exchange, started: float) -> None:
+        error = exchange.error
         access_log.info(
             "access",
             method=exchange.method,
@@ -345,12 +356,20 @@ class Gateway:
             route=exchange.route,
             upstream_host=exchange.upstream_host,
             status=exchange.status,
+            upstream_status=exchange.upstream_status,
             bytes_in=exchange.bytes_in,
             bytes_out=exchange.bytes_out,
             duration_ms=round((time.perf_counter() - started) * 1000, 3),
             request_id=exchange.request_id,
             token_fp=exchange.token_digest[:FINGERPRINT_HEX] if exchange.token_digest else None,
             client=exchange.client_ip,
-            error_code=str(exchange.error.code) if exchange.error else None,
+            error_code=str(error.code) if error else None,
+            reason=error.why if error else None,
             decisions=exchange.decisions,
+            **(dict(error.context) if error else {}),
         )
+
+
+def _client_closed(request: web.BaseRequest) -> bool:
+    transport = request.transport
+    return transport is None or transport.is_closing()

@@ -21,7 +21,7 @@ from aiohttp.resolver import DefaultResolver
 from aiohttp.tracing import Trace
 
 from gateway.config.model import GatewayConfig
-from gateway.errors import Code, GatewayError, GatewayFailure
+from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.policy.allowlist import Allowlist
 
 # The client must not invent request headers the SDK did not send (aiohttp adds these by default).
@@ -87,18 +87,23 @@ def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
     """System CAs plus the operator's bundle (for corporate TLS inspection); verification always on."""
     context = ssl.create_default_context()
     if ca_bundle:
-        context.load_verify_locations(cafile=ca_bundle)
+        try:
+            context.load_verify_locations(cafile=ca_bundle)
+        except ssl.SSLError as exc:
+            raise ValueError(f"{ca_bundle!r} holds no usable PEM CA certificate ({exc.reason})") from None
+        except OSError as exc:
+            raise ValueError(f"cannot read {ca_bundle!r}: {exc.strerror or exc}") from None
     return context
 
 
 def build_session(
-    config: GatewayConfig, guard: EgressGuard, resolver: EgressResolver
+    config: GatewayConfig, guard: EgressGuard, resolver: EgressResolver, tls: ssl.SSLContext
 ) -> aiohttp.ClientSession:
     """The one client session: pooled keep-alive, no redirects, no cookies, no decompression, no env proxy."""
     up = config.upstream
     connector = EgressConnector(
         guard,
-        ssl=tls_context(up.ca_bundle),
+        ssl=tls,
         resolver=resolver,
         limit=config.limits.max_connections,
         limit_per_host=0,
@@ -123,20 +128,43 @@ def build_session(
     )
 
 
-def client_error(exc: BaseException) -> GatewayError:
-    """The one table from aiohttp/OS exceptions to gateway error codes."""
+def client_error(exc: BaseException, upstream: str) -> GatewayError:
+    """The one table from aiohttp/OS exceptions to gateway errors.
+
+    The client's message names only `upstream` (the host it asked for); the cause and the exception text,
+    which may hold a resolved address, go to the log through `reason` and `context`.
+    """
     if isinstance(exc, GatewayFailure):
         return exc.error
-    if isinstance(exc, asyncio.TimeoutError):  # includes ServerTimeoutError / ConnectionTimeoutError
-        return GatewayError(Code.UPSTREAM_TIMEOUT, "upstream did not answer in time")
-    if isinstance(exc, aiohttp.ClientConnectorCertificateError):
-        return GatewayError(Code.UPSTREAM_UNREACHABLE, "upstream TLS certificate was not trusted")
-    if isinstance(exc, aiohttp.ClientConnectorDNSError):
-        return GatewayError(Code.UPSTREAM_UNREACHABLE, "upstream host name did not resolve")
-    if isinstance(exc, aiohttp.ClientConnectorError | aiohttp.ServerDisconnectedError):
-        return GatewayError(Code.UPSTREAM_UNREACHABLE, "could not connect to upstream")
+    code, reason, text = _classify(exc)
+    if code is Code.INTERNAL:
+        text = "internal error while forwarding"
+    return GatewayError(
+        code,
+        f"{text}: {upstream}",
+        reason=reason,
+        context=(("upstream", upstream), ("cause", f"{type(exc).__name__}: {exc}"[:500])),
+    )
+
+
+def _classify(exc: BaseException) -> tuple[Code, Reason | None, str]:
+    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+        return Code.UPSTREAM_TIMEOUT, Reason.CONNECT_TIMEOUT, "upstream did not accept a connection in time"
+    if isinstance(exc, asyncio.TimeoutError):  # includes aiohttp's SocketTimeoutError (read)
+        return Code.UPSTREAM_TIMEOUT, Reason.READ_TIMEOUT, "upstream did not answer in time"
+    if isinstance(exc, aiohttp.ClientHttpProxyError):
+        return Code.UPSTREAM_UNREACHABLE, Reason.PROXY_REFUSED, "the upstream proxy refused the connection"
+    if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
+        return Code.UPSTREAM_UNREACHABLE, Reason.TLS_VERIFICATION, "upstream TLS certificate was not trusted"
+    if isinstance(exc, aiohttp.ClientConnectorDNSError | socket.gaierror):
+        return Code.UPSTREAM_UNREACHABLE, Reason.DNS_FAILURE, "upstream host name did not resolve"
+    refused = isinstance(exc, ConnectionRefusedError) or (
+        isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError)
+    )
+    if refused:
+        return Code.UPSTREAM_UNREACHABLE, Reason.CONNECTION_REFUSED, "upstream refused the connection"
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
-        return GatewayError(Code.UPSTREAM_PROTOCOL_ERROR, "upstream sent a malformed response")
+        return Code.UPSTREAM_PROTOCOL_ERROR, Reason.BAD_RESPONSE, "upstream sent a malformed response"
     if isinstance(exc, aiohttp.ClientConnectionError | OSError):
-        return GatewayError(Code.UPSTREAM_UNREACHABLE, "connection to upstream failed")
-    return GatewayError(Code.INTERNAL, "internal error while forwarding")
+        return Code.UPSTREAM_UNREACHABLE, Reason.CONNECTION_FAILED, "connection to upstream failed"
+    return Code.INTERNAL, None, ""

@@ -7,6 +7,7 @@ config can be shared by every request and swapped whole on reload.
 from __future__ import annotations
 
 import ipaddress
+import re
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -110,14 +111,38 @@ class RateLimit(Section):
         return round(self.window_minutes * 60)
 
 
+def limit_off(value: object) -> object:
+    """`off` (or YAML `false`) turns a limit off: the same as `max_requests: 0`."""
+    if value is False or value == "off":
+        return {"max_requests": 0}
+    if value is True or isinstance(value, str):
+        raise ValueError("must be off or a mapping such as {max_requests: 100, window_minutes: 1}")
+    return value
+
+
+RESERVED_ROUTE_NAMES = frozenset({"forward_proxy", "tunnel"})  # the gateway's own names for its buckets
+_ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
+
+
 class Route(Section):
     """One reverse-proxy route: requests under `prefix` go to `upstream` with the prefix stripped."""
 
-    name: Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,64}$")]
+    name: str
     prefix: str
     upstream: str
-    rate_limit: RouteLimit | Literal["off"] | None = None
+    rate_limit: RouteLimit | None = None
     advertise: bool = False
+
+    @field_validator("name")
+    @classmethod
+    def _name(cls, value: str) -> str:
+        if not _ROUTE_NAME.match(value):
+            raise ValueError("must be 1-64 letters, digits, '_', '.' or '-'")
+        if value in RESERVED_ROUTE_NAMES:
+            raise ValueError(f"{value!r} is reserved for the gateway's own use; choose another name")
+        return value
+
+    _rate_limit_off = field_validator("rate_limit", mode="before")(limit_off)
 
     @field_validator("prefix")
     @classmethod
@@ -198,6 +223,7 @@ class TunnelRate(Section):
 
 class ProxyAuthConfig(Section):
     users: dict[str, str]
+    max_failures_per_minute: Annotated[int, Field(ge=1)] = 10  # per client address; then 429 until it ages
 
     @field_validator("users")
     @classmethod
@@ -248,11 +274,14 @@ class GatewayConfig(Section):
     limits: Limits = Limits()
     logging: Logging = Logging()
     shutdown_timeout_s: Annotated[float, Field(ge=0)] = 15
+    shutdown_delay_s: Annotated[float, Field(ge=0)] = 0
     forward_proxy: ForwardProxy = ForwardProxy()
     rate_limit: RateLimit = RateLimit()
     rewrite: Rewrite = Rewrite()
     advertise_url: str | None = None
     trusted_proxies: tuple[str, ...] = ()
+
+    _rate_limit_off = field_validator("rate_limit", mode="before")(limit_off)
 
     @field_validator("advertise_url")
     @classmethod

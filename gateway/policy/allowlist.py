@@ -16,7 +16,7 @@ import ipaddress
 import re
 from dataclasses import dataclass
 
-from gateway.errors import Code, GatewayError
+from gateway.errors import Code, GatewayError, Reason
 
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 
@@ -140,4 +140,8 @@ class Allowlist:
         if self.allows(host, port):
             return None
         shown = (host or "")[:255]
-        return GatewayError(Code.EGRESS_DENIED, f"egress to {shown!r} port {port} is not on the allow-list")
+        return GatewayError(
+            Code.EGRESS_DENIED,
+            f"egress to {shown!r} port {port} is not on the allow-list",
+            reason=Reason.HOST_NOT_ALLOWED,
+        )

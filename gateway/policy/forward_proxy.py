@@ -12,7 +12,7 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
-from gateway.errors import Code, GatewayError
+from gateway.errors import Code, GatewayError, Reason
 from gateway.policy.allowlist import Allowlist, canonical_host
 
 
@@ -27,7 +27,11 @@ class ConnectTarget:
 
 
 def _bad(target: str) -> GatewayError:
-    return GatewayError(Code.BAD_CONNECT_TARGET, f"CONNECT target {target[:200]!r} is not host:port")
+    return GatewayError(
+        Code.BAD_CONNECT_TARGET,
+        f"CONNECT target {target[:200]!r} is not host:port",
+        reason=Reason.MALFORMED_TARGET,
+    )
 
 
 def parse_connect_target(target: str) -> ConnectTarget | GatewayError:
@@ -73,14 +77,26 @@ class ForwardProxyPolicy:
         if denied is not None:
             return denied
         if target.port not in self._ports:
-            return GatewayError(Code.EGRESS_DENIED, f"CONNECT to port {target.port} is not allowed")
+            return GatewayError(
+                Code.EGRESS_DENIED,
+                f"CONNECT to port {target.port} is not allowed",
+                reason=Reason.PORT_NOT_ALLOWED,
+            )
         return None
 
-    def check_address(self, address: str) -> GatewayError | None:
-        """Refuse loopback/private/link-local answers unless that literal address is itself allow-listed."""
+    def check_address(self, host: str, address: str) -> GatewayError | None:
+        """Refuse loopback/private/link-local answers unless that literal address is itself allow-listed.
+
+        The client learns that `host` was refused, never the address it resolved to (the log has it).
+        """
         if not self._deny_private:
             return None
         ip = ipaddress.ip_address(address)
         if not ip.is_global and ip.compressed not in self._literals:
-            return GatewayError(Code.EGRESS_DENIED, f"resolved address {ip.compressed} is not public")
+            return GatewayError(
+                Code.EGRESS_DENIED,
+                f"egress to {host!r} is not allowed: it does not resolve to a public address",
+                reason=Reason.PRIVATE_ADDRESS,
+                context=(("upstream_address", ip.compressed),),
+            )
         return None

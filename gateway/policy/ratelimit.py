@@ -69,6 +69,11 @@ class RateDecision:
 
 OFF = RateDecision(allowed=True, outcome="off")
 FAIL_OPEN = RateDecision(allowed=True, outcome="storage_error_allow")
+ANONYMOUS_DENIED = RateDecision(
+    allowed=False,
+    outcome="anonymous_denied",
+    error=GatewayError(Code.UNAUTHENTICATED, "an Authorization token is required"),
+)
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,6 +88,25 @@ class _Limit:
 def storage_uri(uri: str) -> str:
     """Our config's URI -> the `limits` async storage URI (`redis://` -> `async+redis://`)."""
     return "async+" + uri
+
+
+def _open_storage(uri: str) -> Any:
+    """The `limits` storage for a config URI. Redis clients get no retry policy: a failed call fails
+    at once, bounded by `storage_timeout_ms`, and the outage is reported once by us, not per request."""
+    if uri.startswith("memory://"):
+        return storage_from_string(storage_uri(uri))
+    from coredis.retry import NoRetryPolicy
+
+    no_retries: Any = NoRetryPolicy()
+    return storage_from_string(storage_uri(uri), retry_policy=no_retries)
+
+
+def _disconnect(storage: Any) -> None:
+    """Close a Redis storage's connection pool. Never `reset()`: that deletes every replica's counters."""
+    client = getattr(getattr(storage, "bridge", None), "storage", None)
+    pool = getattr(client, "connection_pool", None)
+    if pool is not None:
+        pool.disconnect()
 
 
 def rate_key(digest: str | None, client_ip: str, anonymous: str) -> str | GatewayError:
@@ -104,7 +128,7 @@ class RateLimiter:
         self.settings = settings
         self._clock = clock
         self._timeout = settings.storage_timeout_ms / 1000
-        self._storage = storage_from_string(storage_uri(settings.storage))
+        self._storage = _open_storage(settings.storage)
         self._strategy = _STRATEGIES[settings.strategy](self._storage)
         self._default = self._compile(settings.default)
         self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
@@ -118,8 +142,22 @@ class RateLimiter:
         header = f'"{POLICY_NAME}";q={spec.max_requests};w={spec.window_s}'
         return _Limit(item=item, policy_header=header, amount=spec.max_requests)
 
+    @property
+    def shared(self) -> bool:
+        """Whether counters live outside this process (so their store can be down)."""
+        return self.settings.storage != "memory://"
+
+    async def decide(self, route: str, digest: str | None, client_ip: str) -> RateDecision:
+        """The decision for one request: a route without a limit needs no key, so no token either."""
+        if self._routes.get(route, self._default) is None:
+            return OFF
+        key = rate_key(digest, client_ip, self.settings.anonymous)
+        if isinstance(key, GatewayError):
+            return ANONYMOUS_DENIED
+        return await self.check(route, key)
+
     async def check(self, route: str, key: str) -> RateDecision:
-        """Count the request if allowed; refuse with an exact Retry-After if not."""
+        """Count the request under `key` if allowed; refuse with an exact Retry-After if not."""
         limit = self._routes.get(route, self._default)
         if limit is None:
             return OFF
@@ -163,10 +201,27 @@ class RateLimiter:
             self._healthy = True
             log.info("rate_limit_storage_recovered")
 
+    async def ready(self) -> bool:
+        """Whether requests can be decided as configured: false only while a fail-closed store is down.
+
+        Asks the store (bounded by `storage_timeout_ms`), so a load balancer sees an outage even when no
+        request has hit it yet; the outage and the recovery are logged once each, as for requests.
+        """
+        if not self.shared or self.settings.on_storage_error == "allow":
+            return True
+        try:
+            async with asyncio.timeout(self._timeout):
+                alive = bool(await self._storage.check())
+        except Exception as exc:
+            self._storage_failed(exc)
+            return False
+        if not alive:
+            self._storage_failed(ConnectionError("store did not answer PING"))
+            return False
+        self._storage_ok()
+        return True
+
     async def close(self) -> None:
-        """Release storage connections (Redis pools); memory storage has nothing to release."""
-        closer = getattr(self._storage, "close", None) or getattr(self._storage, "reset", None)
-        if closer is not None and self.settings.storage != "memory://":
-            result = closer()
-            if asyncio.iscoroutine(result):
-                await result
+        """Close storage connections only; counters in a shared store outlive this process."""
+        if self.shared:
+            _disconnect(self._storage)

@@ -49,15 +49,18 @@ class RuleSet:
             raw_from, raw_to = source.encode(), target.encode()
             table.setdefault(raw_from, raw_to)
             table.setdefault(raw_from.replace(b"/", b"\\/"), raw_to.replace(b"/", b"\\/"))
-        longest = max((len(k) for k in table), default=0)
-        if longest + 1 > max_buffer:
+        longest = max(table, key=len, default=b"")
+        if len(longest) + 1 > max_buffer:
+            shown = longest.replace(b"\\/", b"/").decode()
+            shown = shown if len(shown) <= 60 else shown[:57] + "..."
             raise ValueError(
-                f"a rewrite rule is {longest} bytes long, over max_buffer_kb ({max_buffer} bytes)"
+                f"the rule from {shown!r} is {len(longest)} bytes long in its JSON-escaped form, "
+                f"over max_buffer_kb ({max_buffer} bytes)"
             )
         self._table = table
         alternatives = b"|".join(re.escape(k) for k in sorted(table, key=len, reverse=True))
         self._regex = re.compile(_BEFORE + b"(?:" + alternatives + b")" + _AFTER) if table else None
-        self._hold = longest
+        self._hold = len(longest)
         self._prefixes = frozenset(k[:i] for k in table for i in range(1, len(k) + 1))
         self._starts = frozenset(k[0] for k in table)
 

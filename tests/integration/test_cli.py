@@ -9,6 +9,7 @@ from pathlib import Path
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
@@ -35,39 +36,106 @@ def write(tmp_path: Path, text: str) -> str:
 @pytest.mark.parametrize(
     ("yaml_text", "expected"),
     [
-        (
-            GOOD + "listn: {port: 1}\n",
-            "listn (line 4): unknown key",
-        ),
+        (GOOD + "listn: {port: 1}\n", "F:4: listn: unknown key; did you mean 'listen'?"),
         (
             "routes:\n  - {name: app, prefix: /, upstream: 'ftp://www.braintrust.dev'}\n",
-            "routes[0].upstream (line 2): must be an http:// or https:// URL, got 'ftp://www.braintrust.dev'",
+            "F:2: routes[0].upstream: must be an http:// or https:// URL, got 'ftp://www.braintrust.dev'",
         ),
         (
             "routes:\n  - {name: app, prefix: /, upstream: https://www.braintrust.dev}\n"
             "  - {name: data, prefix: /d, upstream: https://api.evil.com}\n",
-            "routes[1].upstream (line 3): host 'api.evil.com' is not on the allowlist",
+            "F:3: routes[1].upstream: host 'api.evil.com' is not on the allowlist",
         ),
-        (
-            "listen:\n  port: eighty\n",
-            "listen.port (line 2): Input should be a valid integer, unable to parse string as an integer",
-        ),
+        ("listen:\n  port: eighty\n", "F:2: listen.port: must be a whole number"),
         (
             "allowlist: ['*braintrust.dev']\n",
-            "allowlist[0] (line 1): '*braintrust.dev': a wildcard must be a whole leading label, as in "
-            "*.example.com",
+            "F:1: allowlist[0]: '*braintrust.dev': a wildcard must be a whole leading label, "
+            "as in *.example.com",
         ),
-        ("listen: [1, 2\n", "config (line 2): invalid YAML: expected ',' or ']', but got '<stream end>'"),
+        ("listen: [1, 2\n", "F:2: config: invalid YAML: expected ',' or ']', but got '<stream end>'"),
+        (
+            "rate_limit: {max_requests: 5}\nlisten: {port: 1}\nrate_limit: off\n",
+            "F:3: rate_limit: key appears twice, at lines 1 and 3",
+        ),
+        (
+            GOOD.replace("upstream: https://www.braintrust.dev}", "upstream: https://www.braintrust.dev,")
+            + "      rate_limit: no}\n",
+            "F:4: routes[0].rate_limit: must be off or a mapping such as "
+            "{max_requests: 100, window_minutes: 1}",
+        ),
+        (
+            GOOD + "  - {name: forward_proxy, prefix: /fp, upstream: https://www.braintrust.dev}\n",
+            "F:4: routes[1].name: 'forward_proxy' is reserved for the gateway's own use; choose another name",
+        ),
+        (
+            GOOD + "rewrite:\n  max_buffer_kb: 1\n  rules:\n"
+            f"    - {{from: 'https://www.braintrust.dev/{'a' * 1100}', to: https://example.com}}\n",
+            "F:4: rewrite: the rule from 'https://www.braintrust.dev/aaaaaaaaaaaaaaaaaaaaaaaaaaaaaa...' "
+            "is 1130 bytes long in its JSON-escaped form, over max_buffer_kb (1024 bytes)",
+        ),
+        (
+            GOOD + "upstream: {ca_bundle: /nonexistent/ca.pem}\n",
+            "F:4: upstream.ca_bundle: cannot read '/nonexistent/ca.pem': No such file or directory",
+        ),
     ],
 )
 def test_check_config_reports_one_line_per_problem_and_exits_2(
     tmp_path: Path, yaml_text: str, expected: str
 ) -> None:
-    result = run_cli("check-config", "-c", write(tmp_path, yaml_text))
+    path = write(tmp_path, yaml_text)
+    result = run_cli("check-config", "-c", path)
     assert result.returncode == 2
-    assert result.stderr.strip().splitlines() == [f"bt-gateway: config error: {expected}"]
+    assert result.stderr.strip().splitlines() == [expected.replace("F:", f"{path}:", 1)]
     assert "Traceback" not in result.stderr
     assert result.stdout == ""
+
+
+def test_serve_refuses_exactly_what_check_config_refuses(tmp_path: Path) -> None:
+    """A config that validates but cannot be built fails check-config and serve with the same line."""
+    long_rule = f"https://www.braintrust.dev/{'a' * 1100}"
+    path = write(
+        tmp_path,
+        GOOD + f"rewrite: {{max_buffer_kb: 1, rules: [{{from: '{long_rule}', to: https://example.com}}]}}\n",
+    )
+    checked = run_cli("check-config", "-c", path)
+    served = run_cli("serve", "-c", path, "--listen-port", "0", "--admin-port", "0")
+    assert checked.returncode == served.returncode == 2
+    [line] = checked.stderr.splitlines()
+    assert line.startswith(f"{path}:4: rewrite: the rule from 'https://www.braintrust.dev/aaa")
+    assert served.stderr.splitlines() == [line]
+    assert "Traceback" not in served.stdout + served.stderr
+
+
+def test_yaml_off_and_false_turn_a_limit_off(tmp_path: Path) -> None:
+    """`off` is what the README and the shipped file show; PyYAML alone would read it as false."""
+    text = (
+        "allowlist: [www.braintrust.dev, braintrust.dev, api.braintrust.dev]\n"
+        "routes:\n"
+        "  - {name: app, prefix: /, upstream: https://www.braintrust.dev, rate_limit: off}\n"
+        "  - {name: data, prefix: /data-plane, upstream: https://api.braintrust.dev, rate_limit: false}\n"
+        "forward_proxy: {enabled: off}\n"
+    )
+    path = write(tmp_path, text)
+    result = run_cli("check-config", "-c", path)
+    assert result.returncode == 0, result.stderr
+    effective = yaml.safe_load(result.stdout)
+    assert [r["rate_limit"]["max_requests"] for r in effective["routes"]] == [0, 0]
+    assert effective["forward_proxy"]["enabled"] is False
+    assert result.stderr == f"config ok: {path}\n"
+
+
+def test_check_config_says_when_it_used_built_in_defaults(tmp_path: Path) -> None:
+    env = {"PATH": "/usr/bin:/bin"}
+    result = subprocess.run(
+        [sys.executable, "-m", "gateway", "check-config"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+        cwd=tmp_path,  # no config/gateway.yaml here
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.startswith("config ok: built-in defaults (no -c FILE or $BT_GATEWAY_CONFIG")
 
 
 def test_check_config_env_errors_name_the_variable(tmp_path: Path) -> None:
@@ -79,8 +147,7 @@ def test_check_config_env_errors_name_the_variable(tmp_path: Path) -> None:
     result = run_cli("check-config", "-c", write(tmp_path, GOOD), env=env)
     assert result.returncode == 2
     assert result.stderr.strip().splitlines() == [
-        "bt-gateway: config error: listen.port (env BT_GATEWAY_LISTEN_PORT): "
-        "Input should be a valid integer, unable to parse string as an integer",
+        "env BT_GATEWAY_LISTEN_PORT: listen.port: must be a whole number",
     ]
 
 
@@ -106,9 +173,10 @@ def test_version() -> None:
 
 
 def test_missing_config_file_is_exit_2(tmp_path: Path) -> None:
-    result = run_cli("serve", "-c", str(tmp_path / "nope.yaml"))
+    path = tmp_path / "nope.yaml"
+    result = run_cli("serve", "-c", str(path))
     assert result.returncode == 2
-    assert result.stderr.startswith("bt-gateway: config error: config: cannot read")
+    assert result.stderr == f"{path}: config: cannot read the file: No such file or directory\n"
 
 
 async def test_serve_subprocess_forwards_and_drains_on_sigterm(tmp_path: Path, upstream: Upstream) -> None:

@@ -16,8 +16,7 @@ import requests
 from gateway.config.load import ConfigError, load_config
 from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayFailure
-from gateway.policy.allowlist import Allowlist
-from gateway.upstream import EgressGuard, EgressResolver, build_session
+from gateway.generation import Generation
 from tests.clients import curl, curl_reply, get, send_raw
 from tests.conftest import Canary, GatewayFactory, Upstream, route_to
 
@@ -213,17 +212,20 @@ def test_a_route_to_an_unlisted_upstream_is_rejected_at_load(tmp_path: Path) -> 
     )
     with pytest.raises(ConfigError) as info:
         load_config(path, env={})
-    assert info.value.problems == ["routes[1].upstream (line 4): host '127.0.0.1' is not on the allowlist"]
+    assert info.value.problems == [f"{path}:4: routes[1].upstream: host '127.0.0.1' is not on the allowlist"]
 
 
 async def test_the_connector_itself_refuses_unlisted_hosts(upstream: Upstream, canary: Canary) -> None:
     """Direct calls on the gateway's own session, no handler involved: the connector is the check."""
     config = GatewayConfig.model_validate(
-        route_to(upstream, allowlist=[f"127.0.0.1:{upstream.port}", "www.braintrust.dev:443"])
+        route_to(
+            upstream,
+            allowlist=[f"127.0.0.1:{upstream.port}", "www.braintrust.dev:443"],
+            resolve={"www.braintrust.dev": "127.0.0.1"},
+        )
     )
-    guard = EgressGuard(Allowlist.parse(config.allowlist))
-    resolver = EgressResolver(guard, {"www.braintrust.dev": "127.0.0.1"})
-    session = build_session(config, guard, resolver)
+    generation = await Generation.build(config)
+    session = generation.session
     c = canary.port
     try:
         for url in (
@@ -239,6 +241,6 @@ async def test_the_connector_itself_refuses_unlisted_hosts(upstream: Upstream, c
         async with session.get(f"{upstream.url}/v1/ok") as allowed:  # the same session does connect
             assert allowed.status == 200
     finally:
-        await session.close()
+        await generation.close()
     assert [r.raw_path for r in upstream.recorder.requests] == ["/redirect", "/v1/ok"]
     assert await canary_accepts(canary) == []

@@ -181,7 +181,8 @@ async def test_keepalive_reuses_upstream_connection(
         for _ in range(5):
             async with client.get(gw.url + "/x") as resp:
                 await resp.read()
-    connector = gw.gateway._session.connector  # type: ignore[union-attr]
+    assert gw.gateway.generation is not None
+    connector = gw.gateway.generation.session.connector
     assert connector is not None
     pooled = sum(len(v) for v in connector._conns.values())  # type: ignore[attr-defined]
     assert pooled == 1

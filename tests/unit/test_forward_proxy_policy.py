@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 
 import pytest
 
 from gateway.config.model import GatewayConfig
-from gateway.errors import Code, GatewayError
+from gateway.errors import Code, GatewayError, Reason
 from gateway.pipeline import TUNNEL_ROUTE, tunnel_limit_settings
 from gateway.policy import proxyauth
 from gateway.policy.allowlist import Allowlist
@@ -137,7 +138,7 @@ def test_check_target_ip_literal_when_listed() -> None:
     "address", ["127.0.0.1", "10.1.2.3", "192.168.0.1", "169.254.169.254", "::1", "fe80::1"]
 )
 def test_check_address_without_deny_private_allows_everything(address: str) -> None:
-    assert policy(["api.braintrust.dev"]).check_address(address) is None
+    assert policy(["api.braintrust.dev"]).check_address("api.braintrust.dev", address) is None
 
 
 @pytest.mark.parametrize(
@@ -157,24 +158,28 @@ def test_check_address_without_deny_private_allows_everything(address: str) -> N
     ],
 )
 def test_check_address_with_deny_private_refuses_non_public(address: str) -> None:
-    error = policy(["api.braintrust.dev", "*.braintrust.dev"], deny_private=True).check_address(address)
+    checks = policy(["api.braintrust.dev", "*.braintrust.dev"], deny_private=True)
+    error = checks.check_address("api.braintrust.dev", address)
     assert isinstance(error, GatewayError)
-    assert error.code is Code.EGRESS_DENIED
+    assert error.code is Code.EGRESS_DENIED and error.reason is Reason.PRIVATE_ADDRESS
+    assert "api.braintrust.dev" in error.detail
+    assert address not in error.detail  # the log has the address, the client does not
 
 
 @pytest.mark.parametrize("address", ["8.8.8.8", "104.18.0.1", "2606:4700::1111"])
 def test_check_address_with_deny_private_allows_public(address: str) -> None:
-    assert policy(["api.braintrust.dev"], deny_private=True).check_address(address) is None
+    checks = policy(["api.braintrust.dev"], deny_private=True)
+    assert checks.check_address("api.braintrust.dev", address) is None
 
 
 def test_check_address_allows_a_private_address_listed_literally() -> None:
     p = policy(["api.braintrust.dev", "127.0.0.1", "10.0.0.7:443", "[::1]"], deny_private=True)
-    assert p.check_address("127.0.0.1") is None
-    assert p.check_address("10.0.0.7") is None  # listed with a port: still the literal
-    assert p.check_address("::1") is None
-    assert p.check_address("0:0:0:0:0:0:0:1") is None  # compared in compressed form
-    assert p.check_address("127.0.0.2") is not None
-    assert p.check_address("10.0.0.8") is not None
+    assert p.check_address("h.example", "127.0.0.1") is None
+    assert p.check_address("h.example", "10.0.0.7") is None  # listed with a port: still the literal
+    assert p.check_address("h.example", "::1") is None
+    assert p.check_address("h.example", "0:0:0:0:0:0:0:1") is None  # compared in compressed form
+    assert p.check_address("h.example", "127.0.0.2") is not None
+    assert p.check_address("h.example", "10.0.0.8") is not None
 
 
 # --- ScryptHash / hash_password ------------------------------------------------------------------------
@@ -245,11 +250,15 @@ def assert_challenge(result: str | GatewayError) -> None:
     assert REALM_HEADER == ("Proxy-Authenticate", 'Basic realm="bt-gateway"')
 
 
-def test_proxy_auth_accepts_the_right_password(alice_hash: ScryptHash) -> None:
+CLIENT = "10.0.0.1"
+
+
+async def test_proxy_auth_accepts_the_right_password(alice_hash: ScryptHash) -> None:
     auth = ProxyAuth({"alice": alice_hash})
-    assert auth.check(basic("alice", PASSWORD)) == "alice"
-    assert auth.check("basic " + _b64(f"alice:{PASSWORD}".encode())) == "alice"  # scheme is case-insensitive
-    assert auth.check("  Basic   " + _b64(f"alice:{PASSWORD}".encode()) + " ") == "alice"
+    assert await auth.check(basic("alice", PASSWORD), CLIENT) == "alice"
+    encoded = _b64(f"alice:{PASSWORD}".encode())
+    assert await auth.check("basic " + encoded, CLIENT) == "alice"  # the scheme is case-insensitive
+    assert await auth.check("  Basic   " + encoded + " ", CLIENT) == "alice"
 
 
 @pytest.mark.parametrize(
@@ -273,8 +282,8 @@ def test_proxy_auth_accepts_the_right_password(alice_hash: ScryptHash) -> None:
         "Basic \udcff",  # lone surrogate from a latin-1 header
     ],
 )
-def test_proxy_auth_refuses(alice_hash: ScryptHash, header: str | None) -> None:
-    assert_challenge(ProxyAuth({"alice": alice_hash}).check(header))
+async def test_proxy_auth_refuses(alice_hash: ScryptHash, header: str | None) -> None:
+    assert_challenge(await ProxyAuth({"alice": alice_hash}).check(header, CLIENT))
 
 
 def count_verify(monkeypatch: pytest.MonkeyPatch) -> list[int]:
@@ -290,33 +299,78 @@ def count_verify(monkeypatch: pytest.MonkeyPatch) -> list[int]:
     return calls
 
 
-def test_proxy_auth_caches_only_successes(alice_hash: ScryptHash, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_proxy_auth_caches_only_successes(
+    alice_hash: ScryptHash, monkeypatch: pytest.MonkeyPatch
+) -> None:
     calls = count_verify(monkeypatch)
     auth = ProxyAuth({"alice": alice_hash})
     good = basic("alice", PASSWORD)
-    assert auth.check(good) == "alice"
+    assert await auth.check(good, CLIENT) == "alice"
     assert calls[0] == 1
     for _ in range(5):
-        assert auth.check(good) == "alice"  # cache hit: no scrypt
+        assert await auth.check(good, CLIENT) == "alice"  # cache hit: no scrypt
     assert calls[0] == 1
     for _ in range(3):
-        assert_challenge(auth.check(basic("alice", "wrong")))  # failures are never remembered
+        assert_challenge(await auth.check(basic("alice", "wrong"), CLIENT))  # failures are never remembered
     assert calls[0] == 4
 
 
-def test_proxy_auth_cache_is_bounded(alice_hash: ScryptHash, monkeypatch: pytest.MonkeyPatch) -> None:
+async def test_proxy_auth_cache_is_bounded(alice_hash: ScryptHash, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(proxyauth, "_CACHE_SIZE", 2)
     calls = count_verify(monkeypatch)
     auth = ProxyAuth({"alice": alice_hash})
     encoded = _b64(f"alice:{PASSWORD}".encode())
     first, second, third = f"Basic {encoded}", f"basic {encoded}", f"BASIC {encoded}"  # three cache keys
     for header in (first, second, third):
-        assert auth.check(header) == "alice"
+        assert await auth.check(header, CLIENT) == "alice"
     assert calls[0] == 3
-    assert auth.check(third) == "alice" and auth.check(second) == "alice"
+    assert await auth.check(third, CLIENT) == "alice" and await auth.check(second, CLIENT) == "alice"
     assert calls[0] == 3
-    assert auth.check(first) == "alice"  # evicted (least recently used): verified again
+    assert await auth.check(first, CLIENT) == "alice"  # evicted (least recently used): verified again
     assert calls[0] == 4
+
+
+async def test_failed_attempts_per_address_are_limited_before_any_scrypt(
+    alice_hash: ScryptHash, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls = count_verify(monkeypatch)
+    clock = [1000.0]
+    auth = ProxyAuth({"alice": alice_hash}, max_failures_per_minute=3, clock=lambda: clock[0])
+    for _ in range(3):
+        assert_challenge(await auth.check(basic("alice", "guess"), CLIENT))
+        clock[0] += 10
+    refused = await auth.check(basic("alice", "guess"), CLIENT)  # t=30: the first failure ages out at 60
+    assert isinstance(refused, GatewayError) and refused.code is Code.TOO_MANY_AUTH_FAILURES
+    assert refused.status == 429 and dict(refused.headers)["Retry-After"] == "30"
+    assert calls[0] == 3  # the refused attempt cost no scrypt
+    assert_challenge(await auth.check(basic("alice", "guess"), "10.0.0.2"))  # other addresses unaffected
+    clock[0] += 30.5  # the first failure left the window
+    assert await auth.check(basic("alice", PASSWORD), CLIENT) == "alice"
+
+
+async def test_successes_do_not_count_as_failures(alice_hash: ScryptHash) -> None:
+    auth = ProxyAuth({"alice": alice_hash}, max_failures_per_minute=1)
+    encoded = _b64(f"alice:{PASSWORD}".encode())
+    for header in (f"Basic {encoded}", f"basic {encoded}", f"BASIC {encoded}"):  # each one verified
+        assert await auth.check(header, CLIENT) == "alice"
+    assert_challenge(await auth.check(basic("alice", "guess"), CLIENT))
+
+
+async def test_unknown_users_cost_the_same_scrypt_as_known_ones(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The decoy for unknown names takes the configured hash's cost, so timing tells no user names."""
+    costly = ScryptHash.parse(hash_password(PASSWORD, log2_n=12, r=4, p=2))
+    seen: list[tuple[int, int, int, int]] = []
+    real = hashlib.scrypt
+
+    def scrypt(password: bytes, *, salt: bytes, n: int, r: int, p: int, dklen: int, maxmem: int) -> bytes:
+        seen.append((n, r, p, dklen))
+        return real(password, salt=salt, n=n, r=r, p=p, dklen=dklen, maxmem=maxmem)
+
+    monkeypatch.setattr(proxyauth.hashlib, "scrypt", scrypt)
+    auth = ProxyAuth({"alice": costly})
+    assert_challenge(await auth.check(basic("alice", "wrong"), CLIENT))
+    assert_challenge(await auth.check(basic("mallory", "wrong"), CLIENT))
+    assert seen == [(4096, 4, 2, 32), (4096, 4, 2, 32)]
 
 
 # --- the tunnel limiter (the rate limiter, keyed by client address) ----------------------------------
