@@ -67,6 +67,8 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     root.handlers[:] = [handler]
     root.setLevel(_LEVELS[level])
     logging.getLogger("aiohttp.access").setLevel(logging.WARNING)  # we write our own access event
+    # The Redis client logs each retry; a store outage is ours to report, once (policy/ratelimit.py).
+    logging.getLogger("coredis").setLevel(logging.WARNING)
 
 
 def get_logger(name: str) -> Any:

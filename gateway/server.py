@@ -7,6 +7,7 @@ request target reaches the pipeline unaltered, and parser errors get the same JS
 from __future__ import annotations
 
 import asyncio
+import os
 import time
 from typing import Any
 
@@ -117,7 +118,7 @@ class Gateway:
         try:
             await site.start()
         except OSError as exc:
-            reason = (exc.strerror or str(exc)).lower()
+            reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
             raise StartupError(f"cannot listen on {where.host}:{where.port} ({name}): {reason}") from None
         server: Any = site._server
         return int(server.sockets[0].getsockname()[1])

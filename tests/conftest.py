@@ -5,12 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+import structlog
 import trustme
 from aiohttp import web
 
@@ -23,6 +24,18 @@ from tests.upstream_app import Recorder, make_app
 class Upstream:
     url: str
     port: int
+    recorder: Recorder
+
+
+NAME = "api.braintrust.test"  # the named TLS upstream's host name; only `resolve` maps can find it
+
+
+@dataclass
+class NamedUpstream:
+    """A TLS upstream reached by a name no DNS knows (`NAME`), with a certificate from the test CA."""
+
+    port: int
+    url: str  # https://api.braintrust.test:<port>
     recorder: Recorder
 
 
@@ -99,6 +112,24 @@ async def tls_upstream(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[Ups
     await runner.cleanup()
 
 
+@contextlib.asynccontextmanager
+async def serve_named_tls(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[NamedUpstream]:
+    recorder = Recorder()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert(NAME).configure_cert(context)
+    runner, port = await _serve(make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"), context)
+    try:
+        yield NamedUpstream(port=port, url=f"https://{NAME}:{port}", recorder=recorder)
+    finally:
+        await runner.cleanup()
+
+
+@pytest.fixture
+async def named_tls(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[NamedUpstream]:
+    async with serve_named_tls(test_ca, canary) as upstream:
+        yield upstream
+
+
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
 
@@ -136,3 +167,27 @@ def route_to(upstream: Upstream, **extra: Any) -> dict[str, Any]:
         "routes": [{"name": "app", "prefix": "/", "upstream": upstream.url}],
         **extra,
     }
+
+
+class Logs:
+    """Every event the in-process gateways log during one test (structlog's capture, filled live)."""
+
+    def __init__(self, entries: list[dict[str, Any]]) -> None:
+        self.entries = entries
+
+    def named(self, event: str) -> list[dict[str, Any]]:
+        return [entry for entry in self.entries if entry["event"] == event]
+
+    async def access(self, path: str) -> dict[str, Any]:
+        """The access event of the request to `path`, once the gateway logged it (bounded wait)."""
+        async with asyncio.timeout(15):
+            while not (found := [e for e in self.named("access") if e["path"] == path]):
+                await asyncio.sleep(0.01)
+        [event] = found
+        return event
+
+
+@pytest.fixture
+def logs() -> Iterator[Logs]:
+    with structlog.testing.capture_logs() as entries:
+        yield Logs(entries)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
@@ -61,6 +62,16 @@ class GatewayProcess:
 
     def events(self, name: str) -> list[dict[str, Any]]:
         return [line for line in self.lines if line.get("event") == name]
+
+    async def event(self, name: str, within_s: float = 15) -> dict[str, Any]:
+        """The first `name` event, waiting for the process to log it (a hang guard, not a timing check)."""
+        async with asyncio.timeout(within_s):
+            while not (found := self.events(name)):
+                await asyncio.sleep(0.01)
+        return found[0]
+
+    def signal(self, sig: int) -> None:
+        self.proc.send_signal(sig)
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -22,13 +22,15 @@ class Seen:
 
 @dataclass
 class Recorder:
-    requests: list[Seen] = field(default_factory=list)
+    requests: list[Seen] = field(default_factory=list)  # each appended once its body was read
+    started: list[str] = field(default_factory=list)  # raw paths, appended as each request arrives
     sse_gate: asyncio.Event = field(default_factory=asyncio.Event)
     disconnected: asyncio.Event = field(default_factory=asyncio.Event)
 
 
 def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web.Application:
     async def catch_all(request: web.Request) -> web.StreamResponse:
+        recorder.started.append(request.raw_path)
         size = 0
         async for chunk in request.content.iter_any():
             size += len(chunk)

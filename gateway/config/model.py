@@ -115,9 +115,9 @@ def limit_off(value: object) -> object:
     """`off` (or YAML `false`) turns a limit off: the same as `max_requests: 0`."""
     if value is False or value == "off":
         return {"max_requests": 0}
-    if value is True or isinstance(value, str):
-        raise ValueError("must be off or a mapping such as {max_requests: 100, window_minutes: 1}")
-    return value
+    if value is None or isinstance(value, dict | BaseModel):
+        return value
+    raise ValueError("must be off or a mapping such as {max_requests: 100, window_minutes: 1}")
 
 
 RESERVED_ROUTE_NAMES = frozenset({"forward_proxy", "tunnel"})  # the gateway's own names for its buckets

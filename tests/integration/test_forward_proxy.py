@@ -13,32 +13,23 @@ import base64
 import contextlib
 import json
 import ssl
-from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 import requests
-import trustme
 
-from gateway.policy.proxyauth import hash_password
+from gateway.policy.proxyauth import ScryptHash, hash_password
 from tests.clients import assert_error, curl, raw_connect, read_reply, send_raw
-from tests.conftest import Canary, GatewayFactory, Upstream, _serve
-from tests.upstream_app import Recorder, make_app
+from tests.conftest import NAME, Canary, GatewayFactory, Logs, NamedUpstream, Upstream
+from tests.upstream_app import Recorder
 
-NAME = "api.braintrust.test"  # the TLS upstream's name (CONNECT)
 PLAIN = "plain.braintrust.test"  # the plain upstream's name (absolute-form)
 USER, PASSWORD = "alice", "pw-Zq8vN3-never-logged"
 REALM = 'Basic realm="bt-gateway"'
-
-
-@dataclass
-class NamedUpstream:
-    port: int
-    url: str  # https://api.braintrust.test:<port>
-    recorder: Recorder
 
 
 def basic(user: str, password: str) -> str:
@@ -63,24 +54,6 @@ async def settle(predicate: Callable[[], bool], within_s: float = 5.0) -> bool:
 
 def seen_headers(recorder: Recorder) -> dict[str, str]:
     return {name.lower(): value for name, value in recorder.requests[-1].headers}
-
-
-@contextlib.asynccontextmanager
-async def serve_named_tls(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[NamedUpstream]:
-    recorder = Recorder()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    test_ca.issue_cert(NAME).configure_cert(context)
-    runner, port = await _serve(make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"), context)
-    try:
-        yield NamedUpstream(port=port, url=f"https://{NAME}:{port}", recorder=recorder)
-    finally:
-        await runner.cleanup()
-
-
-@pytest.fixture
-async def named_tls(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[NamedUpstream]:
-    async with serve_named_tls(test_ca, canary) as upstream:
-        yield upstream
 
 
 def proxy_config(tls: NamedUpstream, *extra_allow: str, **forward_proxy: Any) -> dict[str, Any]:
@@ -145,7 +118,7 @@ async def test_aiohttp_through_connect(
 
 
 async def test_denied_connect_targets_get_403_and_connect_nothing(
-    start_gateway: GatewayFactory, named_tls: NamedUpstream, canary: Canary
+    start_gateway: GatewayFactory, named_tls: NamedUpstream, canary: Canary, logs: Logs
 ) -> None:
     config = proxy_config(named_tls)
     config["forward_proxy"]["connect_ports"] = [named_tls.port, canary.port]
@@ -159,15 +132,18 @@ async def test_denied_connect_targets_get_403_and_connect_nothing(
             assert_error(await read_reply(reader), 403, "egress_denied")
     assert canary.accepts == []
     assert gw.gateway.tunnels.refused == 3 and gw.gateway.tunnels.opened == 0
+    for target in targets:
+        assert (await logs.access(target))["reason"] == "host_not_allowed"
 
 
 async def test_allowed_host_on_unlisted_port_gets_403(
-    start_gateway: GatewayFactory, named_tls: NamedUpstream, canary: Canary
+    start_gateway: GatewayFactory, named_tls: NamedUpstream, canary: Canary, logs: Logs
 ) -> None:
     gw = await start_gateway(**proxy_config(named_tls))  # NAME resolves to 127.0.0.1, like the canary
     async with raw_connect(gw.gateway.ports["listen"], f"{NAME}:{canary.port}") as (answer, _, _):
         assert_error(answer, 403, "egress_denied")
     assert canary.accepts == []
+    assert (await logs.access(f"{NAME}:{canary.port}"))["reason"] == "port_not_allowed"
 
 
 @pytest.mark.parametrize(
@@ -194,11 +170,12 @@ async def test_malformed_connect_target_is_400(
 
 @pytest.mark.parametrize("target", ["evil.com", "braintrust.dev:443@evil.com:443", f"{NAME}:0"])
 async def test_malformed_target_reaching_the_gateway_says_bad_connect_target(
-    start_gateway: GatewayFactory, named_tls: NamedUpstream, target: str
+    start_gateway: GatewayFactory, named_tls: NamedUpstream, target: str, logs: Logs
 ) -> None:
     gw = await start_gateway(**proxy_config(named_tls))
     async with raw_connect(gw.gateway.ports["listen"], target) as (answer, _, _):
         assert_error(answer, 400, "bad_connect_target")
+    assert (await logs.access(target))["reason"] == "malformed_target"
 
 
 @pytest.mark.parametrize("target", ["::1:443", ":443", f"{NAME}:443/x"])
@@ -293,6 +270,63 @@ async def test_absolute_form_to_unlisted_host_is_403(
 @pytest.fixture(scope="module")
 def user_hash() -> str:
     return hash_password(PASSWORD, log2_n=10)
+
+
+async def test_password_checks_run_off_the_event_loop(
+    start_gateway: GatewayFactory,
+    named_tls: NamedUpstream,
+    upstream: Upstream,
+    user_hash: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """While guesses are being verified (held here until the end), every other request is served."""
+    entered, release, held_too_long = threading.Semaphore(0), threading.Event(), []
+    real = ScryptHash.verify
+
+    def held_verify(stored: ScryptHash, password: str) -> bool:
+        entered.release()
+        if not release.wait(5):  # on the event loop this would freeze the plain request below
+            held_too_long.append(password)
+        return real(stored, password)
+
+    monkeypatch.setattr(ScryptHash, "verify", held_verify)
+    config = proxy_config(named_tls, f"127.0.0.1:{upstream.port}", auth={"users": {USER: user_hash}})
+    config["routes"] = [{"name": "app", "prefix": "/", "upstream": upstream.url}]
+    gw = await start_gateway(**config)
+    port = gw.gateway.ports["listen"]
+    guesses = [
+        asyncio.ensure_future(
+            send_raw(
+                port,
+                f"CONNECT {NAME}:{named_tls.port} HTTP/1.1\r\nHost: {NAME}\r\n"
+                f"Proxy-Authorization: {basic(USER, f'guess-{i}')}\r\n\r\n".encode(),
+            )
+        )
+        for i in range(4)
+    ]
+    assert await asyncio.to_thread(entered.acquire, True, 10)  # a check is under way
+    async with aiohttp.ClientSession() as client, client.get(gw.url + "/plain") as resp:
+        assert resp.status == 200
+    release.set()
+    assert [reply.status for reply in await asyncio.gather(*guesses)] == [407] * 4
+    assert held_too_long == []
+
+
+async def test_failed_proxy_logins_per_address_are_limited(
+    start_gateway: GatewayFactory, named_tls: NamedUpstream, user_hash: str
+) -> None:
+    auth = {"users": {USER: user_hash}, "max_failures_per_minute": 2}
+    gw = await start_gateway(**proxy_config(named_tls, auth=auth))
+    port = gw.gateway.ports["listen"]
+    target = f"{NAME}:{named_tls.port}"
+    for _ in range(2):
+        async with raw_connect(port, target, f"Proxy-Authorization: {basic(USER, 'guess')}\r\n") as (a, _, _):
+            assert_error(a, 407, "proxy_auth_required")
+    # Over the limit even the right password is refused, and no scrypt is spent on it.
+    async with raw_connect(port, target, f"Proxy-Authorization: {basic(USER, PASSWORD)}\r\n") as (a, _, _):
+        assert_error(a, 429, "too_many_auth_failures")
+        assert 1 <= int(a.headers["Retry-After"]) <= 60
+    assert gw.gateway.tunnels.opened == 0
 
 
 async def test_proxy_auth_required_for_connect_and_absolute_form(

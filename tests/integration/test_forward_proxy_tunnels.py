@@ -22,17 +22,15 @@ import trustme
 from gateway.policy.proxyauth import hash_password
 from gateway.tunnel import TunnelStats
 from tests.clients import HANG_GUARD_S, assert_error, closed_by_peer, curl, raw_connect, read_reply
-from tests.conftest import Canary, GatewayFactory, Upstream
+from tests.conftest import NAME, Canary, GatewayFactory, Logs, Upstream, serve_named_tls
 from tests.gateway_process import GatewayProcess
 from tests.integration.test_forward_proxy import (
-    NAME,
     PASSWORD,
     PLAIN,
     USER,
     basic,
     proxy_config,
     requests_get,
-    serve_named_tls,
     settle,
 )
 
@@ -186,13 +184,16 @@ async def test_new_tunnels_are_rate_limited_per_client(
 
 
 async def test_deny_private_refuses_a_name_resolving_to_loopback(
-    start_gateway: GatewayFactory, canary: Canary
+    start_gateway: GatewayFactory, canary: Canary, logs: Logs
 ) -> None:
     gw = await start_gateway(**tunnel_config(canary.port, deny_private_addresses=True))
     async with raw_connect(gw.gateway.ports["listen"], f"{NAME}:{canary.port}") as (answer, _, _):
         assert_error(answer, 403, "egress_denied")
     assert gw.gateway.tunnels.refused == 1 and gw.gateway.tunnels.opened == 0
     assert canary.accepts == []
+    assert "127.0.0.1" not in answer.json()["error"]["message"]  # the client learns the name it asked for
+    event = await logs.access(f"{NAME}:{canary.port}")
+    assert (event["reason"], event["upstream_address"]) == ("private_address", "127.0.0.1")
 
 
 async def test_deny_private_allows_a_literally_listed_address(

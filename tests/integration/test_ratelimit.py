@@ -125,10 +125,13 @@ async def test_redis_outage_fails_open_or_closed_then_recovers(
     urls = [g.url for g in gateways]
     try:
         assert await _spread(urls, 2) == [200, 200]
+        ready_before = await _readyz(gateways)
         redis.stop()
         during = await _spread(urls, 10)
+        ready_during = await _readyz(gateways)
         redis.start()
         after = await _reconnected(urls)
+        ready_after = await _readyz(gateways)
     finally:
         for g in gateways:
             g.stop()
@@ -136,11 +139,60 @@ async def test_redis_outage_fails_open_or_closed_then_recovers(
     expected = 200 if mode == "allow" else 503
     assert during == [expected] * 10
     assert after[-1] == 429  # limiting resumed without restarting the gateways
+    assert ready_before == ready_after == [200, 200]
+    assert ready_during == [expected, expected]  # a fail-closed gateway tells its load balancer
     for g in gateways:
         assert len(g.events("rate_limit_storage_unavailable")) == 1  # once per outage, not per request
         assert len(g.events("rate_limit_storage_recovered")) == 1
         codes = {a["error_code"] for a in g.events("access") if a["status"] == 503}
         assert codes <= {"rate_limit_unavailable"}
+        assert not [line for line in g.raw_lines if "Retry attempt" in line]  # the client library is quiet
+
+
+async def _readyz(gateways: list[GatewayProcess]) -> list[int]:
+    async with aiohttp.ClientSession() as client:
+        statuses = []
+        for g in gateways:
+            async with client.get(f"http://127.0.0.1:{g.admin_port}/readyz") as resp:
+                statuses.append(resp.status)
+        return statuses
+
+
+@pytest.mark.redis
+async def test_a_replica_that_stops_leaves_the_shared_counters_alone(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """A deploy stops replicas one by one: the others must keep every token's count."""
+    redis = RedisServer(tmp_path)
+    first, second = _two_gateways(tmp_path, upstream, {"max_requests": 3, "storage": redis.url})
+    try:
+        assert await _spread([first.url, second.url], 3) == [200, 200, 200]
+        first.terminate()
+        assert await asyncio.to_thread(first.wait) == 0
+        assert first.events("gateway_stopped")
+        assert await _spread([second.url], 1) == [429]
+    finally:
+        first.stop()
+        second.stop()
+        redis.stop()
+
+
+async def test_anonymous_deny_applies_only_where_a_limit_applies(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    host = upstream.url.split("://")[1]
+    gw = await start_gateway(
+        allowlist=[host],
+        routes=[
+            {"name": "app", "prefix": "/", "upstream": upstream.url},
+            {"name": "data", "prefix": "/data-plane", "upstream": upstream.url, "rate_limit": "off"},
+        ],
+        rate_limit={"max_requests": 5, "anonymous": "deny"},
+    )
+    async with aiohttp.ClientSession() as client:
+        assert (await hit(client, gw.url + "/data-plane/logs3", token=None)).status == 200
+        refused = await hit(client, gw.url + "/v1/x", token=None)
+    assert refused.status == 401
 
 
 async def _reconnected(urls: list[str]) -> list[int]:

@@ -1,10 +1,16 @@
 from __future__ import annotations
 
+import itertools
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
+import yaml
+from pydantic import BaseModel
 
 from gateway.config.load import ConfigError, config_path, format_key, load_config
+from gateway.config.messages import _model_in
 from gateway.config.model import GatewayConfig
 from gateway.config.overrides import flag
 
@@ -119,3 +125,133 @@ def test_config_is_immutable() -> None:
     config = GatewayConfig()
     with pytest.raises(ValueError, match="frozen"):
         config.listen.port = 1  # type: ignore[misc]
+
+
+# --- YAML as people write it ----------------------------------------------------------------------
+
+ROUTE = "routes:\n  - {name: app, prefix: /, upstream: https://www.braintrust.dev, rate_limit: %s}\n"
+
+
+@pytest.mark.parametrize("word", ["off", "false", "'off'"])
+def test_a_route_limit_is_turned_off_by_off_or_false(tmp_path: Path, word: str) -> None:
+    route = loads(tmp_path, ROUTE % word).routes[0]
+    assert route.rate_limit is not None and route.rate_limit.max_requests == 0
+
+
+@pytest.mark.parametrize("word", ["no", "true", "on", "5"])
+def test_other_words_for_a_route_limit_are_refused(tmp_path: Path, word: str) -> None:
+    assert problems(tmp_path, ROUTE % word) == [
+        "F:2: routes[0].rate_limit: must be off or a mapping such as {max_requests: 100, window_minutes: 1}"
+    ]
+
+
+def test_the_global_limit_can_be_off_too(tmp_path: Path) -> None:
+    assert loads(tmp_path, "rate_limit: off\n").rate_limit.max_requests == 0
+
+
+def test_yaml_1_1_words_stay_words(tmp_path: Path) -> None:
+    """Only true/false are booleans: `off`, `no`, `on`, `yes` reach the config as the user wrote them."""
+    config = loads(tmp_path, "forward_proxy: {enabled: off}\nrewrite: {enabled: yes}\n")
+    assert config.forward_proxy.enabled is False and config.rewrite.enabled is True  # then read as bools
+    assert problems(tmp_path, "logging: {level: on}\n") == [
+        "F:1: logging.level: must be 'debug', 'info', 'warning' or 'error'"
+    ]
+
+
+def test_repeated_keys_name_the_key_and_both_lines(tmp_path: Path) -> None:
+    text = (
+        "rate_limit:\n  max_requests: 5\n"
+        "routes:\n  - name: app\n    prefix: /\n    upstream: https://www.braintrust.dev\n    prefix: /x\n"
+        "rate_limit: off\n"
+    )
+    assert problems(tmp_path, text) == [
+        "F:7: routes[0].prefix: key appears twice, at lines 5 and 7",
+        "F:8: rate_limit: key appears twice, at lines 1 and 8",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        (
+            "rate_limit: {max_request: 5}\n",
+            ["F:1: rate_limit.max_request: unknown key; did you mean 'max_requests'?"],
+        ),
+        (
+            "routes:\n  - {name: app, prefix: /, upstrem: https://www.braintrust.dev}\n",
+            [
+                "F:2: routes[0].upstream: required key is missing",
+                "F:2: routes[0].upstrem: unknown key; did you mean 'upstream'?",
+            ],
+        ),
+        ("listen: {zzz: 1}\n", ["F:1: listen.zzz: unknown key; valid keys here: host, port"]),
+        (
+            "rewrite: {rules: [{form: 'https://a.example', to: 'https://b.example'}]}\n",
+            [
+                "F:1: rewrite.rules[0].from: required key is missing",
+                "F:1: rewrite.rules[0].form: unknown key; did you mean 'from'?",  # the alias people write
+            ],
+        ),
+    ],
+)
+def test_unknown_keys_suggest_the_closest_valid_one(tmp_path: Path, text: str, expected: list[str]) -> None:
+    assert problems(tmp_path, text) == expected
+
+
+JARGON = (
+    "Input should",
+    "instance of",
+    "valid tuple",
+    "dictionary",
+    "literal",
+    "union",
+    "Value error",
+    "model",
+)
+BAD_VALUES: list[Any] = [[[1]], {"zz": 1}, -5, "not a valid value"]
+
+
+def _leaf_keys(model: type[BaseModel], prefix: tuple[str | int, ...]) -> list[tuple[str | int, ...]]:
+    keys: list[tuple[str | int, ...]] = []
+    for name, info in model.model_fields.items():
+        key = (*prefix, info.alias or name)
+        nested = _model_in(info.annotation)
+        if nested is not None:
+            keys.append(key)  # the section itself, given a wrong type
+            keys += _leaf_keys(nested, (*key, 0) if key == ("routes",) or key[-1] == "rules" else key)
+        else:
+            keys.append(key)
+    return keys
+
+
+def _with(key: tuple[str | int, ...], value: Any) -> dict[str, Any]:
+    """A config whose only fault is `value` at `key` (a list index means: in the first item)."""
+    data: dict[str, Any] = {}
+    node: Any = data
+    for part, following in itertools.pairwise(key):
+        if isinstance(following, int):
+            base = (
+                {"name": "app", "prefix": "/", "upstream": "https://www.braintrust.dev"}
+                if part == "routes"
+                else {"from": "https://a.example", "to": "https://b.example"}
+            )
+            node[part] = [base]
+            node = base
+        elif not isinstance(part, int):
+            node = node.setdefault(part, {})
+    node[key[-1]] = value
+    return data
+
+
+@pytest.mark.parametrize("key", _leaf_keys(GatewayConfig, ()), ids=format_key)
+def test_no_problem_is_worded_in_library_jargon(tmp_path: Path, key: tuple[str | int, ...]) -> None:
+    """Every key, given every kind of wrong value: each problem line is in config words."""
+    for value in BAD_VALUES:
+        path = tmp_path / "g.yaml"
+        path.write_text(yaml.safe_dump(_with(key, value)))
+        try:
+            load_config(path, {})
+        except ConfigError as exc:
+            for line in exc.problems:
+                assert re.fullmatch(rf"{re.escape(str(path))}:\d+: [\w.\[\]-]+: \S.*", line), line
+                assert not [word for word in JARGON if word.lower() in line.lower()], line

@@ -1,0 +1,123 @@
+"""The real CLI's lifecycle: drain that load balancers can see, failed starts, SIGHUP.
+
+Each test runs `bt-gateway serve` as a subprocess, because signals, exit codes and start-up output are
+the behaviour under test.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.conftest import Upstream
+from tests.gateway_process import GatewayProcess
+
+
+def config_for(upstream: Upstream, **extra: object) -> dict[str, object]:
+    host = upstream.url.split("://")[1]
+    return {
+        "allowlist": [host],
+        "routes": [{"name": "app", "prefix": "/", "upstream": upstream.url}],
+        **extra,
+    }
+
+
+async def status_of(client: aiohttp.ClientSession, url: str) -> int:
+    async with client.get(url) as resp:
+        await resp.read()
+        return resp.status
+
+
+async def until_status(client: aiohttp.ClientSession, url: str, wanted: int) -> None:
+    """Poll until `url` answers `wanted` (the signal is delivered asynchronously); bounded."""
+    async with asyncio.timeout(15):
+        while await status_of(client, url) != wanted:
+            await asyncio.sleep(0.01)
+
+
+async def test_sigterm_turns_readiness_off_first_and_keeps_serving_for_the_delay(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    gw = GatewayProcess(config_for(upstream, shutdown_delay_s=60, shutdown_timeout_s=10), tmp_path)
+    readyz = f"http://127.0.0.1:{gw.admin_port}/readyz"
+    try:
+        async with aiohttp.ClientSession() as client, aiohttp.ClientSession() as fresh:
+            assert await status_of(client, readyz) == 200
+            in_flight = await client.get(gw.url + "/sse")
+            assert await in_flight.content.readuntil(b"\n\n") == b"data: first\n\n"
+            gw.terminate()
+            await until_status(client, readyz, 503)
+            # Load balancers now stop sending; whatever still arrives during the delay is served.
+            assert await status_of(fresh, gw.url + "/during-delay") == 200
+            gw.signal(signal.SIGTERM)  # a second signal ends the delay: stop accepting now
+            await gw.event("gateway_stopping")
+            with pytest.raises(aiohttp.ClientConnectionError):
+                await status_of(fresh, gw.url + "/after-delay")
+            upstream.recorder.sse_gate.set()  # the in-flight stream still completes
+            assert await in_flight.content.read() == b"data: second\n\n"
+            in_flight.release()
+        assert await asyncio.to_thread(gw.wait) == 0
+    finally:
+        gw.stop()
+    assert gw.events("gateway_draining")[0]["shutdown_delay_s"] == 60
+    assert [a["path"] for a in gw.events("access")] == ["/during-delay", "/sse"]
+
+
+async def test_the_delay_ends_by_itself(tmp_path: Path, upstream: Upstream) -> None:
+    gw = GatewayProcess(config_for(upstream, shutdown_delay_s=0.5), tmp_path)
+    try:
+        gw.terminate()
+        assert await asyncio.to_thread(gw.wait) == 0
+    finally:
+        gw.stop()
+    names = [line.get("event") for line in gw.lines]
+    assert names.index("gateway_draining") < names.index("gateway_stopping") < names.index("gateway_stopped")
+
+
+async def test_sighup_is_logged_and_the_gateway_keeps_serving(tmp_path: Path, upstream: Upstream) -> None:
+    gw = GatewayProcess(config_for(upstream), tmp_path)
+    try:
+        gw.signal(signal.SIGHUP)
+        await gw.event("reload_not_supported")
+        async with aiohttp.ClientSession() as client:
+            assert await status_of(client, gw.url + "/x") == 200
+        assert gw.proc.poll() is None
+    finally:
+        assert gw.stop() == 0
+
+
+def _serve_on(tmp_path: Path, listen_port: int, admin_port: int) -> subprocess.CompletedProcess[str]:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(
+        json.dumps({"listen": {"host": "127.0.0.1", "port": listen_port}, "admin": {"port": admin_port}})
+    )
+    script = str(Path(sys.executable).parent / "bt-gateway")
+    return subprocess.run([script, "serve", "-c", str(path)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("busy", ["listen", "admin"])
+def test_a_port_in_use_fails_the_start_in_one_line(tmp_path: Path, busy: str) -> None:
+    """Exit 1 with one JSON line saying which listener and why; nothing opened is left behind."""
+    with socket.socket() as taken, socket.socket() as spare:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        spare.bind(("127.0.0.1", 0))
+        busy_port, free_port = taken.getsockname()[1], spare.getsockname()[1]
+        spare.close()  # free again: the other listener opens there first, then must be closed
+        ports = (busy_port, free_port) if busy == "listen" else (free_port, busy_port)
+        result = _serve_on(tmp_path, *ports)
+    assert result.returncode == 1
+    assert result.stderr == ""
+    [line] = result.stdout.splitlines()
+    event = json.loads(line)
+    assert event["event"] == "startup_failed" and event["level"] == "error"
+    assert event["error"] == f"cannot listen on 127.0.0.1:{busy_port} ({busy}): address already in use"
+    assert event["config"] == str(tmp_path / "gateway.yaml")
