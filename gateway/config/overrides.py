@@ -58,6 +58,7 @@ ENV_OVERRIDES: dict[str, Override] = dict(
         _env("BT_GATEWAY_LOGGING_LEVEL", "logging", "level"),
         _env("BT_GATEWAY_LOGGING_FORMAT", "logging", "format"),
         _env("BT_GATEWAY_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_s"),
+        _env("BT_GATEWAY_SHUTDOWN_DELAY_S", "shutdown_delay_s"),
     ]
 )
 

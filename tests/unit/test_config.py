@@ -255,3 +255,15 @@ def test_no_problem_is_worded_in_library_jargon(tmp_path: Path, key: tuple[str |
             for line in exc.problems:
                 assert re.fullmatch(rf"{re.escape(str(path))}:\d+: [\w.\[\]-]+: \S.*", line), line
                 assert not [word for word in JARGON if word.lower() in line.lower()], line
+
+
+def test_the_shipped_data_route_example_loads_as_written(tmp_path: Path) -> None:
+    """Uncommenting the documented data route (its `rate_limit: off` included) must just work."""
+    lines = SHIPPED.read_text().splitlines()
+    start = lines.index("  # - name: data")
+    example = [line.replace("  # ", "  ", 1) for line in lines[start : start + 5]]
+    text = "\n".join([*lines[:start], *example, *lines[start + 5 :]])
+    text = text.replace("  - braintrust.dev\n", "  - braintrust.dev\n  - api.braintrust.dev\n")
+    data = loads(tmp_path, text).route("data")
+    assert data is not None and data.advertise
+    assert data.rate_limit is not None and data.rate_limit.max_requests == 0
