@@ -92,6 +92,7 @@ async def test_sighup_is_logged_and_the_gateway_keeps_serving(tmp_path: Path, up
         assert gw.proc.poll() is None
     finally:
         assert gw.stop() == 0
+    assert gw.events("gateway_started")[0]["config"] == str(gw.config_path)  # which file it serves
 
 
 def _serve_on(tmp_path: Path, listen_port: int, admin_port: int) -> subprocess.CompletedProcess[str]:
