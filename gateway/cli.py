@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_errors(exc.problems)
     if args.command == "check-config":
         return check_config(loaded)
-    return serve(loaded)
+    return serve(loaded, _flags(args))
 
 
 def _config_errors(problems: list[str]) -> int:
@@ -149,30 +149,34 @@ async def _build_and_close(loaded: LoadedConfig) -> list[str]:
     return []
 
 
-def serve(loaded: LoadedConfig) -> int:
+def serve(loaded: LoadedConfig, flags: tuple[Override, ...] = ()) -> int:
     """Run until SIGTERM/SIGINT, then drain (`shutdown_delay_s`, then `shutdown_timeout_s`) and exit 0."""
     config = loaded.config
     configure(config.logging.level, config.logging.format)
-    code: int = _event_loop_runner()(_serve(loaded))
+    code: int = _event_loop_runner()(_serve(loaded, flags))
     return code
 
 
-async def _serve(loaded: LoadedConfig) -> int:
+async def _serve(loaded: LoadedConfig, flags: tuple[Override, ...]) -> int:
+    """Serve until a stop signal; SIGHUP reloads the config (re-read with the same flags)."""
     from gateway.generation import BuildError
     from gateway.server import Gateway, StartupError
 
     log = get_logger("gateway.cli")
-    gateway = Gateway(loaded.config)
+    loop = asyncio.get_running_loop()
+    gateway = Gateway(loaded.config, source=lambda: load_config(loaded.path, os.environ, flags))
     stop, hurry = asyncio.Event(), asyncio.Event()
+    reloads: set[asyncio.Task[Any]] = set()
 
     def on_stop() -> None:
         """The first signal starts a graceful stop; a second one cuts `shutdown_delay_s` short."""
         (hurry if stop.is_set() else stop).set()
 
     def on_reload() -> None:
-        log.warning("reload_not_supported", detail="SIGHUP is ignored; restart to apply a new config")
+        task = loop.create_task(gateway.reload())
+        reloads.add(task)
+        task.add_done_callback(reloads.discard)
 
-    loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, on_stop)
     loop.add_signal_handler(signal.SIGHUP, on_reload)

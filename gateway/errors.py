@@ -18,6 +18,8 @@ class Code(StrEnum):
     NOT_FOUND = "no_route"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     EGRESS_DENIED = "egress_denied"
+    PATH_DENIED = "path_denied"
+    BAD_PATH = "bad_path"
     PROXY_AUTH_REQUIRED = "proxy_auth_required"
     UNAUTHENTICATED = "unauthenticated"
     RATE_LIMITED = "rate_limited"
@@ -41,6 +43,8 @@ STATUS: dict[Code, int] = {
     Code.NOT_FOUND: 404,
     Code.METHOD_NOT_ALLOWED: 405,
     Code.EGRESS_DENIED: 403,
+    Code.PATH_DENIED: 403,
+    Code.BAD_PATH: 400,
     Code.PROXY_AUTH_REQUIRED: 407,
     Code.UNAUTHENTICATED: 401,
     Code.RATE_LIMITED: 429,
@@ -70,6 +74,7 @@ class Reason(StrEnum):
     PRIVATE_ADDRESS = "private_address"  # a tunnel name that resolved to a non-public address
     MALFORMED_TARGET = "malformed_target"
     NO_ROUTE = "no_route"
+    PATH_DENIED = "path_denied"
     CONNECTION_REFUSED = "connection_refused"
     DNS_FAILURE = "dns_failure"
     TLS_VERIFICATION = "tls_verification"

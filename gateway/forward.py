@@ -6,6 +6,7 @@ is written to the client chunk by chunk as it arrives (so SSE and chunked respon
 
 from __future__ import annotations
 
+import time
 from collections.abc import AsyncIterator
 
 import aiohttp
@@ -13,8 +14,8 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.errors import Code, GatewayError, GatewayFailure
+from gateway.exchange import CLIENT_GONE, Exchange
 from gateway.headers import downstream_response_headers, upstream_request_headers
-from gateway.pipeline import CLIENT_GONE, Exchange, Target
 from gateway.policy.urlrewrite import REWRITE_HEADERS, BodyRewriter, RewritePolicy, RuleSet
 from gateway.responses import RelayedResponse
 from gateway.upstream import client_error
@@ -56,18 +57,18 @@ async def _request_body(
 async def forward(
     request: web.BaseRequest,
     exchange: Exchange,
-    target: Target,
     session: aiohttp.ClientSession,
     *,
     max_body: int,
     proxy: str | None,
-    extra_headers: tuple[tuple[str, str], ...] = (),
     rules: RuleSet | None = None,
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; raise GatewayFailure before any byte is sent.
 
     Failures are the client's (413, 499) when its body broke, else mapped by `client_error`.
     """
+    target = exchange.target
+    assert target is not None  # routed by the chain
     headers = upstream_request_headers(
         request.headers,
         host_header=target.route.host_header,
@@ -78,6 +79,7 @@ async def forward(
     )
     state = UploadState()
     body = _request_body(request, exchange, max_body, state) if request.body_exists else None
+    started = time.perf_counter()
     try:
         upstream = await session.request(
             request.method,
@@ -91,8 +93,9 @@ async def forward(
         if state.client_error is not None:
             raise GatewayFailure(state.client_error) from exc
         raise GatewayFailure(client_error(exc, target.route.host)) from exc
+    exchange.upstream_seconds = time.perf_counter() - started
     try:
-        return await _relay(request, exchange, upstream, extra_headers, rules, host=target.route.host)
+        return await _relay(request, exchange, upstream, rules, host=target.route.host)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise GatewayFailure(client_error(exc, target.route.host)) from exc
     finally:
@@ -103,7 +106,6 @@ async def _relay(
     request: web.BaseRequest,
     exchange: Exchange,
     upstream: aiohttp.ClientResponse,
-    extra_headers: tuple[tuple[str, str], ...],
     rules: RuleSet | None,
     *,
     host: str,
@@ -112,7 +114,7 @@ async def _relay(
     headers = downstream_response_headers(upstream.headers, exchange.request_id)
     body = _rewriter(request, upstream, headers, rules, exchange)
     response.headers.extend(headers)
-    response.headers.extend(extra_headers)  # ours appended; upstream's own RateLimit fields are kept
+    response.headers.extend(exchange.response_headers)  # ours appended; upstream's RateLimit fields kept
     exchange.status = exchange.upstream_status = upstream.status
     if body is None and not await _send(request, response, exchange, b""):
         return response  # nothing to rewrite: headers go at once (SSE clients see them)

@@ -1,28 +1,38 @@
-"""One config's runtime, built whole: policies, limiters, egress guard, resolver and upstream session.
+"""One config's runtime, built whole: the step chains, limiters, egress guard, resolver and upstream session.
 
-`check-config` builds one and closes it without opening a listener, so whatever `serve` would refuse at
-start, `check-config` refuses first, with the key at fault. The server holds one generation at a time and a
-request keeps the one it started with, so a later reload can swap the whole object at once.
+`check-config` builds one and closes it without opening a listener, so whatever `serve` would refuse,
+`check-config` refuses first, with the key at fault. The server holds one generation at a time; a request
+holds the one it started with until it ends, and a generation replaced by a reload is closed when its last
+request is done.
 """
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import TypeVar
 
 import aiohttp
 from limits.errors import ConfigurationError
 from yarl import URL
 
+from gateway.chain import Chain, connect_chain, http_chain, path_deny_lists
 from gateway.config.model import GatewayConfig
 from gateway.config.overrides import KeyPath
-from gateway.pipeline import Pipeline, rate_limit_settings, rewrite_policy, tunnel_limit_settings
-from gateway.policy.ratelimit import RateLimiter
-from gateway.tunnel import TunnelDialer, UpstreamProxy
+from gateway.dial import TunnelDialer, UpstreamProxy
+from gateway.logs import get_logger
+from gateway.policy.allowlist import Allowlist
+from gateway.policy.external_url import ExternalUrl
+from gateway.policy.forward_proxy import ForwardProxyPolicy
+from gateway.policy.proxyauth import ProxyAuth, ScryptHash
+from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings
+from gateway.policy.routes import RouteTable, RouteTarget
+from gateway.policy.urlrewrite import RewritePolicy
+from gateway.steps import ResponseRewrite, SizeLimits
 from gateway.upstream import EgressGuard, EgressResolver, build_session, tls_context
 
 T = TypeVar("T")
+log = get_logger("gateway.generation")
 
 
 class BuildError(Exception):
@@ -42,46 +52,210 @@ def _built(key: KeyPath, factory: Callable[[], T]) -> T:
         raise BuildError(key, str(exc)) from None
 
 
-@dataclass(frozen=True, kw_only=True, slots=True)
-class Generation:
-    """Everything one config builds, closed together; never mutated after `build`."""
+def rate_limit_settings(config: GatewayConfig) -> RateLimitSettings:
+    """The limiter's settings: the global limit plus per-route overrides (`max_requests: 0` is off)."""
+    rl = config.rate_limit
+    routes: dict[str, LimitSpec | None] = {}
+    for route in config.routes:
+        if route.rate_limit is not None:
+            routes[route.name] = LimitSpec(route.rate_limit.max_requests, route.rate_limit.window_s)
+    return RateLimitSettings(
+        default=LimitSpec(rl.max_requests, rl.window_s),
+        routes=routes,
+        strategy=rl.strategy,
+        storage=rl.storage,
+        on_storage_error=rl.on_storage_error,
+        storage_timeout_ms=rl.storage_timeout_ms,
+        anonymous=rl.anonymous,
+    )
 
-    config: GatewayConfig
-    pipeline: Pipeline
-    guard: EgressGuard
-    resolver: EgressResolver
-    session: aiohttp.ClientSession
-    limiter: RateLimiter
-    tunnel_limiter: RateLimiter
-    dialer: TunnelDialer | None  # None when forward-proxy mode is off
+
+def tunnel_limit_settings(config: GatewayConfig) -> RateLimitSettings:
+    """New tunnels per client address: the same limiter, in process memory (it guards this process)."""
+    rate = config.forward_proxy.rate_limit
+    return RateLimitSettings(default=LimitSpec(rate.max_tunnels, rate.window_s))
+
+
+def rewrite_policy(config: GatewayConfig) -> RewritePolicy:
+    """Built-in rules (app upstream -> public_url), then the config's extra rules, then advertised routes."""
+    static: list[tuple[str, str]] = []
+    app = config.route("app")
+    if app is not None:
+        static.append((app.upstream, config.public_url))
+    static += [(rule.from_, rule.to) for rule in config.rewrite.rules]
+    advertised = tuple((str(URL(r.upstream).origin()), r.prefix) for r in config.routes if r.advertise)
+    return RewritePolicy(tuple(static), advertised, config.rewrite.max_buffer_kb * 1024)
+
+
+def _limiter(
+    settings: RateLimitSettings, previous: RateLimiter | None, on_storage_error: Callable[[], None]
+) -> RateLimiter:
+    """A limiter that takes over the previous generation's store when it is the same one.
+
+    Counters are keyed by route, key and limit, so across a reload a limit left unchanged keeps counting
+    where it was, and a changed one starts afresh.
+    """
+    storage = None
+    if previous is not None and previous.settings.storage == settings.storage:
+        storage = previous.storage  # ownership moves only once the whole generation is built
+    return RateLimiter(settings, storage=storage, on_storage_error=on_storage_error)
+
+
+class Generation:
+    """Everything one config builds, closed together. Only its count of requests in flight changes."""
+
+    def __init__(
+        self,
+        *,
+        config: GatewayConfig,
+        http: Chain,
+        connect: Chain,
+        rewrite: ResponseRewrite | None,
+        dialer: TunnelDialer | None,
+        guard: EgressGuard,
+        resolver: EgressResolver,
+        session: aiohttp.ClientSession,
+        limiter: RateLimiter,
+        tunnel_limiter: RateLimiter,
+        proxy_auth: ProxyAuth | None,
+    ) -> None:
+        self.config = config
+        self.http = http
+        self.connect = connect
+        self.rewrite = rewrite
+        self.dialer = dialer  # None when forward-proxy mode is off
+        self.guard = guard
+        self.resolver = resolver
+        self.session = session
+        self.limiter = limiter
+        self.tunnel_limiter = tunnel_limiter
+        self.proxy_auth = proxy_auth
+        self.max_body_bytes = int(config.limits.max_body_mb * 1024 * 1024)
+        self._in_flight = 0
+        self._served = 0
+        self._retired = False
+        self._closing: asyncio.Task[None] | None = None
 
     @classmethod
-    async def build(cls, config: GatewayConfig) -> Generation:
-        """Build every part (the session needs a running loop); raise BuildError on the first fault."""
-        rewrite = _built(("rewrite",), lambda: rewrite_policy(config)) if config.rewrite.enabled else None
-        pipeline = Pipeline(config, rewrite)
-        proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
-        guard = EgressGuard(pipeline.allowlist, frozenset({proxy_host} if proxy_host else ()))
-        resolver = EgressResolver(guard, config.resolve)
+    async def build(
+        cls,
+        config: GatewayConfig,
+        previous: Generation | None = None,
+        on_storage_error: Callable[[], None] = lambda: None,
+    ) -> Generation:
+        """Build every part (the session needs a running loop); raise BuildError on the first fault.
+
+        With `previous`, rate-limit stores that did not change are taken over, counters and all.
+        """
+        rewrite = None
+        if config.rewrite.enabled:
+            policy = _built(("rewrite",), lambda: rewrite_policy(config))
+            rewrite = ResponseRewrite(policy, ExternalUrl(config.advertise_url, config.trusted_proxies))
+        allowlist = Allowlist.parse(config.allowlist)
+        fp = config.forward_proxy
+        forward_proxy = (
+            ForwardProxyPolicy(allowlist, fp.connect_ports, fp.deny_private_addresses) if fp.enabled else None
+        )
+        proxy_auth = (
+            ProxyAuth(
+                {n: ScryptHash.parse(h) for n, h in fp.auth.users.items()}, fp.auth.max_failures_per_minute
+            )
+            if fp.auth
+            else None
+        )
         tls = _built(("upstream", "ca_bundle"), lambda: tls_context(config.upstream.ca_bundle))
-        limiter = _built(("rate_limit", "storage"), lambda: RateLimiter(rate_limit_settings(config)))
-        tunnel_limiter = RateLimiter(tunnel_limit_settings(config))
+        limiter = _built(
+            ("rate_limit", "storage"),
+            lambda: _limiter(
+                rate_limit_settings(config), previous.limiter if previous else None, on_storage_error
+            ),
+        )
+        tunnel_limiter = _limiter(
+            tunnel_limit_settings(config), previous.tunnel_limiter if previous else None, lambda: None
+        )
+        proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
+        guard = EgressGuard(allowlist, frozenset({proxy_host} if proxy_host else ()))
+        resolver = EgressResolver(guard, config.resolve)
         session = build_session(config, guard, resolver, tls)
         dialer = None
-        if pipeline.forward_proxy is not None:
+        if forward_proxy is not None:
             proxy = UpstreamProxy.parse(config.upstream.proxy)
-            timeout = config.upstream.connect_timeout_s
-            dialer = TunnelDialer(pipeline.forward_proxy, resolver, timeout, tls, proxy)
+            dialer = TunnelDialer(forward_proxy, resolver, config.upstream.connect_timeout_s, tls, proxy)
+        limits = SizeLimits(config.limits.max_header_kb * 1024, int(config.limits.max_body_mb * 1024 * 1024))
+        routes = RouteTable(tuple(RouteTarget.from_url(r.name, r.prefix, r.upstream) for r in config.routes))
+        deny = path_deny_lists(config.deny_paths, {r.name: r.deny_paths for r in config.routes})
+        http = http_chain(
+            limits=limits,
+            public_url=config.public_url,
+            routes=routes,
+            allowlist=allowlist,
+            forward_proxy=fp.enabled,
+            proxy_auth=proxy_auth,
+            deny=deny,
+            limiter=limiter,
+        )
+        connect = connect_chain(
+            limits=limits,
+            policy=forward_proxy,
+            allowlist=allowlist,
+            proxy_auth=proxy_auth,
+            tunnel_limiter=tunnel_limiter,
+        )
+        if previous is not None:
+            for old, new in ((previous.limiter, limiter), (previous.tunnel_limiter, tunnel_limiter)):
+                if new.storage is old.storage:
+                    old.hand_over_storage()
         return cls(
             config=config,
-            pipeline=pipeline,
+            http=http,
+            connect=connect,
+            rewrite=rewrite,
+            dialer=dialer,
             guard=guard,
             resolver=resolver,
             session=session,
             limiter=limiter,
             tunnel_limiter=tunnel_limiter,
-            dialer=dialer,
+            proxy_auth=proxy_auth,
         )
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def enter(self) -> None:
+        """A request (or tunnel) starts on this generation."""
+        self._in_flight += 1
+        self._served += 1
+
+    def leave(self) -> None:
+        """A request ends; the last one out of a retired generation closes it."""
+        self._in_flight -= 1
+        if self._retired and self._in_flight == 0:
+            self._close_soon()
+
+    def retire(self) -> None:
+        """A newer generation serves new requests; close this one once its requests are done."""
+        self._retired = True
+        if self._in_flight == 0:
+            self._close_soon()
+
+    def _close_soon(self) -> None:
+        if self._closing is None:
+            self._closing = asyncio.get_running_loop().create_task(self._close_retired())
+
+    async def _close_retired(self) -> None:
+        await self.close()
+        log.info("generation_closed", requests_served=self._served)
+
+    @property
+    def is_closed(self) -> bool:
+        return self._closing is not None and self._closing.done()
+
+    async def closed(self) -> None:
+        """Wait until a retired generation has closed."""
+        if self._closing is not None:
+            await self._closing
 
     async def close(self) -> None:
         """Release connections (upstream pool, rate-limit store) and threads; counters are left alone."""
@@ -89,5 +263,5 @@ class Generation:
         await self.resolver.close()
         await self.limiter.close()
         await self.tunnel_limiter.close()
-        if self.pipeline.proxy_auth is not None:
-            self.pipeline.proxy_auth.close()
+        if self.proxy_auth is not None:
+            self.proxy_auth.close()

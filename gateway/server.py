@@ -1,7 +1,7 @@
-"""The aiohttp wiring: one low-level server whose single handler runs the pipeline, plus the admin listener.
+"""The aiohttp wiring: listeners, the live generation (swapped whole on reload), the admin endpoints.
 
-A low-level `web.Server` (no router) is used on purpose: every method, CONNECT included, and every
-request target reaches the pipeline unaltered, and parser errors get the same JSON errors as the rest.
+A low-level `web.Server` (no router) is used on purpose: every method, CONNECT included, and every request
+target reaches the handler unaltered, and parser errors get the same JSON errors as the rest.
 """
 
 from __future__ import annotations
@@ -9,26 +9,28 @@ from __future__ import annotations
 import asyncio
 import os
 import time
+from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 from aiohttp.web_protocol import RequestHandler
 
+from gateway.config.load import ConfigError, LoadedConfig
 from gateway.config.model import Admin, GatewayConfig, Listen
-from gateway.errors import Code, GatewayError, GatewayFailure
-from gateway.forward import forward
-from gateway.generation import Generation
-from gateway.logs import get_logger
-from gateway.pipeline import BAD_TARGET, CLIENT_GONE, TUNNEL_ROUTE, Exchange, Pipeline, Target, request_id
-from gateway.policy.credentials import FINGERPRINT_HEX, digest_of
-from gateway.policy.forward_proxy import parse_connect_target
-from gateway.responses import SERVER, error_response, parse_error, redirect_response
-from gateway.tunnel import TunnelResult, TunnelStats, relay
+from gateway.errors import Code, GatewayError
+from gateway.exchange import Exchange, request_id
+from gateway.generation import BuildError, Generation
+from gateway.handler import ProxyHandler
+from gateway.logs import configure, get_logger
+from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.policy.credentials import digest_of
+from gateway.responses import SERVER, error_response, parse_error
+from gateway.tunnel import Tunnels, TunnelStats
 
-access_log = get_logger("gateway.access")
-tunnel_log = get_logger("gateway.tunnel")
 log = get_logger("gateway.server")
 SHUTTING_DOWN = GatewayError(Code.SHUTTING_DOWN, "the gateway is shutting down")
+DRAIN_CEILING_S = 24 * 3600.0  # aiohttp's own drain bound; stop() cancels at shutdown_timeout_s instead
 
 
 class GatewayProtocol(RequestHandler):
@@ -73,18 +75,38 @@ class StartupError(Exception):
     """A listener could not be opened; the message names it and says why, in one line."""
 
 
-class Gateway:
-    """Owns the listeners and the live `Generation` (the config's runtime, swapped whole, never mutated)."""
+@dataclass(frozen=True, slots=True)
+class ReloadResult:
+    ok: bool
+    origin: str
+    problems: tuple[str, ...] = ()
 
-    def __init__(self, config: GatewayConfig) -> None:
+
+ConfigSource = Callable[[], LoadedConfig]
+
+
+class Gateway:
+    """Owns the listeners, the metrics and the live `Generation`; everything else hangs off the generation."""
+
+    def __init__(self, config: GatewayConfig, source: ConfigSource | None = None) -> None:
+        """`source` re-reads the config (file, env, flags) for a reload; without one, reload is refused."""
         self.config = config
         self.generation: Generation | None = None
-        self.tunnels = TunnelStats()
+        self.metrics = Metrics()
+        self.handler = ProxyHandler(Tunnels(self.metrics), self.metrics)
         self.ready = False
         self.started = False
         self.stopping = False
-        self._runners: list[web.BaseRunner] = []
         self.ports: dict[str, int] = {}
+        self._source = source
+        self._runners: list[web.BaseRunner] = []
+        self._handlers: set[asyncio.Task[Any]] = set()
+        self._retired: list[Generation] = []
+        self._reloading = asyncio.Lock()
+
+    @property
+    def tunnels(self) -> TunnelStats:
+        return self.handler.tunnels.stats
 
     async def start(self, origin: str = "") -> None:
         """Build the generation, then listen. On failure, `stop()` releases whatever was opened.
@@ -92,7 +114,7 @@ class Gateway:
         `origin` (the config file, or built-in defaults) is logged with the start-up event.
         """
         config = self.config
-        self.generation = await Generation.build(config)
+        self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
         header_bytes = config.limits.max_header_kb * 1024
         proxy = GatewayServer(
             self.handle,
@@ -103,9 +125,8 @@ class Gateway:
             max_headers=256,
             access_log=None,
         )
-        self.ports["listen"] = await self._listen(
-            web.ServerRunner(proxy, shutdown_timeout=config.shutdown_timeout_s), "listen", config.listen
-        )
+        runner = web.ServerRunner(proxy, shutdown_timeout=DRAIN_CEILING_S)
+        self.ports["listen"] = await self._listen(runner, "listen", config.listen)
         admin = web.AppRunner(self._admin_app(), access_log=None)
         self.ports["admin"] = await self._listen(admin, "admin", config.admin)
         self.ready = self.started = True
@@ -123,6 +144,77 @@ class Gateway:
         server: Any = site._server
         return int(server.sockets[0].getsockname()[1])
 
+    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
+        """One request on the current generation, which it holds until it ends; logged and counted once."""
+        generation = self.generation
+        headers = request.headers
+        exchange = Exchange(
+            request_id=request_id(headers.get("X-Request-Id")),
+            method=request.method,
+            raw_target=request.raw_path,
+            client_ip=request.remote or "",
+            headers=headers,
+            scheme=request.scheme,
+            token_digest=digest_of(headers.get("Authorization")),
+        )
+        started = time.perf_counter()
+        task = asyncio.current_task()
+        assert task is not None
+        self._handlers.add(task)
+        if generation is not None:
+            generation.enter()
+        try:
+            if generation is None:  # accepted while the gateway was closing
+                return self.handler.fail(exchange, SHUTTING_DOWN, request)
+            return await self.handler.serve(request, generation, exchange)
+        except asyncio.CancelledError:
+            if self.stopping and not _client_closed(request):
+                exchange.refuse(SHUTTING_DOWN)  # cut at the shutdown deadline, not by the client
+            else:
+                exchange.client_gone()
+            raise
+        finally:
+            self._handlers.discard(task)
+            if generation is not None:
+                generation.leave()
+            self.handler.finish(exchange, started)
+
+    async def reload(self) -> ReloadResult:
+        """Re-read and rebuild the config, exactly as `check-config` would; on any problem keep serving.
+
+        New requests use the new generation; requests and tunnels in flight finish on the old one.
+        """
+        async with self._reloading:
+            current = self.generation
+            if self._source is None or current is None or self.stopping:
+                return self._reload_failed("", ["this gateway has no config source to reload from"])
+            try:
+                loaded = self._source()
+            except ConfigError as exc:
+                return self._reload_failed("", exc.problems)
+            problems = _restart_needed(current.config, loaded)
+            if problems:
+                return self._reload_failed(loaded.origin, problems)
+            try:
+                fresh = await Generation.build(loaded.config, current, self.metrics.storage_error)
+            except BuildError as exc:
+                return self._reload_failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
+            self.generation, self.config = fresh, loaded.config
+            self._retired = [g for g in self._retired if not g.is_closed] + [current]
+            current.retire()
+            if current.config.logging != fresh.config.logging:
+                configure(fresh.config.logging.level, fresh.config.logging.format)
+            self.metrics.reloads.labels(result="success").inc()
+            log.info("config_reloaded", config=loaded.origin, in_flight_on_previous=current.in_flight)
+            return ReloadResult(True, loaded.origin)
+
+    def _reload_failed(self, origin: str, problems: list[str]) -> ReloadResult:
+        for problem in problems:
+            log.error("config_reload_problem", problem=problem)
+        log.error("config_reload_failed", config=origin or None, problems=len(problems))
+        self.metrics.reloads.labels(result="failure").inc()
+        return ReloadResult(False, origin, tuple(problems))
+
     def drain(self) -> None:
         """First step of a graceful stop: `/readyz` answers 503 while the proxy port keeps serving."""
         if self.ready:
@@ -130,21 +222,36 @@ class Gateway:
             log.info("gateway_draining", shutdown_delay_s=self.config.shutdown_delay_s)
 
     async def stop(self) -> None:
-        """Stop accepting, give in-flight requests `shutdown_timeout_s`, then close everything.
+        """Stop accepting, give requests and tunnels `shutdown_timeout_s`, cancel the rest, close all.
 
-        Safe after a partial start, and safe to call twice.
+        Bounded: at the deadline every request still running is cancelled, tunnels included. Safe after a
+        partial start and safe to call twice.
         """
         self.drain()
         self.stopping = True
+        timeout = self.config.shutdown_timeout_s
         if self.started:
-            log.info("gateway_stopping", shutdown_timeout_s=self.config.shutdown_timeout_s)
-        while self._runners:
-            await self._runners.pop(0).cleanup()  # the proxy listener first, the admin one last
+            log.info("gateway_stopping", shutdown_timeout_s=timeout, in_flight=len(self._handlers))
+        deadline = asyncio.get_running_loop().call_later(timeout, self._cancel_handlers)
+        try:
+            # aiohttp's cleanup stops accepting, closes idle keep-alive connections and waits for busy
+            # ones; at the deadline whatever is still running (tunnels too) is cancelled.
+            while self._runners:
+                await self._runners.pop(0).cleanup()  # the proxy listener first, the admin one last
+        finally:
+            deadline.cancel()
+        for generation in self._retired:
+            await generation.closed()
+        self._retired.clear()
         if self.generation is not None:
             await self.generation.close()
             self.generation = None
         if self.started:
             log.info("gateway_stopped")
+
+    def _cancel_handlers(self) -> None:
+        for task in self._handlers:
+            task.cancel()
 
     def _admin_app(self) -> web.Application:
         async def healthz(_: web.Request) -> web.Response:
@@ -158,6 +265,16 @@ class Gateway:
                 return web.json_response({"status": "rate_limit_storage_unavailable"}, status=503)
             return web.json_response({"status": "ready"})
 
+        async def metrics(_: web.Request) -> web.Response:
+            return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
+
+        async def reload(_: web.Request) -> web.Response:
+            result = await self.reload()
+            body: dict[str, Any] = {"status": "reloaded" if result.ok else "failed", "config": result.origin}
+            if not result.ok:
+                body["problems"] = list(result.problems)
+            return web.json_response(body, status=200 if result.ok else 422)
+
         async def server_header(_: web.Request, response: web.StreamResponse) -> None:
             response.headers["Server"] = SERVER
 
@@ -165,210 +282,25 @@ class Gateway:
         app.on_response_prepare.append(server_header)
         app.router.add_get("/healthz", healthz)
         app.router.add_get("/readyz", readyz)
+        app.router.add_get("/metrics", metrics)
+        app.router.add_post("/reload", reload)
         return app
 
-    async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
-        """Run one request through the pipeline and log exactly one access event for it."""
-        generation = self.generation
-        raw_target = request.raw_path
-        exchange = Exchange(
-            request_id=request_id(request.headers.get("X-Request-Id")),
-            method=request.method,
-            path=raw_target.partition("?")[0][:2048],
-            client_ip=request.remote or "",
-            token_digest=digest_of(request.headers.get("Authorization")),
-        )
-        started = time.perf_counter()
-        try:
-            if generation is None:  # a request accepted while the gateway was closing
-                return self._fail(exchange, SHUTTING_DOWN, request)
-            return await self._process(request, generation, exchange, raw_target)
-        except asyncio.CancelledError:
-            if self.stopping and not _client_closed(request):
-                exchange.refuse(SHUTTING_DOWN)  # cut at the shutdown deadline, not by the client
-            else:
-                exchange.client_gone()
-            raise
-        finally:
-            self._log_access(exchange, started)
 
-    async def _process(
-        self, request: web.BaseRequest, generation: Generation, exchange: Exchange, raw_target: str
-    ) -> web.StreamResponse:
-        pipeline = generation.pipeline
-        error = self._precheck(request, pipeline, exchange)
-        if error is not None:
-            return self._fail(exchange, error, request)
-        if request.method == "CONNECT":
-            return await self._connect(request, generation, exchange, raw_target)
-        location = pipeline.browser_redirect(
-            exchange, request.method, raw_target, request.headers.get("Accept", "")
-        )
-        if location is not None:
-            exchange.status = 302
-            return redirect_response(location, exchange.request_id)
-        target: Target | GatewayError
-        if raw_target.startswith("/"):
-            path, _, query = raw_target.partition("?")
-            target = pipeline.target(exchange, path.partition("#")[0], query.partition("#")[0])
-        elif raw_target.startswith(("http://", "https://", "HTTP://", "HTTPS://")):
-            target = await pipeline.absolute_target(
-                exchange, raw_target, request.headers.get("Proxy-Authorization")
+def _restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
+    """Listener addresses are bound once: a reload that moves one is refused, saying so."""
+    problems = []
+    for key in ("listen", "admin"):
+        before, after = getattr(running, key), getattr(loaded.config, key)
+        if before != after:
+            problems.append(
+                loaded.problem(
+                    (key,),
+                    f"changing it needs a restart (running on {before.host}:{before.port}, "
+                    f"asked for {after.host}:{after.port}); nothing was reloaded",
+                )
             )
-        else:
-            exchange.decisions.append("route:bad_target")
-            target = BAD_TARGET
-        if isinstance(target, GatewayError):
-            return self._fail(exchange, target, request)
-        refused = pipeline.admit(exchange, target)
-        if refused is not None:
-            return self._fail(exchange, refused, request)
-        decision = await generation.limiter.decide(
-            target.route.name, exchange.token_digest, exchange.client_ip
-        )
-        exchange.decisions.append(f"ratelimit:{decision.outcome}")
-        if decision.error is not None:
-            return self._fail(exchange, decision.error, request)
-        if request.headers.get("Expect", "").lower() == "100-continue":
-            try:
-                await request.writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
-            except ConnectionError:
-                return self._fail(exchange, CLIENT_GONE, request)
-        try:
-            return await forward(
-                request,
-                exchange,
-                target,
-                generation.session,
-                max_body=pipeline.max_body_bytes,
-                proxy=pipeline.config.upstream.proxy,
-                extra_headers=decision.headers,
-                rules=pipeline.rewrite_rules(target, request.remote, request.scheme, request.headers),
-            )
-        except GatewayFailure as exc:
-            return self._fail(exchange, exc.error, request)
-
-    def _precheck(
-        self, request: web.BaseRequest, pipeline: Pipeline, exchange: Exchange
-    ) -> GatewayError | None:
-        """Refusals that need no route: oversized headers or declared body."""
-        header_bytes = sum(len(k) + len(v) + 4 for k, v in request.raw_headers)
-        if header_bytes > pipeline.max_header_bytes:
-            exchange.decisions.append("limits:headers")
-            return GatewayError(Code.HEADERS_TOO_LARGE, "request header fields are too large")
-        length = request.content_length
-        if length is not None and length > pipeline.max_body_bytes:
-            exchange.decisions.append("limits:body")
-            return GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")
-        return None
-
-    async def _connect(
-        self, request: web.BaseRequest, generation: Generation, exchange: Exchange, raw_target: str
-    ) -> web.StreamResponse:
-        """CONNECT: every check first, then connect, then answer 200 and relay until the tunnel ends."""
-        pipeline = generation.pipeline
-        policy = pipeline.forward_proxy
-        if policy is None or generation.dialer is None:
-            target = parse_connect_target(raw_target)
-            denied = (
-                target
-                if isinstance(target, GatewayError)
-                else pipeline.allowlist.check(target.host, target.port)
-            )
-            exchange.decisions.append("forward_proxy:disabled")
-            return self._fail(
-                exchange, denied or GatewayError(Code.METHOD_NOT_ALLOWED, "CONNECT is not enabled"), request
-            )
-        error = await pipeline.authenticate(exchange, request.headers.get("Proxy-Authorization"))
-        target = parse_connect_target(raw_target)
-        if error is None and isinstance(target, GatewayError):
-            error = target
-        if error is None and not isinstance(target, GatewayError):
-            exchange.upstream_host = target.host
-            error = policy.check_target(target)
-            exchange.decisions.append("forward_proxy:deny" if error else "forward_proxy:allow")
-            if error is None:
-                decision = await generation.tunnel_limiter.check(TUNNEL_ROUTE, "ip:" + exchange.client_ip)
-                exchange.decisions.append(f"tunnel_limit:{decision.outcome}")
-                error = decision.error
-        if error is not None or isinstance(target, GatewayError):
-            self.tunnels.refused += 1
-            assert error is not None
-            return self._fail(exchange, error, request)
-        try:
-            reader, writer, address = await generation.dialer.connect(target)
-        except GatewayFailure as exc:
-            self.tunnels.refused += 1
-            return self._fail(exchange, exc.error, request)
-        exchange.status = 200
-        exchange.decisions.append("tunnel:open")
-        result = TunnelResult(address=address)
-        stats = self.tunnels
-        stats.opened += 1
-        stats.active += 1
-        started = time.perf_counter()
-        try:
-            await relay(request, (reader, writer), result, pipeline.config.forward_proxy.idle_timeout_s)
-        except asyncio.CancelledError:
-            result.reason = "cancelled"
-            raise
-        finally:
-            stats.active -= 1
-            stats.bytes_up += result.bytes_up
-            stats.bytes_down += result.bytes_down
-            stats.close_reasons[result.reason] = stats.close_reasons.get(result.reason, 0) + 1
-            exchange.bytes_in, exchange.bytes_out = result.bytes_up, result.bytes_down
-            tunnel_log.info(
-                "tunnel",
-                client=exchange.client_ip,
-                target=target.authority,
-                address=result.address,
-                bytes_up=result.bytes_up,
-                bytes_down=result.bytes_down,
-                duration_ms=round((time.perf_counter() - started) * 1000, 3),
-                reason=result.reason,
-                request_id=exchange.request_id,
-            )
-        return web.Response()  # never sent: the connection was handed back to aiohttp closed
-
-    def _fail(self, exchange: Exchange, error: GatewayError, request: web.BaseRequest) -> web.Response:
-        exchange.refuse(error)
-        if error.code is Code.EGRESS_DENIED:
-            log.warning(
-                "egress_denied",
-                host=exchange.upstream_host,
-                reason=error.why,
-                request_id=exchange.request_id,
-                **dict(error.context),
-            )
-        # An unread request body would otherwise be drained (or smuggled as the next request): close instead.
-        close = (request.body_exists and not request.content.at_eof()) or getattr(
-            request.protocol, "client_eof", False
-        )
-        return error_response(error, exchange.request_id, close=close)
-
-    @staticmethod
-    def _log_access(exchange: Exchange, started: float) -> None:
-        error = exchange.error
-        access_log.info(
-            "access",
-            method=exchange.method,
-            path=exchange.path,
-            route=exchange.route,
-            upstream_host=exchange.upstream_host,
-            status=exchange.status,
-            upstream_status=exchange.upstream_status,
-            bytes_in=exchange.bytes_in,
-            bytes_out=exchange.bytes_out,
-            duration_ms=round((time.perf_counter() - started) * 1000, 3),
-            request_id=exchange.request_id,
-            token_fp=exchange.token_digest[:FINGERPRINT_HEX] if exchange.token_digest else None,
-            client=exchange.client_ip,
-            error_code=str(error.code) if error else None,
-            reason=error.why if error else None,
-            decisions=exchange.decisions,
-            **(dict(error.context) if error else {}),
-        )
+    return problems
 
 
 def _client_closed(request: web.BaseRequest) -> bool:

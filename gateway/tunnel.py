@@ -1,4 +1,4 @@
-"""CONNECT tunnels: resolve once, connect to that address, then relay raw bytes both ways.
+"""CONNECT tunnels in one unit: dial the judged target, answer 200, relay bytes, count, log one event.
 
 After the `200 Connection Established`, the client connection is taken from aiohttp's HTTP protocol the
 way aiohttp's own WebSocket support does it (`set_parser` to collect bytes already read, then
@@ -10,27 +10,37 @@ connection go. This leans on aiohttp internals: the aiohttp minor version is pin
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
-import socket
-import ssl
+import time
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 from aiohttp import web
-from yarl import URL
 
-from gateway.errors import Code, GatewayError, GatewayFailure, Reason
-from gateway.policy.forward_proxy import ConnectTarget, ForwardProxyPolicy
-from gateway.upstream import EgressResolver
+from gateway.dial import TunnelDialer
+from gateway.errors import GatewayError, GatewayFailure
+from gateway.exchange import Exchange
+from gateway.logs import get_logger
+from gateway.metrics import Metrics
 
 ESTABLISHED = b"HTTP/1.1 200 Connection Established\r\n\r\n"
 CHUNK = 2**16
+log = get_logger("gateway.tunnel")
+
+
+class CloseReason(StrEnum):
+    """Why a tunnel ended: the `reason` of its log event and of `bt_gateway_tunnels_total`."""
+
+    CLOSED = "closed"  # both sides finished
+    IDLE_TIMEOUT = "idle_timeout"  # no byte either way for forward_proxy.idle_timeout_s
+    RESET = "reset"  # one side failed (reset, broken pipe)
+    CANCELLED = "cancelled"  # the client left, or the gateway shut down
 
 
 @dataclass(slots=True)
 class TunnelStats:
-    """Every tunnel counter in one place, so metrics can export them later."""
+    """Every tunnel counter of the process, in one place."""
 
     opened: int = 0
     active: int = 0
@@ -45,7 +55,65 @@ class TunnelResult:
     address: str
     bytes_up: int = 0  # client -> upstream
     bytes_down: int = 0  # upstream -> client
-    reason: str = "closed"
+    reason: CloseReason = CloseReason.CLOSED
+
+
+class Tunnels:
+    """Runs every tunnel of the process: dial, relay, counters, metrics, one `tunnel` log event each."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.stats = TunnelStats()
+        self._metrics = metrics
+
+    def refused(self) -> None:
+        self.stats.refused += 1
+
+    async def run(
+        self, request: web.BaseRequest, exchange: Exchange, dialer: TunnelDialer, idle_timeout_s: float
+    ) -> GatewayError | None:
+        """Open and relay the tunnel until it ends; the error when the target could not be reached."""
+        target = exchange.connect
+        assert target is not None  # judged by the CONNECT chain
+        try:
+            reader, writer, address = await dialer.connect(target)
+        except GatewayFailure as exc:
+            self.refused()
+            return exc.error
+        exchange.status = 200
+        exchange.decisions.append("tunnel:open")
+        result = TunnelResult(address=address)
+        stats, metrics = self.stats, self._metrics
+        stats.opened += 1
+        stats.active += 1
+        if metrics is not None:
+            metrics.tunnels_active.inc()
+        started = time.perf_counter()
+        try:
+            await relay(request, (reader, writer), result, idle_timeout_s)
+        except asyncio.CancelledError:
+            result.reason = CloseReason.CANCELLED
+            raise
+        finally:
+            stats.active -= 1
+            stats.bytes_up += result.bytes_up
+            stats.bytes_down += result.bytes_down
+            stats.close_reasons[result.reason] = stats.close_reasons.get(result.reason, 0) + 1
+            if metrics is not None:
+                metrics.tunnels_active.dec()
+                metrics.tunnels.labels(reason=str(result.reason)).inc()
+            exchange.bytes_in, exchange.bytes_out = result.bytes_up, result.bytes_down
+            log.info(
+                "tunnel",
+                client=exchange.client_ip,
+                target=target.authority,
+                address=result.address,
+                bytes_up=result.bytes_up,
+                bytes_down=result.bytes_down,
+                duration_ms=round((time.perf_counter() - started) * 1000, 3),
+                reason=str(result.reason),
+                request_id=exchange.request_id,
+            )
+        return None
 
 
 class _Tail:
@@ -60,145 +128,6 @@ class _Tail:
 
     def feed_eof(self) -> None:
         pass
-
-
-@dataclass(frozen=True, slots=True)
-class UpstreamProxy:
-    """The corporate proxy (`upstream.proxy`) that tunnels are chained through, parsed once."""
-
-    host: str
-    port: int
-    tls: bool
-    authorization: str | None  # `Basic ...` from the URL's user:password, sent as Proxy-Authorization
-
-    @classmethod
-    def parse(cls, url: str | None) -> UpstreamProxy | None:
-        if url is None:
-            return None
-        parsed = URL(url)
-        assert parsed.host is not None and parsed.port is not None  # checked by the config model
-        auth = None
-        if parsed.user is not None:
-            pair = f"{parsed.user}:{parsed.password or ''}".encode()
-            auth = "Basic " + base64.b64encode(pair).decode()
-        return cls(parsed.host, parsed.port, parsed.scheme == "https", auth)
-
-
-def _unreachable(target: ConnectTarget, reason: Reason, text: str, cause: str) -> GatewayError:
-    code = Code.UPSTREAM_TIMEOUT if reason is Reason.CONNECT_TIMEOUT else Code.UPSTREAM_UNREACHABLE
-    return GatewayError(
-        code,
-        f"{text}: {target.host}",
-        reason=reason,
-        context=(("upstream", target.authority), ("cause", cause[:500])),
-    )
-
-
-@dataclass(frozen=True, slots=True)
-class TunnelDialer:
-    """How one generation opens tunnels: directly (resolve once, vet each address) or via `proxy`."""
-
-    policy: ForwardProxyPolicy
-    resolver: EgressResolver
-    connect_timeout_s: float
-    tls: ssl.SSLContext
-    proxy: UpstreamProxy | None = None
-
-    async def connect(self, target: ConnectTarget) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-        """Open the upstream side of a tunnel (the target was judged already); raise GatewayFailure."""
-        if self.proxy is not None:
-            return await _through_proxy(target, self.proxy, self)
-        return await _direct(target, self)
-
-
-async def _direct(
-    target: ConnectTarget, dialer: TunnelDialer
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    """Resolve once, vet each address, connect to the first that answers."""
-    connect_timeout_s = dialer.connect_timeout_s
-    try:
-        async with asyncio.timeout(connect_timeout_s):
-            answers = await dialer.resolver.resolve(target.host, target.port, socket.AF_UNSPEC)
-    except GatewayFailure:
-        raise
-    except (OSError, TimeoutError) as exc:
-        error = _unreachable(target, Reason.DNS_FAILURE, "tunnel host did not resolve", repr(exc))
-        raise GatewayFailure(error) from exc
-    last = _unreachable(target, Reason.CONNECTION_FAILED, "could not connect to tunnel target", "no address")
-    for answer in answers:
-        address = answer["host"]
-        refused = dialer.policy.check_address(target.host, address)
-        if refused is not None:
-            last = refused
-            continue
-        try:
-            async with asyncio.timeout(connect_timeout_s):
-                reader, writer = await asyncio.open_connection(address, target.port, limit=CHUNK)
-        except TimeoutError:
-            text = "tunnel target did not accept in time"
-            last = _unreachable(target, Reason.CONNECT_TIMEOUT, text, f"timeout connecting to {address}")
-            continue
-        except OSError as exc:
-            reason = (
-                Reason.CONNECTION_REFUSED
-                if isinstance(exc, ConnectionRefusedError)
-                else Reason.CONNECTION_FAILED
-            )
-            last = _unreachable(target, reason, "could not connect to tunnel target", f"{address}: {exc}")
-            continue
-        return reader, writer, address
-    raise GatewayFailure(last)
-
-
-async def _through_proxy(
-    target: ConnectTarget, proxy: UpstreamProxy, dialer: TunnelDialer
-) -> tuple[asyncio.StreamReader, asyncio.StreamWriter, str]:
-    """Open the tunnel with a CONNECT to the corporate proxy, which resolves and reaches the target.
-
-    Private-address checks cannot apply here: the proxy, not the gateway, resolves the name.
-    """
-    connect_timeout_s = dialer.connect_timeout_s
-    via = f"{proxy.host}:{proxy.port}"
-    head = f"CONNECT {target.authority} HTTP/1.1\r\nHost: {target.authority}\r\n"
-    if proxy.authorization:
-        head += f"Proxy-Authorization: {proxy.authorization}\r\n"
-    try:
-        async with asyncio.timeout(connect_timeout_s):
-            answers = await dialer.resolver.resolve(proxy.host, proxy.port, socket.AF_UNSPEC)
-            reader, writer = await asyncio.open_connection(
-                answers[0]["host"],
-                proxy.port,
-                ssl=dialer.tls if proxy.tls else None,
-                server_hostname=proxy.host if proxy.tls else None,
-                limit=CHUNK,
-            )
-    except TimeoutError as exc:
-        error = _unreachable(target, Reason.CONNECT_TIMEOUT, "upstream proxy did not accept in time", via)
-        raise GatewayFailure(error) from exc
-    except OSError as exc:
-        error = _unreachable(
-            target, Reason.CONNECTION_FAILED, "could not connect to upstream proxy", f"{via}: {exc}"
-        )
-        raise GatewayFailure(error) from exc
-    try:
-        writer.write(head.encode("ascii") + b"\r\n")
-        async with asyncio.timeout(connect_timeout_s):
-            reply = await reader.readuntil(b"\r\n\r\n")
-    except (OSError, TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError) as exc:
-        writer.close()
-        error = _unreachable(
-            target, Reason.PROXY_REFUSED, "upstream proxy did not open the tunnel", f"{via}: {exc!r}"
-        )
-        raise GatewayFailure(error) from exc
-    status_line = reply.split(b"\r\n", 1)[0].decode("latin-1")
-    parts = status_line.split(" ", 2)
-    if len(parts) < 2 or not parts[1].startswith("2"):
-        writer.close()
-        error = _unreachable(
-            target, Reason.PROXY_REFUSED, "upstream proxy refused the tunnel", f"{via}: {status_line}"
-        )
-        raise GatewayFailure(error)
-    return reader, writer, f"via {via}"
 
 
 async def relay(
@@ -257,7 +186,7 @@ async def _pump_both(
     result: TunnelResult,
     activity: list[float],
     idle_timeout: float,
-) -> str:
+) -> CloseReason:
     async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
         while data := await src.read(CHUNK):
             activity[0] = asyncio.get_running_loop().time()
@@ -274,17 +203,17 @@ async def _pump_both(
         asyncio.ensure_future(pump(client_reader, up_writer, True)),
         asyncio.ensure_future(pump(up_reader, client_writer, False)),
     }
-    reason = "closed"
+    reason = CloseReason.CLOSED
     try:
         while tasks:
             deadline = activity[0] + idle_timeout
             wait = max(0.0, deadline - asyncio.get_running_loop().time())
             done, tasks = await asyncio.wait(tasks, timeout=wait, return_when=asyncio.FIRST_COMPLETED)
             if not done and asyncio.get_running_loop().time() >= activity[0] + idle_timeout:
-                return "idle_timeout"
+                return CloseReason.IDLE_TIMEOUT
             for task in done:
                 if task.exception() is not None:
-                    return "reset"
+                    return CloseReason.RESET
         return reason
     finally:
         for task in tasks:

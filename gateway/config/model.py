@@ -14,6 +14,7 @@ from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validat
 from yarl import URL
 
 from gateway.policy.allowlist import Allowlist, canonical_host, parse_entry
+from gateway.policy.paths import compile_glob
 from gateway.policy.proxyauth import ScryptHash
 
 Port = Annotated[int, Field(ge=0, le=65535)]
@@ -26,6 +27,14 @@ def _allow_entry(value: str) -> str:
 
 
 AllowEntryText = Annotated[str, AfterValidator(_allow_entry)]
+
+
+def _glob(value: str) -> str:
+    compile_glob(value)
+    return value
+
+
+PathGlob = Annotated[str, AfterValidator(_glob)]
 
 
 class Section(BaseModel):
@@ -132,6 +141,7 @@ class Route(Section):
     upstream: str
     rate_limit: RouteLimit | None = None
     advertise: bool = False
+    deny_paths: tuple[PathGlob, ...] = ()  # refused with 403 path_denied; see policy/paths.py
 
     @field_validator("name")
     @classmethod
@@ -280,6 +290,7 @@ class GatewayConfig(Section):
     rewrite: Rewrite = Rewrite()
     advertise_url: str | None = None
     trusted_proxies: tuple[str, ...] = ()
+    deny_paths: tuple[PathGlob, ...] = ()  # for every route; DISABLE_SYSADMIN_TELEMETRY adds /brainstore/**
 
     _rate_limit_off = field_validator("rate_limit", mode="before")(limit_off)
 

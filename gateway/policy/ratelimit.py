@@ -124,11 +124,24 @@ def rate_key(digest: str | None, client_ip: str, anonymous: str) -> str | Gatewa
 class RateLimiter:
     """Checks and counts one request against its route's limit; shared by every request of a process."""
 
-    def __init__(self, settings: RateLimitSettings, clock: Callable[[], float] = time.time) -> None:
+    def __init__(
+        self,
+        settings: RateLimitSettings,
+        clock: Callable[[], float] = time.time,
+        *,
+        storage: Any = None,
+        on_storage_error: Callable[[], None] = lambda: None,
+    ) -> None:
+        """`storage`: a store taken over from an earlier limiter (see `hand_over_storage`), else a new one.
+
+        `on_storage_error` is called once per failed store call (the metrics count them).
+        """
         self.settings = settings
         self._clock = clock
         self._timeout = settings.storage_timeout_ms / 1000
-        self._storage = _open_storage(settings.storage)
+        self._storage = storage if storage is not None else _open_storage(settings.storage)
+        self._owns_storage = True
+        self._on_storage_error = on_storage_error
         self._strategy = _STRATEGIES[settings.strategy](self._storage)
         self._default = self._compile(settings.default)
         self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
@@ -184,6 +197,7 @@ class RateLimiter:
         return RateDecision(allowed=False, outcome="deny", headers=headers, error=error)
 
     def _storage_failed(self, exc: BaseException) -> RateDecision:
+        self._on_storage_error()
         if self._healthy:
             self._healthy = False
             log.warning(
@@ -221,7 +235,15 @@ class RateLimiter:
         self._storage_ok()
         return True
 
+    @property
+    def storage(self) -> Any:
+        return self._storage
+
+    def hand_over_storage(self) -> None:
+        """A successor took this limiter's store (and its counters): this one will not close it."""
+        self._owns_storage = False
+
     async def close(self) -> None:
         """Close storage connections only; counters in a shared store outlive this process."""
-        if self.shared:
+        if self.shared and self._owns_storage:
             _disconnect(self._storage)

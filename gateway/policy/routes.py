@@ -50,12 +50,16 @@ class RouteTarget:
         path = self.base_path + (rest if rest.startswith("/") else "/" + rest)
         return URL.build(
             scheme=self.scheme,
-            host=self.host,
+            host=f"[{self.host}]" if ":" in self.host else self.host,  # encoded form: IPv6 in brackets
             port=self.port,
             path=path,
             query_string=raw_query,
             encoded=True,
         )
+
+    def relative_path(self, url: URL) -> str:
+        """The upstream URL's raw path below the route's base path: what `deny_paths` patterns match."""
+        return url.raw_path[len(self.base_path) :] or "/"
 
 
 class RouteTable:

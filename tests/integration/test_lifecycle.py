@@ -82,19 +82,6 @@ async def test_the_delay_ends_by_itself(tmp_path: Path, upstream: Upstream) -> N
     assert names.index("gateway_draining") < names.index("gateway_stopping") < names.index("gateway_stopped")
 
 
-async def test_sighup_is_logged_and_the_gateway_keeps_serving(tmp_path: Path, upstream: Upstream) -> None:
-    gw = GatewayProcess(config_for(upstream), tmp_path)
-    try:
-        gw.signal(signal.SIGHUP)
-        await gw.event("reload_not_supported")
-        async with aiohttp.ClientSession() as client:
-            assert await status_of(client, gw.url + "/x") == 200
-        assert gw.proc.poll() is None
-    finally:
-        assert gw.stop() == 0
-    assert gw.events("gateway_started")[0]["config"] == str(gw.config_path)  # which file it serves
-
-
 def _serve_on(tmp_path: Path, listen_port: int, admin_port: int) -> subprocess.CompletedProcess[str]:
     path = tmp_path / "gateway.yaml"
     path.write_text(

@@ -12,9 +12,9 @@ from multidict import CIMultiDict, CIMultiDictProxy
 
 import gateway
 from gateway.errors import STATUS, Code
+from gateway.exchange import request_id
 from gateway.headers import downstream_response_headers, upstream_request_headers
 from gateway.logs import redact_secrets, scrub
-from gateway.pipeline import request_id
 from gateway.policy.credentials import bearer_token, fingerprint
 from gateway.policy.routes import RouteTable, RouteTarget
 

@@ -9,7 +9,8 @@ import pytest
 
 from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError, Reason
-from gateway.pipeline import TUNNEL_ROUTE, tunnel_limit_settings
+from gateway.exchange import TUNNEL_ROUTE
+from gateway.generation import tunnel_limit_settings
 from gateway.policy import proxyauth
 from gateway.policy.allowlist import Allowlist
 from gateway.policy.forward_proxy import ConnectTarget, ForwardProxyPolicy, parse_connect_target

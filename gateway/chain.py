@@ -1,0 +1,111 @@
+"""The order of the request steps, written once, here, as data (like Envoy's filter chain).
+
+    HTTP:    limits -> redirect -> route -> allowlist -> forward_proxy -> proxy_auth -> deny_paths
+             -> ratelimit, then forward (terminal) -> rewrite -> response
+    CONNECT: limits -> connect -> forward_proxy (allow-list and ports) -> proxy_auth -> tunnel_limit,
+             then the tunnel (terminal)
+
+The allow-list speaks before proxy auth, so a denied destination costs no password check. The runner
+records every step's decision in the `Exchange` as `step:outcome`; the first error or reply ends the chain.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from gateway.exchange import Exchange
+from gateway.policy.allowlist import Allowlist
+from gateway.policy.forward_proxy import ForwardProxyPolicy
+from gateway.policy.paths import PathDenyList
+from gateway.policy.proxyauth import ProxyAuth
+from gateway.policy.ratelimit import RateLimiter
+from gateway.policy.routes import RouteTable
+from gateway.steps import (
+    Allowlisted,
+    BrowserRedirect,
+    ConnectAllowed,
+    ConnectTargetParsed,
+    Decision,
+    DeniedPaths,
+    ForwardProxyMode,
+    ProxyAuthenticated,
+    RateLimited,
+    Router,
+    SizeLimits,
+    Step,
+    TunnelLimited,
+)
+
+
+class Chain:
+    """Runs steps in order; stops at the first decision that refuses or answers."""
+
+    __slots__ = ("steps",)
+
+    def __init__(self, steps: Sequence[Step | None]) -> None:
+        self.steps = tuple(step for step in steps if step is not None)  # None: not configured
+
+    @property
+    def names(self) -> tuple[str, ...]:
+        return tuple(step.name for step in self.steps)
+
+    async def run(self, exchange: Exchange) -> Decision | None:
+        """The decision that ends the request early, or None when it may go on to the terminal step."""
+        for step in self.steps:
+            decision = await step.decide(exchange)
+            if decision is None:
+                continue
+            exchange.decisions.append(f"{step.name}:{decision.outcome}")
+            if decision.final:
+                return decision
+        return None
+
+
+def http_chain(
+    *,
+    limits: SizeLimits,
+    public_url: str,
+    routes: RouteTable,
+    allowlist: Allowlist,
+    forward_proxy: bool,
+    proxy_auth: ProxyAuth | None,
+    deny: DeniedPaths,
+    limiter: RateLimiter,
+) -> Chain:
+    return Chain(
+        (
+            limits,
+            BrowserRedirect(public_url),
+            Router(routes),
+            Allowlisted(allowlist),
+            ForwardProxyMode(forward_proxy),
+            ProxyAuthenticated(proxy_auth) if proxy_auth else None,
+            deny,
+            RateLimited(limiter),
+        )
+    )
+
+
+def connect_chain(
+    *,
+    limits: SizeLimits,
+    policy: ForwardProxyPolicy | None,
+    allowlist: Allowlist,
+    proxy_auth: ProxyAuth | None,
+    tunnel_limiter: RateLimiter,
+) -> Chain:
+    return Chain(
+        (
+            limits,
+            ConnectTargetParsed(),
+            ConnectAllowed(policy, allowlist),
+            ProxyAuthenticated(proxy_auth) if proxy_auth else None,
+            TunnelLimited(tunnel_limiter),
+        )
+    )
+
+
+def path_deny_lists(global_patterns: tuple[str, ...], per_route: dict[str, tuple[str, ...]]) -> DeniedPaths:
+    """The deny-path step from config: one compiled list for every route, one per route that has its own."""
+    routes = {name: PathDenyList(patterns) for name, patterns in per_route.items() if patterns}
+    return DeniedPaths(PathDenyList(global_patterns), routes)

@@ -1,0 +1,91 @@
+"""The per-request record: what the client asked, what each step decided, and how the request ended.
+
+Steps read the request view (method, target, headers, client address) and fill in the rest; the access log,
+the metrics and the audit event are all written from this one record when the request ends.
+"""
+
+from __future__ import annotations
+
+import re
+import secrets
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from yarl import URL
+
+from gateway.errors import Code, GatewayError, Reason
+from gateway.policy.forward_proxy import ConnectTarget
+from gateway.policy.routes import RouteTarget
+
+FORWARD_PROXY_ROUTE = "forward_proxy"  # absolute-form requests that match no route
+TUNNEL_ROUTE = "tunnel"  # CONNECT tunnels (metrics, and the tunnel limiter's bucket)
+NO_ROUTE = "none"  # refused before a route was known (the metrics' route label)
+
+CLIENT_GONE = GatewayError(Code.CLIENT_DISCONNECTED, "the client closed the connection")
+BAD_TARGET = GatewayError(
+    Code.BAD_REQUEST, "request target must be an absolute path", reason=Reason.MALFORMED_TARGET
+)
+_SANE_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:@/+=-]{1,128}$")
+
+
+def request_id(offered: str | None) -> str:
+    """The client's X-Request-Id when it is short and plain (safe to log and echo), else a fresh one."""
+    if offered and _SANE_REQUEST_ID.match(offered):
+        return offered
+    return secrets.token_hex(16)
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """Where a request goes: the route it matched and the full upstream URL."""
+
+    route: RouteTarget
+    url: URL
+
+
+@dataclass(slots=True)
+class Exchange:
+    """Everything known about one request, filled in as it moves through the chain; logged at the end."""
+
+    request_id: str
+    method: str
+    raw_target: str  # the request-target exactly as sent (origin-, absolute- or authority-form)
+    client_ip: str
+    headers: Mapping[str, str] = field(default_factory=dict)  # case-insensitive in practice (CIMultiDict)
+    scheme: str = "http"
+    token_digest: str | None = None  # full sha256 of the caller's token; never the token itself
+    route: str | None = None
+    upstream_host: str | None = None
+    target: Target | None = None  # set by the router (HTTP)
+    connect: ConnectTarget | None = None  # set for CONNECT once its target parsed
+    response_headers: tuple[tuple[str, str], ...] = ()  # added to the response (RateLimit fields)
+    status: int = 0
+    upstream_status: int | None = None
+    upstream_seconds: float | None = None  # time to the upstream's response head
+    bytes_in: int = 0
+    bytes_out: int = 0
+    error: GatewayError | None = None
+    decisions: list[str] = field(default_factory=list)
+
+    @property
+    def path(self) -> str:
+        """The target without its query (which may carry secrets), bounded for the log."""
+        return self.raw_target.partition("?")[0][:2048]
+
+    @property
+    def metric_route(self) -> str:
+        """The metrics' route label: a configured route name, `forward_proxy`, `tunnel` or `none`."""
+        if self.method == "CONNECT":
+            return TUNNEL_ROUTE
+        return self.route or NO_ROUTE
+
+    def refuse(self, error: GatewayError) -> None:
+        """Record the error this request ends with (its status is the error's)."""
+        self.error = error
+        self.status = error.status
+
+    def client_gone(self) -> None:
+        """The client left before its response was complete: nginx's 499, whatever upstream said."""
+        if self.error is None or self.error.code is not Code.CLIENT_DISCONNECTED:
+            self.decisions.append("client:disconnected")
+        self.refuse(CLIENT_GONE)

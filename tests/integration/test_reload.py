@@ -1,0 +1,162 @@
+"""Live reload through the real CLI: SIGHUP or POST /reload re-reads the YAML file the operator edited.
+
+A good file swaps the whole generation for new requests while requests in flight finish on the old one;
+a bad file changes nothing, and says why exactly as `check-config` would.
+"""
+
+from __future__ import annotations
+
+import signal
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import yaml
+from prometheus_client.parser import text_string_to_metric_families
+
+from tests.conftest import Upstream
+from tests.gateway_process import GatewayProcess
+
+
+def base_config(upstream: Upstream, **extra: Any) -> dict[str, Any]:
+    host = upstream.url.split("://")[1]
+    return {
+        "listen": {"host": "127.0.0.1", "port": 0},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "allowlist": [host],
+        "routes": [{"name": "app", "prefix": "/", "upstream": upstream.url}],
+        **extra,
+    }
+
+
+def edit(gw: GatewayProcess, config: dict[str, Any]) -> None:
+    gw.config_path.write_text(yaml.safe_dump(config))
+
+
+async def post_reload(gw: GatewayProcess) -> tuple[int, dict[str, Any]]:
+    async with aiohttp.ClientSession() as client:
+        async with client.post(f"http://127.0.0.1:{gw.admin_port}/reload") as resp:
+            return resp.status, await resp.json()
+
+
+async def statuses(gw: GatewayProcess, path: str, count: int, token: str = "tok") -> list[int]:
+    async with aiohttp.ClientSession() as client:
+        out = []
+        for _ in range(count):
+            async with client.get(gw.url + path, headers={"Authorization": f"Bearer {token}"}) as resp:
+                await resp.read()
+                out.append(resp.status)
+        return out
+
+
+async def reload_counts(gw: GatewayProcess) -> dict[str, float]:
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as resp:
+            text = await resp.text()
+    return {
+        sample.labels["result"]: sample.value
+        for family in text_string_to_metric_families(text)
+        if family.name == "bt_gateway_config_reloads"
+        for sample in family.samples
+        if sample.name.endswith("_total")
+    }
+
+
+async def test_sighup_applies_an_edited_file(tmp_path: Path, upstream: Upstream) -> None:
+    config = base_config(upstream)
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        assert await statuses(gw, "/data-plane/x", 1) == [200]  # the app route catches everything
+        config["routes"].append({"name": "data", "prefix": "/data-plane", "upstream": upstream.url + "/d"})
+        config["deny_paths"] = ["/secret/**"]
+        edit(gw, config)
+        gw.signal(signal.SIGHUP)
+        reloaded = await gw.event("config_reloaded")
+        assert reloaded["config"] == str(gw.config_path)
+        assert await statuses(gw, "/data-plane/x", 1) == [200]
+        assert await statuses(gw, "/secret/a", 1) == [403]
+        assert await reload_counts(gw) == {"success": 1, "failure": 0}
+    finally:
+        assert gw.stop() == 0
+    assert [a["route"] for a in gw.events("access")] == ["app", "data", "app"]
+    assert upstream.recorder.started[1] == "/d/x"  # the new route's upstream base path
+
+
+async def test_a_bad_file_changes_nothing_and_says_why_like_check_config(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    config = base_config(upstream)
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        text = yaml.safe_dump({**config, "rate_limit": {"max_request": 1}})
+        gw.config_path.write_text(text)
+        status, body = await post_reload(gw)
+        assert status == 422 and body["status"] == "failed"
+        line = body["problems"][0]
+        assert line.endswith("rate_limit.max_request: unknown key; did you mean 'max_requests'?")
+        assert line.startswith(f"{gw.config_path}:")
+        assert [e["problem"] for e in gw.events("config_reload_problem")] == [line]
+        assert await statuses(gw, "/still", 3) == [200, 200, 200]  # the old generation serves on
+        assert await reload_counts(gw) == {"success": 0, "failure": 1}
+    finally:
+        assert gw.stop() == 0
+
+
+async def test_moving_a_listener_needs_a_restart(tmp_path: Path, upstream: Upstream) -> None:
+    config = base_config(upstream)
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        edit(gw, {**config, "admin": {"host": "127.0.0.1", "port": gw.admin_port + 1}})
+        status, body = await post_reload(gw)
+        assert status == 422
+        [line] = body["problems"]
+        assert line == (
+            f"{gw.config_path}:1: admin: changing it needs a restart (running on 127.0.0.1:0, "
+            f"asked for 127.0.0.1:{gw.admin_port + 1}); nothing was reloaded"
+        )
+        assert await statuses(gw, "/x", 1) == [200]
+    finally:
+        assert gw.stop() == 0
+
+
+async def test_rate_limit_counters_survive_a_reload_that_keeps_the_limit(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    config = base_config(upstream, rate_limit={"max_requests": 3})
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        assert await statuses(gw, "/x", 2) == [200, 200]
+        edit(gw, {**config, "deny_paths": ["/nothing/**"]})  # an unrelated change
+        assert (await post_reload(gw))[0] == 200
+        assert await statuses(gw, "/x", 2) == [200, 429]  # 3 of 3 across the reload
+        edit(gw, {**config, "rate_limit": {"max_requests": 5}})  # a new limit counts afresh
+        assert (await post_reload(gw))[0] == 200
+        assert await statuses(gw, "/x", 6) == [200] * 5 + [429]
+    finally:
+        assert gw.stop() == 0
+
+
+async def test_a_download_in_flight_finishes_intact_on_the_old_generation(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    size = 64 * 2**20
+    config = base_config(upstream)
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        async with aiohttp.ClientSession() as client:
+            async with client.get(f"{gw.url}/download/{size}") as resp:
+                received = len(await resp.content.readexactly(2**20))
+                edit(gw, {**config, "allowlist": [*config["allowlist"], "example.com"]})
+                status, _ = await post_reload(gw)
+                assert status == 200
+                assert await statuses(gw, "/x", 1) == [200]  # new requests: the new generation
+                while chunk := await resp.content.read(2**20):
+                    assert chunk == b"x" * len(chunk)
+                    received += len(chunk)
+        assert received == size
+        closed = await gw.event("generation_closed")  # the old one, once its download ended
+        assert closed["requests_served"] >= 1
+    finally:
+        assert gw.stop() == 0
+    download = [a for a in gw.events("access") if a["path"].startswith("/download/")]
+    assert [(a["status"], a["bytes_out"]) for a in download] == [(200, size)]
