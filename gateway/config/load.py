@@ -11,6 +11,7 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from pydantic import ValidationError
 
@@ -21,6 +22,8 @@ from gateway.config.yaml_source import YamlSource, read_yaml
 
 DEFAULT_PATHS = (Path("config/gateway.yaml"), Path("/etc/bt-gateway/gateway.yaml"))
 DEFAULTS = "built-in defaults"
+TELEMETRY_ENV = "DISABLE_SYSADMIN_TELEMETRY"  # Braintrust's own variable
+TELEMETRY_PATHS = "/brainstore/**"  # Brainstore's backfill and compaction status endpoints
 
 
 class ConfigError(Exception):
@@ -83,6 +86,8 @@ def load_config(
         except ValueError as exc:
             raise ConfigError([f"{override.source}: {format_key(override.key)}: {exc}"]) from None
         sources[key] = override.source
+    if env.get(TELEMETRY_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
+        _deny_telemetry(data, sources)
     try:
         config = GatewayConfig.model_validate(data)
     except ValidationError as exc:
@@ -117,3 +122,12 @@ def _source_of(key: KeyPath, sources: Mapping[KeyPath, str], origin: str) -> str
         if key[:end] in sources:
             return sources[key[:end]]
     return origin
+
+
+def _deny_telemetry(data: dict[str, Any], sources: dict[KeyPath, str]) -> None:
+    """Braintrust's DISABLE_SYSADMIN_TELEMETRY: the Brainstore status endpoints join `deny_paths`."""
+    current = data.get("deny_paths")
+    patterns = list(current) if isinstance(current, list | tuple) else []
+    if TELEMETRY_PATHS not in patterns:
+        data["deny_paths"] = [*patterns, TELEMETRY_PATHS]
+        sources.setdefault(("deny_paths",), f"env {TELEMETRY_ENV}")

@@ -267,3 +267,22 @@ def test_the_shipped_data_route_example_loads_as_written(tmp_path: Path) -> None
     data = loads(tmp_path, text).route("data")
     assert data is not None and data.advertise
     assert data.rate_limit is not None and data.rate_limit.max_requests == 0
+
+
+def test_disable_sysadmin_telemetry_adds_brainstore_to_deny_paths(tmp_path: Path) -> None:
+    assert load_config(None, {"DISABLE_SYSADMIN_TELEMETRY": "true"}).config.deny_paths == ("/brainstore/**",)
+    assert load_config(None, {"DISABLE_SYSADMIN_TELEMETRY": "false"}).config.deny_paths == ()
+    path = tmp_path / "g.yaml"
+    path.write_text("deny_paths: ['/v1/secret/**']\n")
+    loaded = load_config(path, {"DISABLE_SYSADMIN_TELEMETRY": "TRUE"}).config
+    assert loaded.deny_paths == ("/v1/secret/**", "/brainstore/**")
+
+
+def test_deny_path_patterns_are_checked_at_load(tmp_path: Path) -> None:
+    assert problems(tmp_path, "deny_paths: [brainstore]\n") == [
+        "F:1: deny_paths[0]: 'brainstore' must start with '/'"
+    ]
+    text = "routes:\n  - {name: app, prefix: /, upstream: https://www.braintrust.dev, deny_paths: ['/a**']}\n"
+    assert problems(tmp_path, text) == [
+        "F:2: routes[0].deny_paths[0]: '/a**': '**' must be a whole segment, as in /brainstore/**"
+    ]
