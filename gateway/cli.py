@@ -172,8 +172,13 @@ async def _serve(loaded: LoadedConfig, flags: tuple[Override, ...]) -> int:
         """The first signal starts a graceful stop; a second one cuts `shutdown_delay_s` short."""
         (hurry if stop.is_set() else stop).set()
 
+    async def reload() -> None:
+        """SIGHUP: reload; a new generation opens its audit file afresh, else reopen it (log rotation)."""
+        if not (await gateway.reload()).ok:
+            gateway.reopen_logs()
+
     def on_reload() -> None:
-        task = loop.create_task(gateway.reload())
+        task = loop.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 

@@ -65,6 +65,7 @@ class Exchange:
     bytes_in: int = 0
     bytes_out: int = 0
     error: GatewayError | None = None
+    audit: dict[str, str] | None = None  # the upstream's x-bt-audit-* headers, when audit is on
     decisions: list[str] = field(default_factory=list)
 
     @property

@@ -13,6 +13,7 @@ import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
+from gateway.audit import Audit
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.exchange import CLIENT_GONE, Exchange
 from gateway.headers import downstream_response_headers, upstream_request_headers
@@ -62,6 +63,7 @@ async def forward(
     max_body: int,
     proxy: str | None,
     rules: RuleSet | None = None,
+    audit: Audit | None = None,
 ) -> web.StreamResponse:
     """Send the request upstream and stream the answer back; raise GatewayFailure before any byte is sent.
 
@@ -77,6 +79,9 @@ async def forward(
         scheme=request.scheme,
         request_id=exchange.request_id,
     )
+    if audit is not None:
+        for name, value in audit.upstream_headers():
+            headers[name] = value
     state = UploadState()
     body = _request_body(request, exchange, max_body, state) if request.body_exists else None
     started = time.perf_counter()
@@ -95,7 +100,7 @@ async def forward(
         raise GatewayFailure(client_error(exc, target.route.host)) from exc
     exchange.upstream_seconds = time.perf_counter() - started
     try:
-        return await _relay(request, exchange, upstream, rules, host=target.route.host)
+        return await _relay(request, exchange, upstream, rules, host=target.route.host, audit=audit)
     except (aiohttp.ClientError, OSError, TimeoutError) as exc:
         raise GatewayFailure(client_error(exc, target.route.host)) from exc
     finally:
@@ -109,9 +114,12 @@ async def _relay(
     rules: RuleSet | None,
     *,
     host: str,
+    audit: Audit | None,
 ) -> web.StreamResponse:
     response = RelayedResponse(status=upstream.status, reason=upstream.reason)
     headers = downstream_response_headers(upstream.headers, exchange.request_id)
+    if audit is not None:
+        audit.capture(exchange, upstream.headers, headers)
     body = _rewriter(request, upstream, headers, rules, exchange)
     response.headers.extend(headers)
     response.headers.extend(exchange.response_headers)  # ours appended; upstream's RateLimit fields kept

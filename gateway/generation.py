@@ -16,6 +16,7 @@ import aiohttp
 from limits.errors import ConfigurationError
 from yarl import URL
 
+from gateway.audit import Audit, AuditSink
 from gateway.chain import Chain, connect_chain, http_chain, path_deny_lists
 from gateway.config.model import GatewayConfig
 from gateway.config.overrides import KeyPath
@@ -118,6 +119,7 @@ class Generation:
         limiter: RateLimiter,
         tunnel_limiter: RateLimiter,
         proxy_auth: ProxyAuth | None,
+        audit: Audit | None,
     ) -> None:
         self.config = config
         self.http = http
@@ -130,6 +132,7 @@ class Generation:
         self.limiter = limiter
         self.tunnel_limiter = tunnel_limiter
         self.proxy_auth = proxy_auth
+        self.audit = audit  # None when audit is off
         self.max_body_bytes = int(config.limits.max_body_mb * 1024 * 1024)
         self._in_flight = 0
         self._served = 0
@@ -164,6 +167,10 @@ class Generation:
             else None
         )
         tls = _built(("upstream", "ca_bundle"), lambda: tls_context(config.upstream.ca_bundle))
+        audit = None
+        if config.audit.enabled:
+            sink = _built(("audit", "sink"), lambda: AuditSink(config.audit.sink))
+            audit = Audit(sink, config.audit.expose_to_client)
         limiter = _built(
             ("rate_limit", "storage"),
             lambda: _limiter(
@@ -201,7 +208,7 @@ class Generation:
             proxy_auth=proxy_auth,
             tunnel_limiter=tunnel_limiter,
         )
-        if previous is not None:
+        if previous is not None:  # nothing below can fail: hand the stores over
             for old, new in ((previous.limiter, limiter), (previous.tunnel_limiter, tunnel_limiter)):
                 if new.storage is old.storage:
                     old.hand_over_storage()
@@ -217,6 +224,7 @@ class Generation:
             limiter=limiter,
             tunnel_limiter=tunnel_limiter,
             proxy_auth=proxy_auth,
+            audit=audit,
         )
 
     @property
@@ -265,3 +273,5 @@ class Generation:
         await self.tunnel_limiter.close()
         if self.proxy_auth is not None:
             self.proxy_auth.close()
+        if self.audit is not None:
+            self.audit.sink.close()

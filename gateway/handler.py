@@ -55,6 +55,7 @@ class ProxyHandler:
                 max_body=generation.max_body_bytes,
                 proxy=generation.config.upstream.proxy,
                 rules=rules,
+                audit=generation.audit,
             )
         except GatewayFailure as exc:
             return self.fail(exchange, exc.error, request)
@@ -98,8 +99,8 @@ class ProxyHandler:
         )
         return error_response(error, exchange.request_id, close=close)
 
-    def finish(self, exchange: Exchange, started: float) -> None:
-        """The request is over: one access event, one count."""
+    def finish(self, exchange: Exchange, started: float, generation: Generation | None) -> None:
+        """The request is over: one access event, one count, and its audit event when audit is on."""
         error = exchange.error
         access_log.info(
             "access",
@@ -122,3 +123,5 @@ class ProxyHandler:
         )
         if self._metrics is not None:
             self._metrics.count(exchange)
+        if generation is not None and generation.audit is not None:
+            generation.audit.record(exchange)

@@ -177,7 +177,7 @@ class Gateway:
             self._handlers.discard(task)
             if generation is not None:
                 generation.leave()
-            self.handler.finish(exchange, started)
+            self.handler.finish(exchange, started, generation)
 
     async def reload(self) -> ReloadResult:
         """Re-read and rebuild the config, exactly as `check-config` would; on any problem keep serving.
@@ -214,6 +214,11 @@ class Gateway:
         log.error("config_reload_failed", config=origin or None, problems=len(problems))
         self.metrics.reloads.labels(result="failure").inc()
         return ReloadResult(False, origin, tuple(problems))
+
+    def reopen_logs(self) -> None:
+        """After a log rotation (SIGHUP): the audit file is opened again under its configured name."""
+        if self.generation is not None and self.generation.audit is not None:
+            self.generation.audit.sink.reopen()
 
     def drain(self) -> None:
         """First step of a graceful stop: `/readyz` answers 503 while the proxy port keeps serving."""

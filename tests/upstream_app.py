@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import base64
 import gzip
 import json
 from dataclasses import dataclass, field
@@ -67,11 +68,42 @@ def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web
             "headers": list(request.headers.items()),
             "body_bytes": size,
         }
-        return web.Response(text=json.dumps(echo), content_type="application/json")
+        response = web.Response(text=json.dumps(echo), content_type="application/json")
+        if request.headers.get("x-bt-enable-audit") == "true":  # as Braintrust's API answers
+            response.headers.update(audit_headers(path))
+        return response
 
     app = web.Application()
     app.router.add_route("*", "/{tail:.*}", catch_all)
     return app
+
+
+AUDITED_RESOURCES = [{"type": "project", "id": "p-1", "name": "demo"}]
+
+
+def _envelope(payload: bytes, version: int = 1) -> str:
+    return json.dumps({"v": version, "p": base64.b64encode(payload).decode()})
+
+
+BAD_AUDIT = {
+    "/audit/not-json": "{",
+    "/audit/v2": _envelope(gzip.compress(b"[]"), version=2),
+    "/audit/not-base64": '{"v": 1, "p": "%%%"}',
+    "/audit/not-gzip": _envelope(b"plain"),
+    "/audit/bomb": _envelope(gzip.compress(b"[" + b" " * 2**21 + b"]")),  # inflates past 1 MiB
+}
+
+
+def audit_headers(path: str) -> dict[str, str]:
+    """Braintrust's audit answer; the resources header is malformed on the BAD_AUDIT paths."""
+    return {
+        "x-bt-audit-user-id": "u-1",
+        "x-bt-audit-user-email": "alice@example.com",
+        "x-bt-audit-normalized-url": "/v1/project/[id]",
+        "x-bt-audit-resources": BAD_AUDIT.get(
+            path, _envelope(gzip.compress(json.dumps(AUDITED_RESOURCES).encode()))
+        ),
+    }
 
 
 async def _download(request: web.Request, size: int) -> web.StreamResponse:

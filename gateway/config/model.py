@@ -215,6 +215,21 @@ class Rewrite(Section):
     rules: tuple[RewriteRule, ...] = ()
 
 
+class AuditSettings(Section):
+    """Braintrust audit headers: asked of every upstream, written as one event per request."""
+
+    enabled: bool = False
+    sink: str = "stdout"  # or a file path: JSON lines, appended; reopened on SIGHUP (log rotation)
+    expose_to_client: Literal["auto", "always", "never"] = "auto"
+
+    @field_validator("sink")
+    @classmethod
+    def _sink(cls, value: str) -> str:
+        if not value.strip():
+            raise ValueError("must be stdout or a file path")
+        return value
+
+
 class Logging(Section):
     level: Literal["debug", "info", "warning", "error"] = "info"
     format: Literal["json", "console"] = "json"
@@ -288,6 +303,7 @@ class GatewayConfig(Section):
     forward_proxy: ForwardProxy = ForwardProxy()
     rate_limit: RateLimit = RateLimit()
     rewrite: Rewrite = Rewrite()
+    audit: AuditSettings = AuditSettings()
     advertise_url: str | None = None
     trusted_proxies: tuple[str, ...] = ()
     deny_paths: tuple[PathGlob, ...] = ()  # for every route; DISABLE_SYSADMIN_TELEMETRY adds /brainstore/**

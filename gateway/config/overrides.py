@@ -59,6 +59,8 @@ ENV_OVERRIDES: dict[str, Override] = dict(
         _env("BT_GATEWAY_LOGGING_FORMAT", "logging", "format"),
         _env("BT_GATEWAY_SHUTDOWN_TIMEOUT_S", "shutdown_timeout_s"),
         _env("BT_GATEWAY_SHUTDOWN_DELAY_S", "shutdown_delay_s"),
+        _env("BT_GATEWAY_AUDIT_ENABLED", "audit", "enabled"),
+        _env("BT_GATEWAY_AUDIT_SINK", "audit", "sink"),
     ]
 )
 
