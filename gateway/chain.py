@@ -1,9 +1,9 @@
 """The order of the request steps, written once, here, as data (like Envoy's filter chain).
 
-    HTTP:    limits -> redirect -> route -> allowlist -> forward_proxy -> proxy_auth -> deny_paths
-             -> ratelimit, then forward (terminal) -> rewrite -> response
-    CONNECT: limits -> connect -> forward_proxy (allow-list and ports) -> proxy_auth -> tunnel_limit,
-             then the tunnel (terminal)
+    HTTP:    limits -> method -> host -> credentials -> redirect -> route -> allowlist -> forward_proxy
+             -> proxy_auth -> deny_paths -> ratelimit, then forward (terminal) -> rewrite -> response
+    CONNECT: limits -> credentials -> connect -> forward_proxy (allow-list, ports, reverse-only
+             hosts) -> proxy_auth -> tunnel_limit, then the tunnel (terminal)
 
 The allow-list speaks before proxy auth, so a denied destination costs no password check. The runner
 records every step's decision in the `Exchange` as `step:outcome`; the first error or reply ends the chain.
@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+from gateway.errors import GatewayError
 from gateway.exchange import Exchange
 from gateway.policy.allowlist import Allowlist
 from gateway.policy.forward_proxy import ForwardProxyPolicy
@@ -25,9 +26,12 @@ from gateway.steps import (
     BrowserRedirect,
     ConnectAllowed,
     ConnectTargetParsed,
+    Credentials,
     Decision,
     DeniedPaths,
     ForwardProxyMode,
+    HostHeader,
+    MethodAllowed,
     ProxyAuthenticated,
     RateLimited,
     Router,
@@ -68,6 +72,7 @@ def http_chain(
     routes: RouteTable,
     allowlist: Allowlist,
     forward_proxy: bool,
+    http_ports: tuple[int, ...],
     proxy_auth: ProxyAuth | None,
     deny: DeniedPaths,
     limiter: RateLimiter,
@@ -75,10 +80,13 @@ def http_chain(
     return Chain(
         (
             limits,
+            MethodAllowed(),
+            HostHeader(),
+            Credentials(),
             BrowserRedirect(public_url),
             Router(routes),
             Allowlisted(allowlist),
-            ForwardProxyMode(forward_proxy),
+            ForwardProxyMode(forward_proxy, http_ports),
             ProxyAuthenticated(proxy_auth) if proxy_auth else None,
             deny,
             RateLimited(limiter),
@@ -93,12 +101,14 @@ def connect_chain(
     allowlist: Allowlist,
     proxy_auth: ProxyAuth | None,
     tunnel_limiter: RateLimiter,
+    reverse_only: dict[str, GatewayError],
 ) -> Chain:
     return Chain(
         (
             limits,
+            Credentials(),
             ConnectTargetParsed(),
-            ConnectAllowed(policy, allowlist),
+            ConnectAllowed(policy, allowlist, reverse_only),
             ProxyAuthenticated(proxy_auth) if proxy_auth else None,
             TunnelLimited(tunnel_limiter),
         )

@@ -15,9 +15,13 @@ class Code(StrEnum):
 
     BAD_REQUEST = "bad_request"
     BAD_CONNECT_TARGET = "bad_connect_target"
+    BAD_HOST = "bad_host"
+    AMBIGUOUS_CREDENTIALS = "ambiguous_credentials"
+    REQUEST_TIMEOUT = "request_timeout"
     NOT_FOUND = "no_route"
     METHOD_NOT_ALLOWED = "method_not_allowed"
     EGRESS_DENIED = "egress_denied"
+    USE_REVERSE_MODE = "use_reverse_mode"
     PATH_DENIED = "path_denied"
     BAD_PATH = "bad_path"
     PROXY_AUTH_REQUIRED = "proxy_auth_required"
@@ -32,6 +36,9 @@ class Code(StrEnum):
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_BAD_ENCODING = "upstream_bad_encoding"
     UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
+    UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
+    UPSTREAM_BUSY = "upstream_busy"
+    TOO_MANY_CONNECTIONS = "too_many_connections"
     SHUTTING_DOWN = "shutting_down"
     CLIENT_DISCONNECTED = "client_disconnected"
     INTERNAL = "internal_error"
@@ -40,9 +47,13 @@ class Code(StrEnum):
 STATUS: dict[Code, int] = {
     Code.BAD_REQUEST: 400,
     Code.BAD_CONNECT_TARGET: 400,
+    Code.BAD_HOST: 400,
+    Code.AMBIGUOUS_CREDENTIALS: 400,
+    Code.REQUEST_TIMEOUT: 408,
     Code.NOT_FOUND: 404,
     Code.METHOD_NOT_ALLOWED: 405,
     Code.EGRESS_DENIED: 403,
+    Code.USE_REVERSE_MODE: 403,
     Code.PATH_DENIED: 403,
     Code.BAD_PATH: 400,
     Code.PROXY_AUTH_REQUIRED: 407,
@@ -57,6 +68,9 @@ STATUS: dict[Code, int] = {
     Code.UPSTREAM_TIMEOUT: 504,
     Code.UPSTREAM_BAD_ENCODING: 502,
     Code.UPSTREAM_PROTOCOL_ERROR: 502,
+    Code.UPSTREAM_BAD_RESPONSE: 502,
+    Code.UPSTREAM_BUSY: 503,
+    Code.TOO_MANY_CONNECTIONS: 503,
     Code.SHUTTING_DOWN: 503,
     Code.CLIENT_DISCONNECTED: 499,  # nginx's number: logged only, the client is no longer there to see it
     Code.INTERNAL: 500,
@@ -82,6 +96,7 @@ class Reason(StrEnum):
     READ_TIMEOUT = "read_timeout"
     CONNECTION_FAILED = "connection_failed"  # reset, closed early, or another socket error
     BAD_RESPONSE = "bad_response"
+    DECOMPRESSION_LIMIT = "decompression_limit"  # a body decoding past rewrite.max_decoded_mb or the ratio
     PROXY_REFUSED = "proxy_refused"  # the corporate proxy (upstream.proxy) refused a CONNECT
 
 

@@ -17,7 +17,7 @@ from gateway.errors import Code, GatewayError, Reason
 from gateway.policy.forward_proxy import ConnectTarget
 from gateway.policy.routes import RouteTarget
 
-FORWARD_PROXY_ROUTE = "forward_proxy"  # absolute-form requests that match no route
+FORWARD_PROXY_ROUTE = "forward_proxy"  # absolute-form requests to no route's upstream
 TUNNEL_ROUTE = "tunnel"  # CONNECT tunnels (metrics, and the tunnel limiter's bucket)
 NO_ROUTE = "none"  # refused before a route was known (the metrics' route label)
 
@@ -58,6 +58,7 @@ class Exchange:
     upstream_host: str | None = None
     target: Target | None = None  # set by the router (HTTP)
     connect: ConnectTarget | None = None  # set for CONNECT once its target parsed
+    proxy_user: str | None = None  # who passed forward-proxy auth
     response_headers: tuple[tuple[str, str], ...] = ()  # added to the response (RateLimit fields)
     status: int = 0
     upstream_status: int | None = None

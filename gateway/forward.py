@@ -1,30 +1,39 @@
 """The terminal step: stream the request to the upstream and the response back, both ways, bounded.
 
-Bodies are never buffered whole: the request streams through a size-counting generator, and the response
-is written to the client chunk by chunk as it arrives (so SSE and chunked responses flush at once).
+Bodies are never buffered whole: the request streams through a size- and time-bounded generator, and the
+response is written to the client chunk by chunk as it arrives (so SSE and chunked responses flush at once).
+A response head that is not valid HTTP is never relayed.
 """
 
 from __future__ import annotations
 
+import asyncio
+import re
 import time
 from collections.abc import AsyncIterator
+from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
 from multidict import CIMultiDict
 
 from gateway.audit import Audit
-from gateway.errors import Code, GatewayError, GatewayFailure
+from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.exchange import CLIENT_GONE, Exchange
 from gateway.headers import downstream_response_headers, upstream_request_headers
-from gateway.policy.urlrewrite import REWRITE_HEADERS, BodyRewriter, RewritePolicy, RuleSet
+from gateway.logs import get_logger
+from gateway.policy.urlrewrite import REWRITE_HEADERS, BodyRewriter, RewriteAbandoned
+from gateway.pool import UpstreamPool
 from gateway.responses import RelayedResponse
+from gateway.steps import ResponseRewrite
 from gateway.upstream import client_error
 
 CHUNK = 2**16
-
-
 BODY_TOO_LARGE = GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")
+BODY_TIMEOUT = GatewayError(Code.REQUEST_TIMEOUT, "the request body stopped arriving")
+_TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 field-name
+_FIELD_VALUE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")  # visible bytes, spaces, tabs; no CR, LF, NUL
+log = get_logger("gateway.forward")
 
 
 class UploadState:
@@ -33,16 +42,20 @@ class UploadState:
     __slots__ = ("client_error",)
 
     def __init__(self) -> None:
-        self.client_error: GatewayError | None = None  # 413, or the client leaving mid-upload
+        self.client_error: GatewayError | None = None  # 413, 408, or the client leaving mid-upload
 
 
 async def _request_body(
-    request: web.BaseRequest, exchange: Exchange, limit: int, state: UploadState
+    request: web.BaseRequest, exchange: Exchange, limit: int, timeout_s: float, state: UploadState
 ) -> AsyncIterator[bytes]:
     content = request.content
     while True:
         try:
-            chunk = await content.readany()
+            async with asyncio.timeout(timeout_s):
+                chunk = await content.readany()
+        except TimeoutError:
+            state.client_error = BODY_TIMEOUT
+            raise
         except Exception:  # the client's side broke (reset, or a body shorter than it declared)
             state.client_error = CLIENT_GONE
             raise
@@ -55,85 +68,183 @@ async def _request_body(
         yield chunk
 
 
-async def forward(
-    request: web.BaseRequest,
-    exchange: Exchange,
-    session: aiohttp.ClientSession,
-    *,
-    max_body: int,
-    proxy: str | None,
-    rules: RuleSet | None = None,
-    audit: Audit | None = None,
-) -> web.StreamResponse:
-    """Send the request upstream and stream the answer back; raise GatewayFailure before any byte is sent.
+def invalid_head(status: int, raw_headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
+    """Why an upstream response head must not be relayed, or None when it is valid HTTP.
 
-    Failures are the client's (413, 499) when its body broke, else mapped by `client_error`.
+    No upgrade is ever asked for (Upgrade is hop-by-hop), so 1xx cannot be a final answer; field names
+    must be tokens (`Content-Length : 2` is not) and values valid UTF-8 without control bytes.
     """
-    target = exchange.target
-    assert target is not None  # routed by the chain
-    headers = upstream_request_headers(
-        request.headers,
-        host_header=target.route.host_header,
-        client_ip=exchange.client_ip,
-        client_host=request.headers.get("Host"),
-        scheme=request.scheme,
-        request_id=exchange.request_id,
-    )
-    if audit is not None:
-        for name, value in audit.upstream_headers():
-            headers[name] = value
-    state = UploadState()
-    body = _request_body(request, exchange, max_body, state) if request.body_exists else None
-    started = time.perf_counter()
-    try:
-        upstream = await session.request(
-            request.method,
-            target.url,
-            headers=headers,
-            data=body,
-            allow_redirects=False,
-            proxy=proxy,
+    if not 200 <= status <= 599:
+        return f"status {status}"
+    for name, value in raw_headers:
+        if not _TOKEN.match(name):
+            return f"header name {name[:64]!r}"
+        if not _FIELD_VALUE.match(value):
+            return f"control bytes in header {name[:64].decode('latin-1')}"
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            return f"header {name[:64].decode('latin-1')} is not valid UTF-8"
+    return None
+
+
+@dataclass(frozen=True, slots=True)
+class Forwarder:
+    """How one generation forwards: its session and pool, and the response-side rewrite and audit."""
+
+    session: aiohttp.ClientSession
+    pool: UpstreamPool
+    max_body: int
+    body_timeout_s: float
+    proxy: str | None
+    rewrite: ResponseRewrite | None
+    audit: Audit | None
+
+    async def forward(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
+        """Send the request upstream and stream the answer back; raise GatewayFailure before any byte.
+
+        Failures are the client's (413, 408, 499) when its body broke, else mapped by `client_error`.
+        """
+        target = exchange.target
+        assert target is not None  # routed by the chain
+        async with self.pool.slot(exchange.client_ip):
+            upstream = await self._send(request, exchange, target.route.host_header, target.route.host)
+            try:
+                return await self._relay(request, exchange, upstream, target.route.host)
+            except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+                raise GatewayFailure(client_error(exc, target.route.host)) from exc
+            finally:
+                upstream.close()
+
+    async def _send(
+        self, request: web.BaseRequest, exchange: Exchange, host_header: str, host: str
+    ) -> aiohttp.ClientResponse:
+        assert exchange.target is not None
+        headers = upstream_request_headers(
+            request.headers,
+            host_header=host_header,
+            client_ip=exchange.client_ip,
+            client_host=request.headers.get("Host"),
+            scheme=request.scheme,
+            request_id=exchange.request_id,
         )
-    except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError) as exc:
-        if state.client_error is not None:
-            raise GatewayFailure(state.client_error) from exc
-        raise GatewayFailure(client_error(exc, target.route.host)) from exc
-    exchange.upstream_seconds = time.perf_counter() - started
-    try:
-        return await _relay(request, exchange, upstream, rules, host=target.route.host, audit=audit)
-    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
-        raise GatewayFailure(client_error(exc, target.route.host)) from exc
-    finally:
-        upstream.close()
+        if self.audit is not None:
+            for name, value in self.audit.upstream_headers():
+                headers[name] = value
+        state = UploadState()
+        body = None
+        if request.body_exists:
+            body = _request_body(request, exchange, self.max_body, self.body_timeout_s, state)
+        started = time.perf_counter()
+        try:
+            upstream = await self.session.request(
+                request.method,
+                exchange.target.url,
+                headers=headers,
+                data=body,
+                allow_redirects=False,
+                proxy=self.proxy,
+            )
+        except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            if state.client_error is not None:
+                raise GatewayFailure(state.client_error) from exc
+            raise GatewayFailure(client_error(exc, host)) from exc
+        exchange.upstream_seconds = time.perf_counter() - started
+        problem = invalid_head(upstream.status, upstream.raw_headers)
+        if problem is not None:
+            upstream.close()
+            raise GatewayFailure(
+                GatewayError(
+                    Code.UPSTREAM_BAD_RESPONSE,
+                    f"upstream sent a response that is not valid HTTP: {host}",
+                    reason=Reason.BAD_RESPONSE,
+                    context=(("upstream", host), ("cause", problem)),
+                )
+            )
+        return upstream
+
+    async def _relay(
+        self, request: web.BaseRequest, exchange: Exchange, upstream: aiohttp.ClientResponse, host: str
+    ) -> web.StreamResponse:
+        response = RelayedResponse(status=upstream.status, reason=upstream.reason)
+        headers = downstream_response_headers(upstream.headers, exchange.request_id)
+        if self.audit is not None:
+            self.audit.capture(exchange, upstream.headers, headers)
+        body = self._rewriter(request, exchange, upstream, headers)
+        response.headers.extend(headers)
+        response.headers.extend(exchange.response_headers)  # ours appended; upstream's RateLimit kept
+        exchange.status = exchange.upstream_status = upstream.status
+        if body is None:
+            if not await _send(request, response, exchange, b""):
+                return response  # nothing to rewrite: headers go at once (SSE clients see them)
+            return await _pass_through(request, response, exchange, upstream, host=host)
+        return await _rewrite_through(request, response, exchange, upstream, host=host, body=body)
+
+    def _rewriter(
+        self,
+        request: web.BaseRequest,
+        exchange: Exchange,
+        upstream: aiohttp.ClientResponse,
+        headers: CIMultiDict[str],
+    ) -> BodyRewriter | None:
+        """Rewrite URL headers now; if the body may change, fix its headers and return its rewriter."""
+        if self.rewrite is None:
+            return None
+        rules = self.rewrite.rules_for(exchange)
+        if rules.empty:
+            return None
+        for name in REWRITE_HEADERS:
+            values = headers.popall(name, ())
+            for value in values:
+                headers.add(name, rules.rewrite_header(name, value))
+        if request.method == "HEAD" or upstream.status in (204, 304):
+            return None
+        body = self.rewrite.policy.body(
+            rules, upstream.headers.get("Content-Type"), upstream.headers.get("Content-Encoding")
+        )
+        if body is None:
+            exchange.decisions.append("rewrite:passthrough")
+            return None
+        exchange.decisions.append("rewrite:body")
+        headers.popall("Content-Length", None)  # the length may change: stream chunked
+        etag = headers.get("ETag")
+        if etag is not None and not etag.startswith("W/"):
+            headers["ETag"] = "W/" + etag  # same meaning, no longer byte-identical
+        return body
 
 
-async def _relay(
+async def _rewrite_through(
     request: web.BaseRequest,
+    response: web.StreamResponse,
     exchange: Exchange,
     upstream: aiohttp.ClientResponse,
-    rules: RuleSet | None,
     *,
     host: str,
-    audit: Audit | None,
+    body: BodyRewriter,
 ) -> web.StreamResponse:
-    response = RelayedResponse(status=upstream.status, reason=upstream.reason)
-    headers = downstream_response_headers(upstream.headers, exchange.request_id)
-    if audit is not None:
-        audit.capture(exchange, upstream.headers, headers)
-    body = _rewriter(request, upstream, headers, rules, exchange)
-    response.headers.extend(headers)
-    response.headers.extend(exchange.response_headers)  # ours appended; upstream's RateLimit fields kept
-    exchange.status = exchange.upstream_status = upstream.status
-    if body is None and not await _send(request, response, exchange, b""):
-        return response  # nothing to rewrite: headers go at once (SSE clients see them)
+    """Relay through the rewriter; a body that decodes past its limits passes unrewritten if it still can."""
     content = upstream.content
+    held: list[bytes] = []  # raw bytes read before the first byte was sent: the fallback needs them
     try:
         while chunk := await content.readany():
-            out = body.feed(chunk) if body is not None else chunk
-            if out and not await _send(request, response, exchange, out):
-                return response
-        if body is not None and not await _send(request, response, exchange, body.finish()):
+            if not response.prepared:
+                held.append(chunk)
+            for index, out in enumerate(body.feed(chunk)):
+                if index:
+                    await asyncio.sleep(0)  # a chunk that decodes to many pieces shares the loop
+                if out and not await _send(request, response, exchange, out):
+                    return response
+        if not await _send(request, response, exchange, body.finish()):
             return response
+    except RewriteAbandoned as exc:
+        _skipped(exchange, exc.reason)
+        if not response.prepared:  # nothing sent: the original bytes go out as they came
+            _restore_framing(response, upstream)
+            if not await _send(request, response, exchange, b""):
+                return response
+            return await _pass_through(request, response, exchange, upstream, host=host, held=held)
+        _abort(request, exchange, _rewrite_limit(exc.reason, host))
+        return response
     except GatewayFailure:
         if not response.prepared:
             raise  # nothing sent yet: the client gets a proper 502 upstream_bad_encoding
@@ -144,6 +255,38 @@ async def _relay(
             raise
         _abort(request, exchange, client_error(exc, host))
         return response
+    if body.skipped is not None:
+        _skipped(exchange, body.skipped)
+    return await _finish(request, response, exchange)
+
+
+async def _pass_through(
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    exchange: Exchange,
+    upstream: aiohttp.ClientResponse,
+    *,
+    host: str,
+    held: list[bytes] | tuple[()] = (),
+) -> web.StreamResponse:
+    """Relay the body byte for byte (after any bytes already read into `held`)."""
+    content = upstream.content
+    try:
+        for chunk in held:
+            if not await _send(request, response, exchange, chunk):
+                return response
+        while chunk := await content.readany():
+            if not await _send(request, response, exchange, chunk):
+                return response
+    except (aiohttp.ClientError, OSError, TimeoutError) as exc:
+        _abort(request, exchange, client_error(exc, host))
+        return response
+    return await _finish(request, response, exchange)
+
+
+async def _finish(
+    request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange
+) -> web.StreamResponse:
     if await _send(request, response, exchange, b""):
         try:
             await response.write_eof()
@@ -152,34 +295,26 @@ async def _relay(
     return response
 
 
-def _rewriter(
-    request: web.BaseRequest,
-    upstream: aiohttp.ClientResponse,
-    headers: CIMultiDict[str],
-    rules: RuleSet | None,
-    exchange: Exchange,
-) -> BodyRewriter | None:
-    """Rewrite URL headers now; if the body may change, fix its headers and return its rewriter."""
-    if rules is None or rules.empty:
-        return None
-    for name in REWRITE_HEADERS:
-        values = headers.popall(name, ())
-        for value in values:
-            headers.add(name, rules.rewrite_header(name, value))
-    if request.method == "HEAD" or upstream.status in (204, 304):
-        return None
-    body = RewritePolicy.body(
-        rules, upstream.headers.get("Content-Type"), upstream.headers.get("Content-Encoding")
+def _restore_framing(response: web.StreamResponse, upstream: aiohttp.ClientResponse) -> None:
+    """Undo what the rewriter changed in the head: the body is the upstream's own again."""
+    for name in ("Content-Length", "ETag"):
+        value = upstream.headers.get(name)
+        if value is not None:
+            response.headers[name] = value
+
+
+def _skipped(exchange: Exchange, reason: str) -> None:
+    exchange.decisions.append(f"rewrite:skipped_{reason}")
+    log.warning("rewrite_skipped", reason=reason, request_id=exchange.request_id, route=exchange.route)
+
+
+def _rewrite_limit(reason: str, host: str) -> GatewayError:
+    return GatewayError(
+        Code.UPSTREAM_BAD_RESPONSE,
+        f"upstream body decodes past the rewrite limits: {host}",
+        reason=Reason.DECOMPRESSION_LIMIT,
+        context=(("upstream", host), ("cause", reason)),
     )
-    if body is None:
-        exchange.decisions.append("rewrite:passthrough")
-        return None
-    exchange.decisions.append("rewrite:body")
-    headers.popall("Content-Length", None)  # the length may change: stream chunked
-    etag = headers.get("ETag")
-    if etag is not None and not etag.startswith("W/"):
-        headers["ETag"] = "W/" + etag  # same meaning, no longer byte-identical
-    return body
 
 
 async def _send(

@@ -21,6 +21,8 @@ from gateway.chain import Chain, connect_chain, http_chain, path_deny_lists
 from gateway.config.model import GatewayConfig
 from gateway.config.overrides import KeyPath
 from gateway.dial import TunnelDialer, UpstreamProxy
+from gateway.errors import Code, GatewayError, Reason
+from gateway.forward import Forwarder
 from gateway.logs import get_logger
 from gateway.policy.allowlist import Allowlist
 from gateway.policy.external_url import ExternalUrl
@@ -28,11 +30,18 @@ from gateway.policy.forward_proxy import ForwardProxyPolicy
 from gateway.policy.proxyauth import ProxyAuth, ScryptHash
 from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings
 from gateway.policy.routes import RouteTable, RouteTarget
-from gateway.policy.urlrewrite import RewritePolicy
+from gateway.policy.urlrewrite import RewriteLimits, RewritePolicy
+from gateway.pool import UpstreamPool
 from gateway.steps import ResponseRewrite, SizeLimits
 from gateway.upstream import EgressGuard, EgressResolver, build_session, tls_context
 
 T = TypeVar("T")
+
+
+def _nothing() -> None:
+    """The tunnel limiter's store is process memory: it has no errors to count."""
+
+
 log = get_logger("gateway.generation")
 
 
@@ -85,7 +94,9 @@ def rewrite_policy(config: GatewayConfig) -> RewritePolicy:
         static.append((app.upstream, config.public_url))
     static += [(rule.from_, rule.to) for rule in config.rewrite.rules]
     advertised = tuple((str(URL(r.upstream).origin()), r.prefix) for r in config.routes if r.advertise)
-    return RewritePolicy(tuple(static), advertised, config.rewrite.max_buffer_kb * 1024)
+    rw = config.rewrite
+    limits = RewriteLimits(rw.max_growth_ratio, int(rw.max_decoded_mb * 2**20), rw.max_inflate_ratio)
+    return RewritePolicy(tuple(static), advertised, rw.max_buffer_kb * 1024, limits)
 
 
 def _limiter(
@@ -102,6 +113,57 @@ def _limiter(
     return RateLimiter(settings, storage=storage, on_storage_error=on_storage_error)
 
 
+def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
+    """Upstream host -> (route name, prefix) for every route with a rate limit in force."""
+    hosts: dict[str, tuple[str, str]] = {}
+    for route in config.routes:
+        limit = (
+            route.rate_limit.max_requests if route.rate_limit is not None else config.rate_limit.max_requests
+        )
+        host = URL(route.upstream).host
+        if limit > 0 and host is not None:
+            hosts.setdefault(host, (route.name, route.prefix))
+    return hosts
+
+
+def _reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
+    """With `tunnel_to_limited_hosts: deny`, the 403 each limited host's tunnel gets, naming the way in."""
+    if config.forward_proxy.tunnel_to_limited_hosts == "allow":
+        return {}
+    gateway = config.advertise_url or f"http://{config.listen.host}:{config.listen.port}"
+    refusals = {}
+    for host, (name, prefix) in limited_hosts(config).items():
+        url = gateway + prefix.rstrip("/")
+        refusals[host] = GatewayError(
+            Code.USE_REVERSE_MODE,
+            f"{host} is served by the rate-limited route {name!r}: set BRAINTRUST_APP_URL={url} "
+            "instead of tunnelling through HTTPS_PROXY",
+            reason=Reason.HOST_NOT_ALLOWED,
+        )
+    return refusals
+
+
+def _proxy_auth(config: GatewayConfig) -> ProxyAuth | None:
+    auth = config.forward_proxy.auth
+    if auth is None:
+        return None
+    return ProxyAuth({n: ScryptHash.parse(h) for n, h in auth.users.items()}, auth.max_failures_per_minute)
+
+
+def _response_rewrite(config: GatewayConfig) -> ResponseRewrite | None:
+    if not config.rewrite.enabled:
+        return None
+    policy = _built(("rewrite",), lambda: rewrite_policy(config))
+    return ResponseRewrite(policy, ExternalUrl(config.advertise_url, config.trusted_proxies))
+
+
+def _audit(config: GatewayConfig) -> Audit | None:
+    if not config.audit.enabled:
+        return None
+    sink = _built(("audit", "sink"), lambda: AuditSink(config.audit.sink))
+    return Audit(sink, config.audit.expose_to_client)
+
+
 class Generation:
     """Everything one config builds, closed together. Only its count of requests in flight changes."""
 
@@ -111,33 +173,34 @@ class Generation:
         config: GatewayConfig,
         http: Chain,
         connect: Chain,
-        rewrite: ResponseRewrite | None,
+        forwarder: Forwarder,
         dialer: TunnelDialer | None,
-        guard: EgressGuard,
         resolver: EgressResolver,
-        session: aiohttp.ClientSession,
         limiter: RateLimiter,
         tunnel_limiter: RateLimiter,
         proxy_auth: ProxyAuth | None,
-        audit: Audit | None,
     ) -> None:
         self.config = config
         self.http = http
         self.connect = connect
-        self.rewrite = rewrite
+        self.forwarder = forwarder
         self.dialer = dialer  # None when forward-proxy mode is off
-        self.guard = guard
         self.resolver = resolver
-        self.session = session
         self.limiter = limiter
         self.tunnel_limiter = tunnel_limiter
         self.proxy_auth = proxy_auth
-        self.audit = audit  # None when audit is off
-        self.max_body_bytes = int(config.limits.max_body_mb * 1024 * 1024)
         self._in_flight = 0
         self._served = 0
         self._retired = False
         self._closing: asyncio.Task[None] | None = None
+
+    @property
+    def session(self) -> aiohttp.ClientSession:
+        return self.forwarder.session
+
+    @property
+    def audit(self) -> Audit | None:
+        return self.forwarder.audit
 
     @classmethod
     async def build(
@@ -150,27 +213,9 @@ class Generation:
 
         With `previous`, rate-limit stores that did not change are taken over, counters and all.
         """
-        rewrite = None
-        if config.rewrite.enabled:
-            policy = _built(("rewrite",), lambda: rewrite_policy(config))
-            rewrite = ResponseRewrite(policy, ExternalUrl(config.advertise_url, config.trusted_proxies))
-        allowlist = Allowlist.parse(config.allowlist)
-        fp = config.forward_proxy
-        forward_proxy = (
-            ForwardProxyPolicy(allowlist, fp.connect_ports, fp.deny_private_addresses) if fp.enabled else None
-        )
-        proxy_auth = (
-            ProxyAuth(
-                {n: ScryptHash.parse(h) for n, h in fp.auth.users.items()}, fp.auth.max_failures_per_minute
-            )
-            if fp.auth
-            else None
-        )
+        rewrite = _response_rewrite(config)
         tls = _built(("upstream", "ca_bundle"), lambda: tls_context(config.upstream.ca_bundle))
-        audit = None
-        if config.audit.enabled:
-            sink = _built(("audit", "sink"), lambda: AuditSink(config.audit.sink))
-            audit = Audit(sink, config.audit.expose_to_client)
+        audit = _audit(config)
         limiter = _built(
             ("rate_limit", "storage"),
             lambda: _limiter(
@@ -178,35 +223,53 @@ class Generation:
             ),
         )
         tunnel_limiter = _limiter(
-            tunnel_limit_settings(config), previous.tunnel_limiter if previous else None, lambda: None
+            tunnel_limit_settings(config), previous.tunnel_limiter if previous else None, _nothing
         )
+        allowlist = Allowlist.parse(config.allowlist)
+        fp, limits = config.forward_proxy, config.limits
+        forward_proxy = (
+            ForwardProxyPolicy(allowlist, fp.connect_ports, fp.deny_private_addresses) if fp.enabled else None
+        )
+        proxy_auth = _proxy_auth(config)
         proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
         guard = EgressGuard(allowlist, frozenset({proxy_host} if proxy_host else ()))
         resolver = EgressResolver(guard, config.resolve)
-        session = build_session(config, guard, resolver, tls)
         dialer = None
         if forward_proxy is not None:
             proxy = UpstreamProxy.parse(config.upstream.proxy)
             dialer = TunnelDialer(forward_proxy, resolver, config.upstream.connect_timeout_s, tls, proxy)
-        limits = SizeLimits(config.limits.max_header_kb * 1024, int(config.limits.max_body_mb * 1024 * 1024))
-        routes = RouteTable(tuple(RouteTarget.from_url(r.name, r.prefix, r.upstream) for r in config.routes))
-        deny = path_deny_lists(config.deny_paths, {r.name: r.deny_paths for r in config.routes})
+        size_limits = SizeLimits(limits.max_header_kb * 1024, int(limits.max_body_mb * 2**20))
         http = http_chain(
-            limits=limits,
+            limits=size_limits,
             public_url=config.public_url,
-            routes=routes,
+            routes=RouteTable(
+                tuple(RouteTarget.from_url(r.name, r.prefix, r.upstream) for r in config.routes)
+            ),
             allowlist=allowlist,
             forward_proxy=fp.enabled,
+            http_ports=fp.http_ports,
             proxy_auth=proxy_auth,
-            deny=deny,
+            deny=path_deny_lists(config.deny_paths, {r.name: r.deny_paths for r in config.routes}),
             limiter=limiter,
         )
         connect = connect_chain(
-            limits=limits,
+            limits=size_limits,
             policy=forward_proxy,
             allowlist=allowlist,
             proxy_auth=proxy_auth,
             tunnel_limiter=tunnel_limiter,
+            reverse_only=_reverse_only(config),
+        )
+        forwarder = Forwarder(
+            session=build_session(config, guard, resolver, tls),
+            pool=UpstreamPool(
+                limits.max_connections, config.upstream.pool_timeout_s, limits.max_upstream_share
+            ),
+            max_body=int(limits.max_body_mb * 2**20),
+            body_timeout_s=limits.body_timeout_s,
+            proxy=config.upstream.proxy,
+            rewrite=rewrite,
+            audit=audit,
         )
         if previous is not None:  # nothing below can fail: hand the stores over
             for old, new in ((previous.limiter, limiter), (previous.tunnel_limiter, tunnel_limiter)):
@@ -216,16 +279,27 @@ class Generation:
             config=config,
             http=http,
             connect=connect,
-            rewrite=rewrite,
+            forwarder=forwarder,
             dialer=dialer,
-            guard=guard,
             resolver=resolver,
-            session=session,
             limiter=limiter,
             tunnel_limiter=tunnel_limiter,
             proxy_auth=proxy_auth,
-            audit=audit,
         )
+
+    def warnings(self) -> list[tuple[str, dict[str, object]]]:
+        """What an operator should know about this config, logged at start and at each reload."""
+        config = self.config
+        fp = config.forward_proxy
+        if not fp.enabled or fp.tunnel_to_limited_hosts != "allow":
+            return []
+        hosts = sorted(limited_hosts(config))
+        if not hosts:
+            return []
+        detail = (
+            "tunnels to these hosts are not counted per token (tunnel_to_limited_hosts: deny refuses them)"
+        )
+        return [("tunnels_bypass_rate_limit", {"hosts": hosts, "detail": detail})]
 
     @property
     def in_flight(self) -> int:

@@ -12,7 +12,6 @@ from aiohttp import web
 
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.exchange import CLIENT_GONE, Exchange
-from gateway.forward import forward
 from gateway.generation import Generation
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -46,17 +45,8 @@ class ProxyHandler:
                 await request.writer.write(CONTINUE)
             except ConnectionError:
                 return self.fail(exchange, CLIENT_GONE, request)
-        rules = generation.rewrite.rules_for(exchange) if generation.rewrite is not None else None
         try:
-            return await forward(
-                request,
-                exchange,
-                generation.session,
-                max_body=generation.max_body_bytes,
-                proxy=generation.config.upstream.proxy,
-                rules=rules,
-                audit=generation.audit,
-            )
+            return await generation.forwarder.forward(request, exchange)
         except GatewayFailure as exc:
             return self.fail(exchange, exc.error, request)
 

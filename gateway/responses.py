@@ -8,6 +8,7 @@ match; relayed responses carry exactly the `Server` and `Content-Type` the upstr
 from __future__ import annotations
 
 import json
+from http import HTTPStatus
 
 from aiohttp import hdrs, web
 from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
@@ -45,6 +46,18 @@ def error_response(error: GatewayError, request_id: str, *, close: bool = False)
     if close:
         response.force_close()
     return response
+
+
+def raw_error(error: GatewayError, request_id: str) -> bytes:
+    """The same JSON error as bytes on the wire, for refusals made before any request exists."""
+    body = json.dumps({"error": {"code": str(error.code), "message": error.detail, "request_id": request_id}})
+    reason = HTTPStatus(error.status).phrase
+    head = (
+        f"HTTP/1.1 {error.status} {reason}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\nConnection: close\r\nServer: {SERVER}\r\n"
+        f"X-Request-Id: {request_id}\r\n\r\n"
+    )
+    return head.encode("latin-1") + body.encode()
 
 
 def parse_error(exc: BaseException | None) -> GatewayError:

@@ -14,7 +14,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
 from gateway.config.load import ConfigError, LoadedConfig
 from gateway.config.model import Admin, GatewayConfig, Listen
@@ -25,50 +24,13 @@ from gateway.handler import ProxyHandler
 from gateway.logs import configure, get_logger
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.policy.credentials import digest_of
-from gateway.responses import SERVER, error_response, parse_error
+from gateway.protocol import ClientLimits, GatewayServer
+from gateway.responses import SERVER
 from gateway.tunnel import Tunnels, TunnelStats
 
 log = get_logger("gateway.server")
 SHUTTING_DOWN = GatewayError(Code.SHUTTING_DOWN, "the gateway is shutting down")
 DRAIN_CEILING_S = 24 * 3600.0  # aiohttp's own drain bound; stop() cancels at shutdown_timeout_s instead
-
-
-class GatewayProtocol(RequestHandler):
-    """aiohttp's per-connection protocol, with parser failures answered as JSON errors (431/400)."""
-
-    client_eof = False  # the client half-closed while a CONNECT was pending
-
-    def eof_received(self) -> bool | None:  # type: ignore[override]
-        """Keep a CONNECT's transport open on the client's FIN: the tunnel passes the FIN on."""
-        if self._upgraded:  # aiohttp's parser marks CONNECT (and Upgrade) requests this way
-            self.client_eof = True
-            return True
-        return None
-
-    def handle_error(
-        self,
-        request: web.BaseRequest,
-        status: int = 500,
-        exc: BaseException | None = None,
-        message: str | None = None,
-    ) -> web.StreamResponse:
-        if request.writer.output_size > 0:
-            raise ConnectionError("response already started; cannot send an error")
-        rid = request_id(None)
-        if status == 400:
-            error = parse_error(exc)
-            log.warning("request_rejected", code=str(error.code), status=error.status, request_id=rid)
-        else:  # a bug of ours: keep the traceback (scrubbed by the log processors), answer 500
-            error = GatewayError(Code.INTERNAL, "internal error")
-            log.error("unhandled_error", request_id=rid, exc_info=exc)
-        return error_response(error, rid, close=True)
-
-
-class GatewayServer(web.Server):
-    """Builds `GatewayProtocol` instead of aiohttp's plain RequestHandler."""
-
-    def __call__(self) -> RequestHandler:
-        return GatewayProtocol(self, loop=self._loop, **self._kwargs)
 
 
 class StartupError(Exception):
@@ -103,6 +65,7 @@ class Gateway:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._retired: list[Generation] = []
         self._reloading = asyncio.Lock()
+        self._proxy_server: GatewayServer | None = None
 
     @property
     def tunnels(self) -> TunnelStats:
@@ -116,13 +79,15 @@ class Gateway:
         config = self.config
         self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
         header_bytes = config.limits.max_header_kb * 1024
-        proxy = GatewayServer(
+        self._proxy_server = proxy = GatewayServer(
             self.handle,
+            limits=_client_limits(config),
             handler_cancellation=True,
             auto_decompress=False,
             max_line_size=header_bytes,
             max_field_size=header_bytes,
             max_headers=256,
+            keepalive_timeout=config.limits.keepalive_timeout_s,
             access_log=None,
         )
         runner = web.ServerRunner(proxy, shutdown_timeout=DRAIN_CEILING_S)
@@ -131,6 +96,7 @@ class Gateway:
         self.ports["admin"] = await self._listen(admin, "admin", config.admin)
         self.ready = self.started = True
         log.info("gateway_started", listen=self.ports["listen"], admin=self.ports["admin"], config=origin)
+        _log_warnings(self.generation)
 
     async def _listen(self, runner: web.BaseRunner, name: str, where: Listen | Admin) -> int:
         await runner.setup()
@@ -202,10 +168,13 @@ class Gateway:
             self.generation, self.config = fresh, loaded.config
             self._retired = [g for g in self._retired if not g.is_closed] + [current]
             current.retire()
+            if self._proxy_server is not None:  # new connections get the new client limits
+                self._proxy_server.limits = _client_limits(fresh.config)
             if current.config.logging != fresh.config.logging:
                 configure(fresh.config.logging.level, fresh.config.logging.format)
             self.metrics.reloads.labels(result="success").inc()
             log.info("config_reloaded", config=loaded.origin, in_flight_on_previous=current.in_flight)
+            _log_warnings(fresh)
             return ReloadResult(True, loaded.origin)
 
     def _reload_failed(self, origin: str, problems: list[str]) -> ReloadResult:
@@ -290,6 +259,15 @@ class Gateway:
         app.router.add_get("/metrics", metrics)
         app.router.add_post("/reload", reload)
         return app
+
+
+def _client_limits(config: GatewayConfig) -> ClientLimits:
+    return ClientLimits(config.limits.header_timeout_s, config.limits.max_client_connections)
+
+
+def _log_warnings(generation: Generation) -> None:
+    for event, fields in generation.warnings():
+        log.warning(event, **fields)
 
 
 def _restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:

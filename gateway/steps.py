@@ -15,7 +15,7 @@ from yarl import URL
 from gateway.errors import Code, GatewayError, Reason
 from gateway.exchange import BAD_TARGET, FORWARD_PROXY_ROUTE, TUNNEL_ROUTE, Exchange, Target
 from gateway.policy.allowlist import Allowlist, canonical_host
-from gateway.policy.external_url import ExternalUrl
+from gateway.policy.external_url import ExternalUrl, valid_host
 from gateway.policy.forward_proxy import ForwardProxyPolicy, parse_connect_target
 from gateway.policy.paths import PathDenyList
 from gateway.policy.proxyauth import ProxyAuth
@@ -52,6 +52,11 @@ BAD_ABSOLUTE_TARGET = GatewayError(
     reason=Reason.MALFORMED_TARGET,
 )
 PROXY_DISABLED = GatewayError(Code.METHOD_NOT_ALLOWED, "forward-proxy requests are not enabled")
+TRACE_REFUSED = GatewayError(Code.METHOD_NOT_ALLOWED, "TRACE and TRACK are not allowed")
+BAD_HOST = GatewayError(Code.BAD_HOST, "the Host or X-Forwarded-Host header is not a valid host[:port]")
+AMBIGUOUS = GatewayError(
+    Code.AMBIGUOUS_CREDENTIALS, "more than one Authorization (or Proxy-Authorization) header was sent"
+)
 CONNECT_DISABLED = GatewayError(Code.METHOD_NOT_ALLOWED, "CONNECT is not enabled")
 
 
@@ -77,6 +82,49 @@ class SizeLimits:
         length = exchange.headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self._max_body_bytes:
             return self._body
+        return None
+
+
+class MethodAllowed:
+    """TRACE and TRACK echo requests back, credentials included: a proxy never forwards them."""
+
+    name = "method"
+    _REFUSED = Decision("trace", TRACE_REFUSED)
+
+    async def decide(self, exchange: Exchange) -> Decision | None:
+        return self._REFUSED if exchange.method in ("TRACE", "TRACK") else None
+
+
+class HostHeader:
+    """`Host` and `X-Forwarded-Host` must each be one valid `host[:port]`: they size rewritten URLs."""
+
+    name = "host"
+    _BAD = Decision("bad", BAD_HOST)
+
+    async def decide(self, exchange: Exchange) -> Decision | None:
+        headers = exchange.headers
+        getall = getattr(headers, "getall", None)
+        hosts = getall("Host", []) if getall is not None else [h for h in (headers.get("Host"),) if h]
+        if len(hosts) > 1 or not all(valid_host(host) for host in hosts):
+            return self._BAD
+        forwarded = headers.get("X-Forwarded-Host")
+        if forwarded is not None and not all(valid_host(h.strip()) for h in forwarded.split(",")):
+            return self._BAD
+        return None
+
+
+class Credentials:
+    """One credential per request: two `Authorization` headers would pick a bucket by header order."""
+
+    name = "credentials"
+    _AMBIGUOUS = Decision("ambiguous", AMBIGUOUS)
+
+    async def decide(self, exchange: Exchange) -> Decision | None:
+        getall = getattr(exchange.headers, "getall", None)
+        if getall is None:
+            return None
+        if len(getall("Authorization", ())) > 1 or len(getall("Proxy-Authorization", ())) > 1:
+            return self._AMBIGUOUS
         return None
 
 
@@ -108,6 +156,11 @@ class Router:
     def __init__(self, routes: RouteTable) -> None:
         self._routes = routes
         self._found = {route.name: Decision(route.name) for route in routes.routes}
+        self._by_origin: dict[tuple[str, str, int], list[RouteTarget]] = {}
+        for route in routes.routes:  # longest base path first, like prefixes
+            self._by_origin.setdefault((route.scheme, route.host, route.port), []).append(route)
+        for candidates in self._by_origin.values():
+            candidates.sort(key=lambda r: len(r.base_path), reverse=True)
         self._none = Decision(
             "none", GatewayError(Code.NOT_FOUND, "no route matches this path", reason=Reason.NO_ROUTE)
         )
@@ -127,9 +180,12 @@ class Router:
             return self._absolute(exchange, raw)
         return Decision("bad_target", BAD_TARGET)
 
-    @staticmethod
-    def _absolute(exchange: Exchange, raw: str) -> Decision:
-        """`GET http://host/path`: judged and forwarded by the URI's own host, never the Host header."""
+    def _absolute(self, exchange: Exchange, raw: str) -> Decision:
+        """`GET http://host/path`: judged and forwarded by the URI's own host, never the Host header.
+
+        A URI on a route's upstream counts in that route's bucket (and obeys its deny-list): a token has
+        one quota, whichever mode it uses.
+        """
         try:
             url = URL(raw, encoded=True)
         except ValueError:
@@ -137,11 +193,22 @@ class Router:
         host = canonical_host(url.raw_host) if url.absolute and url.raw_user is None else None
         if url.scheme not in ("http", "https") or host is None or url.port is None:
             return Decision("bad_target", BAD_ABSOLUTE_TARGET)
-        route = RouteTarget(FORWARD_PROXY_ROUTE, "/", url.scheme, host, url.port, "")
+        path = url.raw_path or "/"
+        route = self._route_of(url.scheme, host, url.port, path)
+        if route is None:
+            route = RouteTarget(FORWARD_PROXY_ROUTE, "/", url.scheme, host, url.port, "")
         exchange.route = route.name
         exchange.upstream_host = host
-        exchange.target = Target(route, route.url_for(url.raw_path or "/", url.raw_query_string))
-        return Decision(FORWARD_PROXY_ROUTE)
+        target = RouteTarget(route.name, "/", url.scheme, host, url.port, route.base_path)  # the URI as sent
+        exchange.target = Target(target, target.url_for(path[len(route.base_path) :], url.raw_query_string))
+        return self._found.get(route.name) or Decision(FORWARD_PROXY_ROUTE)
+
+    def _route_of(self, scheme: str, host: str, port: int, path: str) -> RouteTarget | None:
+        for route in self._by_origin.get((scheme, host, port), ()):
+            base = route.base_path
+            if not base or path == base or path.startswith(base + "/"):
+                return route
+        return None
 
 
 class Allowlisted:
@@ -160,17 +227,29 @@ class Allowlisted:
 
 
 class ForwardProxyMode:
-    """Absolute-form requests need forward-proxy mode; the allow-list has spoken first."""
+    """Absolute-form requests need forward-proxy mode and a port in `http_ports` (no port scanning)."""
 
     name = "forward_proxy"
 
-    def __init__(self, enabled: bool) -> None:
+    def __init__(self, enabled: bool, http_ports: tuple[int, ...]) -> None:
         self._enabled = enabled
+        self._ports = frozenset(http_ports)
 
     async def decide(self, exchange: Exchange) -> Decision | None:
         if not is_proxied(exchange):
             return None
-        return ALLOW if self._enabled else Decision("disabled", PROXY_DISABLED)
+        if not self._enabled:
+            return Decision("disabled", PROXY_DISABLED)
+        assert exchange.target is not None
+        port = exchange.target.route.port
+        if port not in self._ports:
+            error = GatewayError(
+                Code.EGRESS_DENIED,
+                f"forward-proxy requests to port {port} are not allowed",
+                reason=Reason.PORT_NOT_ALLOWED,
+            )
+            return Decision("deny", error)
+        return ALLOW
 
 
 class ConnectTargetParsed:
@@ -193,9 +272,16 @@ class ConnectAllowed:
 
     name = "forward_proxy"
 
-    def __init__(self, policy: ForwardProxyPolicy | None, allowlist: Allowlist) -> None:
+    def __init__(
+        self,
+        policy: ForwardProxyPolicy | None,
+        allowlist: Allowlist,
+        reverse_only: dict[str, GatewayError] | None = None,
+    ) -> None:
+        """`reverse_only`: hosts a rate-limited route serves, when tunnels to them are refused."""
         self._policy = policy
         self._allowlist = allowlist
+        self._reverse_only = reverse_only or {}
 
     async def decide(self, exchange: Exchange) -> Decision:
         target = exchange.connect
@@ -203,7 +289,7 @@ class ConnectAllowed:
         if self._policy is None:
             denied = self._allowlist.check(target.host, target.port)
             return Decision("disabled", denied or CONNECT_DISABLED)
-        denied = self._policy.check_target(target)
+        denied = self._policy.check_target(target) or self._reverse_only.get(target.host)
         return ALLOW if denied is None else Decision("deny", denied)
 
 
@@ -219,7 +305,10 @@ class ProxyAuthenticated:
         if not is_proxied(exchange):
             return None
         user = await self._auth.check(exchange.headers.get("Proxy-Authorization"), exchange.client_ip)
-        return Decision("deny", user) if isinstance(user, GatewayError) else ALLOW
+        if isinstance(user, GatewayError):
+            return Decision("deny", user)
+        exchange.proxy_user = user
+        return ALLOW
 
 
 class DeniedPaths:
@@ -265,7 +354,10 @@ class TunnelLimited:
         self._limiter = limiter
 
     async def decide(self, exchange: Exchange) -> Decision:
-        decision = await self._limiter.check(TUNNEL_ROUTE, "ip:" + exchange.client_ip)
+        """Per authenticated user when proxy auth is on (one NAT, many users), else per address."""
+        user = exchange.proxy_user
+        key = "user:" + user if user is not None else "ip:" + exchange.client_ip
+        decision = await self._limiter.check(TUNNEL_ROUTE, key)
         return Decision(decision.outcome, decision.error)
 
 
@@ -275,7 +367,7 @@ class ResponseRewrite:
     name = "rewrite"
 
     def __init__(self, policy: RewritePolicy, external: ExternalUrl) -> None:
-        self._policy = policy
+        self.policy = policy
         self._external = external
 
     def rules_for(self, exchange: Exchange) -> RuleSet:
@@ -284,8 +376,8 @@ class ResponseRewrite:
         external = self._external.for_request(
             remote=exchange.client_ip,
             scheme=exchange.scheme,
-            host=headers.get("Host") if exchange.route != FORWARD_PROXY_ROUTE else None,
+            host=None if is_proxied(exchange) else headers.get("Host"),
             forwarded_proto=headers.get("X-Forwarded-Proto"),
             forwarded_host=headers.get("X-Forwarded-Host"),
         )
-        return self._policy.rules_for(external)
+        return self.policy.rules_for(external)

@@ -175,6 +175,7 @@ class Route(Section):
 class UpstreamSettings(Section):
     connect_timeout_s: Seconds = 10
     read_timeout_s: Seconds = 300
+    pool_timeout_s: Seconds = 5  # waiting for a free pooled connection; then 503 upstream_busy
     ca_bundle: str | None = None
     proxy: str | None = None
 
@@ -192,7 +193,12 @@ class UpstreamSettings(Section):
 class Limits(Section):
     max_body_mb: Annotated[float, Field(gt=0)] = 512
     max_header_kb: Annotated[int, Field(ge=1, le=1024)] = 64
-    max_connections: Annotated[int, Field(ge=1)] = 1024
+    max_connections: Annotated[int, Field(ge=1)] = 1024  # pooled upstream connections
+    header_timeout_s: Seconds = 10  # a complete request head within this, else 408 and close
+    body_timeout_s: Seconds = 60  # no request body byte for this long: 408
+    keepalive_timeout_s: Seconds = 75  # an idle client connection is closed after this
+    max_client_connections: Annotated[int, Field(ge=1)] = 4096  # beyond: new connections get 503
+    max_upstream_share: Annotated[float, Field(gt=0, le=1)] = 0.5  # of max_connections, per client address
 
 
 class RewriteRule(Section):
@@ -213,6 +219,9 @@ class Rewrite(Section):
     enabled: bool = True
     max_buffer_kb: Annotated[int, Field(ge=1, le=1024)] = 64
     rules: tuple[RewriteRule, ...] = ()
+    max_growth_ratio: Annotated[float, Field(ge=1)] = 4  # past it the rest is sent unrewritten
+    max_decoded_mb: Annotated[float, Field(gt=0)] = 64  # a compressed body decoding past it passes as is
+    max_inflate_ratio: Annotated[float, Field(ge=1)] = 100  # likewise past this many decoded bytes per byte
 
 
 class AuditSettings(Section):
@@ -270,6 +279,8 @@ class ForwardProxy(Section):
 
     enabled: bool = True
     connect_ports: tuple[Port, ...] = (443,)
+    http_ports: tuple[Port, ...] = (80,)  # absolute-form (plain HTTP) requests only to these ports
+    tunnel_to_limited_hosts: Literal["allow", "deny"] = "allow"  # CONNECT to a rate-limited route's host
     idle_timeout_s: Seconds = 300
     auth: ProxyAuthConfig | None = None
     rate_limit: TunnelRate = TunnelRate()

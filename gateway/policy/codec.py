@@ -9,9 +9,11 @@ Content-Encoding grammar accepted by `parse_content_encoding` (RFC 9110 section 
     token = "gzip" | "x-gzip" | "deflate" | "br" | "zstd" | "identity"
 Anything else, or more than one real coding (`gzip, br`), yields None: the body must pass untouched.
 
-Decoding yields pieces of at most `PIECE` bytes for gzip, deflate and br, so a small compressed chunk
-that expands enormously is rewritten and re-compressed in bounded steps (zstandard offers no output
-bound, so a zstd chunk is decoded whole). Malformed or truncated input raises `BadEncoding`.
+Decoding yields bounded pieces, so a small compressed chunk that expands enormously is seen (and can be
+refused by the caller's budget) step by step: at most `PIECE` bytes for gzip, deflate and br; for zstd,
+whose decompressobj has no output bound, input is fed `ZSTD_SLICE` bytes at a time, and since a zstd
+block of 4 bytes can stand for 128 KiB, one slice yields at most about 16 MiB. Malformed or truncated
+input raises `BadEncoding`.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import zstandard
 from gateway.errors import Code, GatewayError, GatewayFailure
 
 PIECE = 256 * 1024
+ZSTD_SLICE = 512
 GZIP_LEVEL = 6
 BROTLI_QUALITY = 4
 ZSTD_LEVEL = 3
@@ -215,14 +218,17 @@ class _Zstd:
 
     def decode(self, data: bytes) -> Iterator[bytes]:
         self._seen = self._seen or bool(data)
+        view = memoryview(data)
         try:
-            while data:
+            while view:
                 if self._dec.eof:
                     self._dec = zstandard.ZstdDecompressor().decompressobj()
-                out = self._dec.decompress(data)
+                slice_, view = view[:ZSTD_SLICE], view[ZSTD_SLICE:]
+                out = self._dec.decompress(slice_)
+                if self._dec.eof and self._dec.unused_data:  # the next frame starts inside this slice
+                    view = memoryview(self._dec.unused_data + bytes(view))
                 if out:
                     yield out
-                data = self._dec.unused_data if self._dec.eof else b""
         except zstandard.ZstdError as exc:
             raise BadEncoding("zstd", str(exc)) from None
 

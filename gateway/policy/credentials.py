@@ -14,21 +14,18 @@ FINGERPRINT_HEX = 12
 def bearer_token(authorization: str | None) -> str | None:
     """The token of `Authorization: Bearer <token>`, or of a bare `Authorization: <raw key>`.
 
-    Grammar: `Bearer` (any case) + whitespace + token; or a single word with no scheme. Other schemes
-    (`Basic ...`) and empty values carry no token.
+    Grammar: `Bearer` (any case) + spaces or tabs + token; or a single word with no scheme. Whitespace
+    around and between is not part of the token, so `Bearer  X`, `bearer X` and `Bearer<TAB>X` are one
+    token and one rate-limit bucket. Other schemes (`Basic ...`) and empty values carry no token.
     """
     if not authorization:
         return None
-    value = authorization.strip()
-    scheme, _, rest = value.partition(" ")
-    if rest:
-        if scheme.lower() != "bearer":
-            return None
-        token = rest.strip()
-        return token or None
-    if value.lower() == "bearer":
+    parts = authorization.split(None, 1)
+    if not parts:
         return None
-    return value or None
+    if len(parts) == 2:
+        return parts[1].strip() if parts[0].lower() == "bearer" else None
+    return None if parts[0].lower() == "bearer" else parts[0]
 
 
 def token_digest(token: str) -> str:

@@ -10,9 +10,17 @@ from __future__ import annotations
 import ipaddress
 import re
 
-_HOST = re.compile(
-    r"^(?:[A-Za-z0-9-]{1,63}\.)*[A-Za-z0-9-]{1,63}(?::\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](?::\d{1,5})?$"
+_HOST = re.compile(  # a name (labels may hold `_`, one trailing dot allowed) or an IP, then :port
+    r"^(?:[A-Za-z0-9_-]{1,63}\.)*[A-Za-z0-9_-]{1,63}\.?(?::\d{1,5})?$|^\[[0-9A-Fa-f:.]+\](?::\d{1,5})?$"
 )
+
+
+MAX_HOST = 255
+
+
+def valid_host(value: str) -> bool:
+    """`host[:port]`: a DNS name, an IPv4 address or a bracketed IPv6 one, at most 255 characters."""
+    return len(value) <= MAX_HOST and _HOST.match(value) is not None
 
 
 def _first(value: str | None) -> str | None:

@@ -14,7 +14,8 @@ from __future__ import annotations
 
 import re
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 from gateway.policy.codec import Codec, open_codec, parse_content_encoding
 
@@ -140,25 +141,95 @@ class StreamRewriter:
         return bytes(out)
 
 
+@dataclass(frozen=True, slots=True)
+class RewriteLimits:
+    """Bounds on what one response may cost the rewriter (all from `rewrite.*` in the config)."""
+
+    max_growth_ratio: float = 4.0  # rewritten text may grow to this times the decoded text
+    max_decoded: int = 64 * 2**20  # decoded bytes per response
+    max_inflate_ratio: float = 100.0  # decoded bytes per compressed byte
+
+
+GROWTH_SLACK = 16 * 1024  # small bodies may grow past the ratio up to this many bytes times it
+INFLATE_SLACK = 2**20  # decoded bytes allowed before the inflate ratio is enforced
+
+
+class RewriteAbandoned(Exception):
+    """A compressed body decodes to more than the limits allow: it must not be rewritten."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason)
+        self.reason = reason
+
+
 class BodyRewriter:
-    """decode -> rewrite -> encode for one response body; `feed`/`finish` raise BadEncoding."""
+    """decode -> rewrite -> encode for one response body, in bounded pieces.
 
-    __slots__ = ("_codec", "_flush", "_stream")
+    `feed` yields encoded pieces; it raises `BadEncoding` for a malformed body and `RewriteAbandoned` when
+    decoding passes `max_decoded` or `max_inflate_ratio`. Past `max_growth_ratio` the rest of the body
+    is sent unrewritten (`skipped` says why).
+    """
 
-    def __init__(self, rules: RuleSet, codec: Codec, flush: bool) -> None:
-        self._stream = rules.stream()
+    __slots__ = (
+        "_codec",
+        "_decoded",
+        "_flush",
+        "_limits",
+        "_raw",
+        "_stream",
+        "_text_in",
+        "_text_out",
+        "skipped",
+    )
+
+    def __init__(self, rules: RuleSet, codec: Codec, flush: bool, limits: RewriteLimits) -> None:
+        self._stream: StreamRewriter | None = rules.stream()
         self._codec = codec
         self._flush = flush
+        self._limits = limits
+        self._raw = self._decoded = self._text_in = self._text_out = 0
+        self.skipped: str | None = None
 
-    def feed(self, chunk: bytes) -> bytes:
+    def feed(self, chunk: bytes) -> Iterator[bytes]:
         codec = self._codec
-        out = b"".join(codec.encode(self._stream.feed(piece)) for piece in codec.decode(chunk))
-        return out + codec.flush() if self._flush and out else out
+        self._raw += len(chunk)
+        produced = False
+        for piece in codec.decode(chunk):
+            self._decoded += len(piece)
+            self._check_inflation()
+            out = codec.encode(self._rewrite(piece))
+            if out:
+                produced = True
+                yield out
+        if self._flush and produced:
+            yield codec.flush()
 
     def finish(self) -> bytes:
         codec = self._codec
         tail = codec.decode_end()
-        return codec.encode(self._stream.feed(tail) + self._stream.finish()) + codec.encode_end()
+        stream, self._stream = self._stream, None
+        text = stream.feed(tail) + stream.finish() if stream is not None else tail
+        return codec.encode(text) + codec.encode_end()
+
+    def _check_inflation(self) -> None:
+        limits = self._limits
+        if self._decoded > limits.max_decoded:
+            raise RewriteAbandoned("decoded_too_large")
+        if self._decoded > INFLATE_SLACK and self._decoded > limits.max_inflate_ratio * self._raw:
+            raise RewriteAbandoned("inflate_ratio")
+
+    def _rewrite(self, text: bytes) -> bytes:
+        stream = self._stream
+        if stream is None:
+            return text
+        out = stream.feed(text)
+        self._text_in += len(text)
+        self._text_out += len(out)
+        if self._text_out > self._limits.max_growth_ratio * max(self._text_in, GROWTH_SLACK):
+            self.skipped = "growth"  # the rest passes as it came, held-back bytes included
+            self._stream = None
+            out += stream.finish()
+        return out
 
 
 class RewritePolicy:
@@ -169,8 +240,10 @@ class RewritePolicy:
         static_rules: tuple[tuple[str, str], ...],
         advertised: tuple[tuple[str, str], ...],
         max_buffer: int,
+        limits: RewriteLimits = RewriteLimits(),
     ) -> None:
         self._static = static_rules
+        self._limits = limits
         self._advertised = advertised  # (upstream origin, route prefix)
         self._max_buffer = max_buffer
         self._cache: OrderedDict[str | None, RuleSet] = OrderedDict()
@@ -190,12 +263,13 @@ class RewritePolicy:
             self._cache.popitem(last=False)
         return compiled
 
-    @staticmethod
-    def body(rules: RuleSet, content_type: str | None, content_encoding: str | None) -> BodyRewriter | None:
+    def body(
+        self, rules: RuleSet, content_type: str | None, content_encoding: str | None
+    ) -> BodyRewriter | None:
         """A body rewriter, or None when the body must pass byte for byte (type, coding or no rules)."""
         if rules.empty or not rewritable(content_type):
             return None
         encoding = parse_content_encoding(content_encoding)
         if encoding is None:
             return None
-        return BodyRewriter(rules, open_codec(encoding), flush=True)
+        return BodyRewriter(rules, open_codec(encoding), flush=True, limits=self._limits)

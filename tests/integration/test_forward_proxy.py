@@ -207,7 +207,7 @@ def absolute_config(upstream: Upstream, **forward_proxy: Any) -> dict[str, Any]:
         "allowlist": [f"{PLAIN}:{upstream.port}"],
         "resolve": {PLAIN: "127.0.0.1"},
         "routes": [{"name": "app", "prefix": "/", "upstream": plain}],
-        "forward_proxy": forward_proxy,
+        "forward_proxy": {"http_ports": [upstream.port], **forward_proxy},
     }
 
 
@@ -332,7 +332,9 @@ async def test_failed_proxy_logins_per_address_are_limited(
 async def test_proxy_auth_required_for_connect_and_absolute_form(
     start_gateway: GatewayFactory, named_tls: NamedUpstream, upstream: Upstream, user_hash: str
 ) -> None:
-    config = proxy_config(named_tls, f"{PLAIN}:{upstream.port}", auth={"users": {USER: user_hash}})
+    config = proxy_config(
+        named_tls, f"{PLAIN}:{upstream.port}", auth={"users": {USER: user_hash}}, http_ports=[upstream.port]
+    )
     gw = await start_gateway(**config)
     port = gw.gateway.ports["listen"]
     for headers in ("", f"Proxy-Authorization: {basic(USER, 'wrong')}\r\n", "Proxy-Authorization: x\r\n"):
@@ -359,7 +361,9 @@ async def test_proxy_auth_with_real_clients_and_never_forwarded(
     ca_file: Path,
     user_hash: str,
 ) -> None:
-    config = proxy_config(named_tls, f"{PLAIN}:{upstream.port}", auth={"users": {USER: user_hash}})
+    config = proxy_config(
+        named_tls, f"{PLAIN}:{upstream.port}", auth={"users": {USER: user_hash}}, http_ports=[upstream.port]
+    )
     gw = await start_gateway(**config)
     authed = gw.url.replace("http://", f"http://{USER}:{PASSWORD}@")
 

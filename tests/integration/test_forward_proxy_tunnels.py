@@ -235,7 +235,9 @@ async def test_proxy_credentials_never_reach_the_logs(
 ) -> None:
     users = {USER: hash_password(PASSWORD, log2_n=10)}
     async with serve_named_tls(test_ca, canary) as tls:
-        config = proxy_config(tls, f"{PLAIN}:{upstream.port}", auth={"users": users})
+        config = proxy_config(
+            tls, f"{PLAIN}:{upstream.port}", auth={"users": users}, http_ports=[upstream.port]
+        )
         gw = GatewayProcess(config, tmp_path)
         try:
             code, _, err = await curl(

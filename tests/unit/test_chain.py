@@ -55,6 +55,9 @@ async def test_the_declared_order(build: Any) -> None:
     generation = await build(forward_proxy={"auth": auth})
     assert generation.http.names == (
         "limits",
+        "method",
+        "host",
+        "credentials",
         "redirect",
         "route",
         "allowlist",
@@ -63,7 +66,14 @@ async def test_the_declared_order(build: Any) -> None:
         "deny_paths",
         "ratelimit",
     )
-    assert generation.connect.names == ("limits", "connect", "forward_proxy", "proxy_auth", "tunnel_limit")
+    assert generation.connect.names == (
+        "limits",
+        "credentials",
+        "connect",
+        "forward_proxy",
+        "proxy_auth",
+        "tunnel_limit",
+    )
     assert (await build()).http.names == tuple(n for n in generation.http.names if n != "proxy_auth")
 
 
@@ -81,11 +91,18 @@ async def test_an_admitted_request_records_each_decision(build: Any) -> None:
     [
         ("http://evil.example/x", "GET", ["route:forward_proxy", "allowlist:deny"], "egress_denied"),
         (
-            "http://api.example.com:8/x",
+            "http://api.example.com/x",
             "GET",
             ["route:forward_proxy", "allowlist:allow", "forward_proxy:allow"],
             None,
         ),
+        (
+            "http://api.example.com:8/x",  # no port scanning: absolute-form only to http_ports
+            "GET",
+            ["route:forward_proxy", "allowlist:allow", "forward_proxy:deny"],
+            "egress_denied",
+        ),
+        ("/x", "TRACE", ["method:trace"], "method_not_allowed"),
         ("*", "OPTIONS", ["route:bad_target"], "bad_request"),
         ("evil.example:443", "CONNECT", ["connect:target", "forward_proxy:deny"], "egress_denied"),
         ("api.example.com:22", "CONNECT", ["connect:target", "forward_proxy:deny"], "egress_denied"),

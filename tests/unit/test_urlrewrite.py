@@ -13,7 +13,14 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from gateway.errors import Code, GatewayFailure
-from gateway.policy.urlrewrite import RewritePolicy, RuleSet, rewritable
+from gateway.policy.urlrewrite import (
+    BodyRewriter,
+    RewriteAbandoned,
+    RewriteLimits,
+    RewritePolicy,
+    RuleSet,
+    rewritable,
+)
 
 APP = "https://www.braintrust.dev"
 PUBLIC = "https://public.example.com"
@@ -127,6 +134,9 @@ DECODERS = {
 }
 
 
+POLICY = RewritePolicy((), (), 65536)
+
+
 @settings(max_examples=60, deadline=None)
 @given(
     parts=st.lists(st.sampled_from(PIECES), max_size=50),
@@ -135,10 +145,10 @@ DECODERS = {
 )
 def test_compressed_streaming_equals_one_shot(parts: list[bytes], cuts: list[int], coding: str) -> None:
     data = b"".join(parts)
-    body = RewritePolicy.body(RULES, "application/json", coding)
+    body = POLICY.body(RULES, "application/json", coding)
     assert body is not None
     encoded = ENCODERS[coding](data)
-    out = b"".join(body.feed(chunk) for chunk in chunked(encoded, cuts)) + body.finish()
+    out = b"".join(b"".join(body.feed(chunk)) for chunk in chunked(encoded, cuts)) + body.finish()
     assert DECODERS[coding](out) == RULES.rewrite_all(data)
 
 
@@ -165,24 +175,24 @@ def test_event_stream_events_are_not_held_back() -> None:
 
 @pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
 def test_malformed_and_truncated_bodies_raise(coding: str) -> None:
-    body = RewritePolicy.body(RULES, "application/json", coding)
+    body = POLICY.body(RULES, "application/json", coding)
     assert body is not None
     with pytest.raises(GatewayFailure) as info:
-        body.feed(b"\x00\xff garbage that is not " + coding.encode() + b"\xff" * 32)
+        list(body.feed(b"\x00\xff garbage that is not " + coding.encode() + b"\xff" * 32))
         body.finish()
     assert info.value.error.code is Code.UPSTREAM_BAD_ENCODING
-    truncated = RewritePolicy.body(RULES, "application/json", coding)
+    truncated = POLICY.body(RULES, "application/json", coding)
     assert truncated is not None
     whole = ENCODERS[coding](APP.encode() * 1000)
-    truncated.feed(whole[: len(whole) // 2])
+    list(truncated.feed(whole[: len(whole) // 2]))
     with pytest.raises(GatewayFailure):
         truncated.finish()
 
 
 def test_untouched_when_type_or_coding_unknown() -> None:
-    assert RewritePolicy.body(RULES, "image/png", None) is None
-    assert RewritePolicy.body(RULES, "application/json", "gzip, br") is None
-    assert RewritePolicy.body(RULES, "application/json", "compress") is None
+    assert POLICY.body(RULES, "image/png", None) is None
+    assert POLICY.body(RULES, "application/json", "gzip, br") is None
+    assert POLICY.body(RULES, "application/json", "compress") is None
 
 
 def test_policy_caches_rule_sets_per_external_url() -> None:
@@ -194,3 +204,57 @@ def test_policy_caches_rule_sets_per_external_url() -> None:
         policy.rules_for(None).rewrite_all(b"https://api.braintrust.dev/v1")
         == b"https://api.braintrust.dev/v1"
     )
+
+
+# --- limits: growth, decoded size, inflate ratio -----------------------------------------------------
+
+
+GROW = RuleSet(((APP, "https://" + "g" * 100 + ".example"),), 65536)  # each URL grows 4.5 times
+
+
+def limited(coding: str, rules: RuleSet = RULES, **limits: float) -> BodyRewriter:
+    policy = RewritePolicy((), (), 65536, RewriteLimits(**limits))  # type: ignore[arg-type]
+    body = policy.body(rules, "application/json", coding)
+    assert body is not None
+    return body
+
+
+def test_growth_past_the_ratio_sends_the_rest_unrewritten() -> None:
+    body = limited("identity", GROW, max_growth_ratio=2)
+    text = (APP + " ").encode() * 20_000
+    out = b"".join(b"".join(body.feed(part)) for part in chunked(text, list(range(0, len(text), 4096))))
+    out += body.finish()
+    assert body.skipped == "growth"
+    assert len(out) <= 2 * len(text) + 4096 * 5  # the bound, overshot by one rewritten chunk at most
+    assert out.endswith(text[-4096:])  # the rest passed as it came
+    assert GROW.rewrite_all(text).startswith(out[:4096])  # the start was rewritten
+
+
+def test_small_bodies_may_grow_within_the_slack() -> None:
+    body = limited("identity", GROW, max_growth_ratio=1.0)
+    text = (APP + " ").encode() * 100  # 2.8 KiB growing to 12 KiB: under the 16 KiB slack
+    assert b"".join(body.feed(text)) + body.finish() == GROW.rewrite_all(text)
+    assert body.skipped is None
+
+
+@pytest.mark.parametrize("coding", ["gzip", "deflate", "br", "zstd"])
+def test_a_bomb_is_abandoned_before_it_inflates(coding: str) -> None:
+    """32 MiB of zeros compress to a few KiB: past 100:1 (after the first MiB) decoding stops."""
+    bomb = ENCODERS[coding](b"0" * 32 * 2**20)
+    body = limited(coding)
+    decoded = 0
+    with pytest.raises(RewriteAbandoned) as info:
+        for piece in body.feed(bomb):
+            decoded += len(piece)
+    assert info.value.reason == "inflate_ratio"
+    assert decoded < 20 * 2**20  # bounded pieces: nowhere near the whole bomb was held
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+def test_the_decoded_ceiling_holds_for_honest_ratios(coding: str) -> None:
+    data = random.Random(3).randbytes(3 * 2**20)  # incompressible: ratio about 1
+    body = limited(coding, max_decoded=2**20)
+    with pytest.raises(RewriteAbandoned) as info:
+        for part in chunked(ENCODERS[coding](data), list(range(0, 4 * 2**20, 65536))):
+            list(body.feed(part))
+    assert info.value.reason == "decoded_too_large"
