@@ -35,7 +35,6 @@ class Code(StrEnum):
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
     UPSTREAM_BAD_ENCODING = "upstream_bad_encoding"
-    UPSTREAM_PROTOCOL_ERROR = "upstream_protocol_error"
     UPSTREAM_BAD_RESPONSE = "upstream_bad_response"
     UPSTREAM_BUSY = "upstream_busy"
     TOO_MANY_CONNECTIONS = "too_many_connections"
@@ -67,7 +66,6 @@ STATUS: dict[Code, int] = {
     Code.UPSTREAM_UNREACHABLE: 502,
     Code.UPSTREAM_TIMEOUT: 504,
     Code.UPSTREAM_BAD_ENCODING: 502,
-    Code.UPSTREAM_PROTOCOL_ERROR: 502,
     Code.UPSTREAM_BAD_RESPONSE: 502,
     Code.UPSTREAM_BUSY: 503,
     Code.TOO_MANY_CONNECTIONS: 503,

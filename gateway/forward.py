@@ -229,11 +229,14 @@ async def _rewrite_through(
         while chunk := await content.readany():
             if not response.prepared:
                 held.append(chunk)
+            pieces = []  # a chunk's output goes out whole, so limits passed inside it can still fall back
             for index, out in enumerate(body.feed(chunk)):
                 if index:
                     await asyncio.sleep(0)  # a chunk that decodes to many pieces shares the loop
-                if out and not await _send(request, response, exchange, out):
-                    return response
+                pieces.append(out)
+            out = b"".join(pieces)
+            if out and not await _send(request, response, exchange, out):
+                return response
         if not await _send(request, response, exchange, body.finish()):
             return response
     except RewriteAbandoned as exc:

@@ -11,7 +11,7 @@ import json
 from http import HTTPStatus
 
 from aiohttp import hdrs, web
-from aiohttp.http_exceptions import BadHttpMessage, InvalidURLError, LineTooLong
+from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, InvalidURLError, LineTooLong
 
 from gateway.errors import Code, GatewayError
 
@@ -64,9 +64,17 @@ def parse_error(exc: BaseException | None) -> GatewayError:
     """What a request the HTTP parser rejected deserves: 431 for oversized headers, else 400."""
     if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
         return GatewayError(Code.HEADERS_TOO_LARGE, "request header fields are too large")
+    if isinstance(exc, BadHttpMethod) and _method_of(exc.message) in ("TRACE", "TRACK"):
+        return GatewayError(Code.METHOD_NOT_ALLOWED, "TRACE and TRACK are not allowed")
     if isinstance(exc, InvalidURLError) and _authority_form(exc.message):
         return GatewayError(Code.BAD_CONNECT_TARGET, "CONNECT target is not host:port")
     return GatewayError(Code.BAD_REQUEST, "malformed HTTP request")
+
+
+def _method_of(message: str) -> str:
+    """The method of a request line llhttp refused: its message quotes the line (`b'TRACK /x HTTP/1.1'`)."""
+    _, _, line = message.partition("b'")
+    return line.partition(" ")[0]
 
 
 def _authority_form(target: str) -> bool:

@@ -66,6 +66,7 @@ class Gateway:
         self._retired: list[Generation] = []
         self._reloading = asyncio.Lock()
         self._proxy_server: GatewayServer | None = None
+        self._deadline_passed = False  # stop() cancelled what was still running
 
     @property
     def tunnels(self) -> TunnelStats:
@@ -134,7 +135,7 @@ class Gateway:
                 return self.handler.fail(exchange, SHUTTING_DOWN, request)
             return await self.handler.serve(request, generation, exchange)
         except asyncio.CancelledError:
-            if self.stopping and not _client_closed(request):
+            if self._deadline_passed:
                 exchange.refuse(SHUTTING_DOWN)  # cut at the shutdown deadline, not by the client
             else:
                 exchange.client_gone()
@@ -224,6 +225,7 @@ class Gateway:
             log.info("gateway_stopped")
 
     def _cancel_handlers(self) -> None:
+        self._deadline_passed = True
         for task in self._handlers:
             task.cancel()
 
@@ -284,8 +286,3 @@ def _restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
                 )
             )
     return problems
-
-
-def _client_closed(request: web.BaseRequest) -> bool:
-    transport = request.transport
-    return transport is None or transport.is_closing()

@@ -164,7 +164,7 @@ def _classify(exc: BaseException) -> tuple[Code, Reason | None, str]:
     if refused:
         return Code.UPSTREAM_UNREACHABLE, Reason.CONNECTION_REFUSED, "upstream refused the connection"
     if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
-        return Code.UPSTREAM_PROTOCOL_ERROR, Reason.BAD_RESPONSE, "upstream sent a malformed response"
+        return Code.UPSTREAM_BAD_RESPONSE, Reason.BAD_RESPONSE, "upstream sent a malformed response"
     if isinstance(exc, aiohttp.ClientConnectionError | OSError):
         return Code.UPSTREAM_UNREACHABLE, Reason.CONNECTION_FAILED, "connection to upstream failed"
     return Code.INTERNAL, None, ""

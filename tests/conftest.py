@@ -159,12 +159,12 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
         await gateway.stop()
 
 
-def route_to(upstream: Upstream, **extra: Any) -> dict[str, Any]:
-    """Config that sends every path to `upstream` and allow-lists only it."""
-    host_port = upstream.url.split("://", 1)[1]
+def route_to(target: Upstream, /, **extra: Any) -> dict[str, Any]:
+    """Config that sends every path to `target` and allow-lists only it; `extra` adds config keys."""
+    host_port = target.url.split("://", 1)[1]
     return {
         "allowlist": [host_port],
-        "routes": [{"name": "app", "prefix": "/", "upstream": upstream.url}],
+        "routes": [{"name": "app", "prefix": "/", "upstream": target.url}],
         **extra,
     }
 
@@ -191,3 +191,34 @@ class Logs:
 def logs() -> Iterator[Logs]:
     with structlog.testing.capture_logs() as entries:
         yield Logs(entries)
+
+
+@dataclass
+class RawUpstream:
+    """An upstream that answers exactly the bytes a test gives it, per request path: for hostile replies."""
+
+    url: str
+    port: int
+    replies: dict[str, bytes]
+    seen: list[str]
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    replies: dict[str, bytes] = {}
+    seen: list[str] = []
+
+    async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, asyncio.IncompleteReadError):
+            while head := await reader.readuntil(b"\r\n\r\n"):
+                path = head.split(b" ", 2)[1].decode()
+                seen.append(path)
+                writer.write(replies[path])
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    port = server.sockets[0].getsockname()[1]
+    yield RawUpstream(url=f"http://127.0.0.1:{port}", port=port, replies=replies, seen=seen)
+    server.close()
+    await server.wait_closed()

@@ -17,6 +17,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
+from tests.clients import closed_by_peer, raw_connect
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
 
@@ -109,3 +110,24 @@ def test_a_port_in_use_fails_the_start_in_one_line(tmp_path: Path, busy: str) ->
     assert event["event"] == "startup_failed" and event["level"] == "error"
     assert event["error"] == f"cannot listen on 127.0.0.1:{busy_port} ({busy}): address already in use"
     assert event["config"] == str(tmp_path / "gateway.yaml")
+
+
+async def test_open_tunnels_are_cut_at_the_shutdown_deadline(tmp_path: Path, upstream: Upstream) -> None:
+    """Tunnels hold no request aiohttp could wait on: the deadline cancels them like any request."""
+    target = f"127.0.0.1:{upstream.port}"
+    config = config_for(upstream, shutdown_timeout_s=1, forward_proxy={"connect_ports": [upstream.port]})
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        async with raw_connect(gw.port, target) as (answer, reader, _):
+            assert answer.status == 200  # an idle tunnel, open when SIGTERM comes
+            gw.terminate()
+            assert await closed_by_peer(reader)
+        assert await asyncio.to_thread(gw.wait) == 0
+    finally:
+        gw.stop()
+    [tunnel] = gw.events("tunnel")
+    assert tunnel["reason"] == "cancelled"
+    [access] = gw.events("access")
+    assert (access["path"], access["error_code"]) == (target, "shutting_down")
+    names = [line.get("event") for line in gw.lines]
+    assert names.index("gateway_stopping") < names.index("tunnel") < names.index("gateway_stopped")
