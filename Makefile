@@ -7,7 +7,7 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench soak clean
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -36,6 +36,11 @@ bench: $(TEST_STAMP)
 	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
 		(apt-get update -q && apt-get install -y -q nginx-light wrk)
 	$(BIN)/python bench/run.py
+
+# A bounded mixed load against the real gateway (127.0.0.1 only, at most 10 minutes): memory and open
+# files must stay flat. Not part of `make test`. SOAK_SECONDS sets the length.
+soak: $(TEST_STAMP)
+	$(BIN)/python bench/soak.py --seconds $${SOAK_SECONDS:-120}
 
 clean:
 	rm -rf $(VENV) build *.egg-info

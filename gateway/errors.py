@@ -30,7 +30,6 @@ class Code(StrEnum):
     TOO_MANY_AUTH_FAILURES = "too_many_auth_failures"
     RATE_LIMIT_UNAVAILABLE = "rate_limit_unavailable"
     BODY_TOO_LARGE = "body_too_large"
-    URI_TOO_LONG = "uri_too_long"
     HEADERS_TOO_LARGE = "headers_too_large"
     UPSTREAM_UNREACHABLE = "upstream_unreachable"
     UPSTREAM_TIMEOUT = "upstream_timeout"
@@ -61,7 +60,6 @@ STATUS: dict[Code, int] = {
     Code.TOO_MANY_AUTH_FAILURES: 429,
     Code.RATE_LIMIT_UNAVAILABLE: 503,
     Code.BODY_TOO_LARGE: 413,
-    Code.URI_TOO_LONG: 414,
     Code.HEADERS_TOO_LARGE: 431,
     Code.UPSTREAM_UNREACHABLE: 502,
     Code.UPSTREAM_TIMEOUT: 504,

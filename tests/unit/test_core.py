@@ -6,6 +6,7 @@ import hashlib
 import pkgutil
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from multidict import CIMultiDict, CIMultiDictProxy
@@ -149,3 +150,10 @@ def test_policy_and_config_never_import_aiohttp() -> None:
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == "[]"
+
+
+def test_every_error_code_has_a_status_and_a_readme_row() -> None:
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    for code in Code:
+        row = f"| `{code.value}` | {STATUS[code]} |"
+        assert row in readme, row
