@@ -21,6 +21,7 @@ from gateway.policy.paths import PathDenyList
 from gateway.policy.proxyauth import ProxyAuth
 from gateway.policy.ratelimit import RateLimiter
 from gateway.policy.routes import RouteTable
+from gateway.relay import Relay
 from gateway.steps import (
     Allowlisted,
     BrowserRedirect,
@@ -76,6 +77,7 @@ def http_chain(
     proxy_auth: ProxyAuth | None,
     deny: DeniedPaths,
     limiter: RateLimiter,
+    relay: Relay | None,
 ) -> Chain:
     return Chain(
         (
@@ -84,7 +86,7 @@ def http_chain(
             HostHeader(),
             Credentials(),
             BrowserRedirect(public_url),
-            Router(routes),
+            Router(routes, relay),
             Allowlisted(allowlist),
             ForwardProxyMode(forward_proxy, http_ports),
             ProxyAuthenticated(proxy_auth) if proxy_auth else None,

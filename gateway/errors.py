@@ -22,6 +22,7 @@ class Code(StrEnum):
     METHOD_NOT_ALLOWED = "method_not_allowed"
     EGRESS_DENIED = "egress_denied"
     USE_REVERSE_MODE = "use_reverse_mode"
+    RELAY_DENIED = "relay_denied"
     PATH_DENIED = "path_denied"
     BAD_PATH = "bad_path"
     PROXY_AUTH_REQUIRED = "proxy_auth_required"
@@ -52,6 +53,7 @@ STATUS: dict[Code, int] = {
     Code.METHOD_NOT_ALLOWED: 405,
     Code.EGRESS_DENIED: 403,
     Code.USE_REVERSE_MODE: 403,
+    Code.RELAY_DENIED: 403,
     Code.PATH_DENIED: 403,
     Code.BAD_PATH: 400,
     Code.PROXY_AUTH_REQUIRED: 407,
@@ -85,6 +87,7 @@ class Reason(StrEnum):
     MALFORMED_TARGET = "malformed_target"
     NO_ROUTE = "no_route"
     PATH_DENIED = "path_denied"
+    RELAY_TOKEN = "relay_token"  # a /_relay/ link that is forged, altered, expired or used for another method
     CONNECTION_REFUSED = "connection_refused"
     DNS_FAILURE = "dns_failure"
     TLS_VERIFICATION = "tls_verification"

@@ -59,6 +59,7 @@ class Exchange:
     target: Target | None = None  # set by the router (HTTP)
     connect: ConnectTarget | None = None  # set for CONNECT once its target parsed
     proxy_user: str | None = None  # who passed forward-proxy auth
+    relay: bool = False  # a /_relay/ transfer to an object store: relayed as is, never rewritten
     response_headers: tuple[tuple[str, str], ...] = ()  # added to the response (RateLimit fields)
     status: int = 0
     upstream_status: int | None = None

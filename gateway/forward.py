@@ -22,10 +22,10 @@ from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.exchange import CLIENT_GONE, Exchange
 from gateway.headers import downstream_response_headers, upstream_request_headers
 from gateway.logs import get_logger
-from gateway.policy.urlrewrite import REWRITE_HEADERS, BodyRewriter, RewriteAbandoned
+from gateway.policy.urlrewrite import REWRITE_HEADERS, RewriteAbandoned
 from gateway.pool import UpstreamPool
+from gateway.response_rewrite import BodyTransform, ResponseRewrite
 from gateway.responses import RelayedResponse
-from gateway.steps import ResponseRewrite
 from gateway.upstream import client_error
 
 CHUNK = 2**16
@@ -128,7 +128,7 @@ class Forwarder:
             scheme=request.scheme,
             request_id=exchange.request_id,
         )
-        if self.audit is not None:
+        if self.audit is not None and not exchange.relay:
             for name, value in self.audit.upstream_headers():
                 headers[name] = value
         state = UploadState()
@@ -186,21 +186,20 @@ class Forwarder:
         exchange: Exchange,
         upstream: aiohttp.ClientResponse,
         headers: CIMultiDict[str],
-    ) -> BodyRewriter | None:
+    ) -> BodyTransform | None:
         """Rewrite URL headers now; if the body may change, fix its headers and return its rewriter."""
-        if self.rewrite is None:
+        if self.rewrite is None or exchange.relay:  # an object store's answer is relayed as it is
             return None
         rules = self.rewrite.rules_for(exchange)
-        if rules.empty:
-            return None
-        for name in REWRITE_HEADERS:
-            values = headers.popall(name, ())
-            for value in values:
-                headers.add(name, rules.rewrite_header(name, value))
+        if not rules.empty:
+            for name in REWRITE_HEADERS:
+                values = headers.popall(name, ())
+                for value in values:
+                    headers.add(name, rules.rewrite_header(name, value))
         if request.method == "HEAD" or upstream.status in (204, 304):
             return None
-        body = self.rewrite.policy.body(
-            rules, upstream.headers.get("Content-Type"), upstream.headers.get("Content-Encoding")
+        body = self.rewrite.body(
+            exchange, rules, upstream.headers.get("Content-Type"), upstream.headers.get("Content-Encoding")
         )
         if body is None:
             exchange.decisions.append("rewrite:passthrough")
@@ -220,7 +219,7 @@ async def _rewrite_through(
     upstream: aiohttp.ClientResponse,
     *,
     host: str,
-    body: BodyRewriter,
+    body: BodyTransform,
 ) -> web.StreamResponse:
     """Relay through the rewriter; a body that decodes past its limits passes unrewritten if it still can."""
     content = upstream.content

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import Callable
+from dataclasses import replace
 from typing import TypeVar
 
 import aiohttp
@@ -27,12 +28,15 @@ from gateway.logs import get_logger
 from gateway.policy.allowlist import Allowlist
 from gateway.policy.external_url import ExternalUrl
 from gateway.policy.forward_proxy import ForwardProxyPolicy
+from gateway.policy.paths import PathGlobs
 from gateway.policy.proxyauth import ProxyAuth, ScryptHash
 from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings
 from gateway.policy.routes import RouteTable, RouteTarget
 from gateway.policy.urlrewrite import RewriteLimits, RewritePolicy
 from gateway.pool import UpstreamPool
-from gateway.steps import ResponseRewrite, SizeLimits
+from gateway.relay import Relay
+from gateway.response_rewrite import ResponseRewrite
+from gateway.steps import SizeLimits
 from gateway.upstream import EgressGuard, EgressResolver, build_session, tls_context
 
 T = TypeVar("T")
@@ -65,12 +69,17 @@ def _built(key: KeyPath, factory: Callable[[], T]) -> T:
 def rate_limit_settings(config: GatewayConfig) -> RateLimitSettings:
     """The limiter's settings: the global limit plus per-route overrides (`max_requests: 0` is off)."""
     rl = config.rate_limit
+    default = LimitSpec(rl.max_requests, rl.window_s, rl.on_limit, rl.max_delay_s, rl.max_queued)
     routes: dict[str, LimitSpec | None] = {}
     for route in config.routes:
-        if route.rate_limit is not None:
-            routes[route.name] = LimitSpec(route.rate_limit.max_requests, route.rate_limit.window_s)
+        override = route.rate_limit
+        if override is not None:
+            given = {k: v for k, v in override.model_dump().items() if v is not None}
+            if "window_minutes" in given:
+                given["window_s"] = round(given.pop("window_minutes") * 60)
+            routes[route.name] = replace(default, **given)
     return RateLimitSettings(
-        default=LimitSpec(rl.max_requests, rl.window_s),
+        default=default,
         routes=routes,
         strategy=rl.strategy,
         storage=rl.storage,
@@ -115,13 +124,12 @@ def _limiter(
 
 def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
     """Upstream host -> (route name, prefix) for every route with a rate limit in force."""
+    settings = rate_limit_settings(config)
     hosts: dict[str, tuple[str, str]] = {}
     for route in config.routes:
-        limit = (
-            route.rate_limit.max_requests if route.rate_limit is not None else config.rate_limit.max_requests
-        )
+        spec = settings.routes.get(route.name, settings.default)
         host = URL(route.upstream).host
-        if limit > 0 and host is not None:
+        if spec is not None and spec.max_requests > 0 and host is not None:
             hosts.setdefault(host, (route.name, route.prefix))
     return hosts
 
@@ -150,11 +158,26 @@ def _proxy_auth(config: GatewayConfig) -> ProxyAuth | None:
     return ProxyAuth({n: ScryptHash.parse(h) for n, h in auth.users.items()}, auth.max_failures_per_minute)
 
 
-def _response_rewrite(config: GatewayConfig) -> ResponseRewrite | None:
+def _relay(config: GatewayConfig) -> Relay | None:
+    """The signed-URL relay, when `relay.allow_hosts` names at least one object-store host."""
+    settings = config.relay
+    if not settings.allow_hosts:
+        return None
+    secret = settings.secret.encode() if settings.secret else None
+    return Relay(Allowlist.parse(settings.allow_hosts), secret, settings.max_ttl_s)
+
+
+def _response_rewrite(config: GatewayConfig, relay: Relay | None) -> ResponseRewrite | None:
     if not config.rewrite.enabled:
         return None
     policy = _built(("rewrite",), lambda: rewrite_policy(config))
-    return ResponseRewrite(policy, ExternalUrl(config.advertise_url, config.trusted_proxies))
+    return ResponseRewrite(
+        policy,
+        ExternalUrl(config.advertise_url, config.trusted_proxies),
+        PathGlobs(config.rewrite.body_paths),
+        frozenset(r.name for r in config.routes if r.advertise),
+        relay,
+    )
 
 
 def _audit(config: GatewayConfig) -> Audit | None:
@@ -213,7 +236,8 @@ class Generation:
 
         With `previous`, rate-limit stores that did not change are taken over, counters and all.
         """
-        rewrite = _response_rewrite(config)
+        relay = _relay(config)
+        rewrite = _response_rewrite(config, relay)
         tls = _built(("upstream", "ca_bundle"), lambda: tls_context(config.upstream.ca_bundle))
         audit = _audit(config)
         limiter = _built(
@@ -251,6 +275,7 @@ class Generation:
             proxy_auth=proxy_auth,
             deny=path_deny_lists(config.deny_paths, {r.name: r.deny_paths for r in config.routes}),
             limiter=limiter,
+            relay=relay,
         )
         connect = connect_chain(
             limits=size_limits,

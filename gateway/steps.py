@@ -15,13 +15,15 @@ from yarl import URL
 from gateway.errors import Code, GatewayError, Reason
 from gateway.exchange import BAD_TARGET, FORWARD_PROXY_ROUTE, TUNNEL_ROUTE, Exchange, Target
 from gateway.policy.allowlist import Allowlist, canonical_host
-from gateway.policy.external_url import ExternalUrl, valid_host
+from gateway.policy.external_url import valid_host
 from gateway.policy.forward_proxy import ForwardProxyPolicy, parse_connect_target
 from gateway.policy.paths import PathDenyList
 from gateway.policy.proxyauth import ProxyAuth
 from gateway.policy.ratelimit import RateLimiter
 from gateway.policy.routes import RouteTable, RouteTarget
-from gateway.policy.urlrewrite import RewritePolicy, RuleSet
+from gateway.relay import DENIED as RELAY_DENIED
+from gateway.relay import PREFIX as RELAY_PREFIX
+from gateway.relay import Relay
 
 
 @dataclass(frozen=True, slots=True)
@@ -153,8 +155,9 @@ class Router:
 
     name = "route"
 
-    def __init__(self, routes: RouteTable) -> None:
+    def __init__(self, routes: RouteTable, relay: Relay | None = None) -> None:
         self._routes = routes
+        self._relay = relay  # None: relay links are refused
         self._found = {route.name: Decision(route.name) for route in routes.routes}
         self._by_origin: dict[tuple[str, str, int], list[RouteTarget]] = {}
         for route in routes.routes:  # longest base path first, like prefixes
@@ -167,6 +170,8 @@ class Router:
 
     async def decide(self, exchange: Exchange) -> Decision:
         raw = exchange.raw_target
+        if raw.startswith(RELAY_PREFIX):
+            return self._relayed(exchange, raw[len(RELAY_PREFIX) :].partition("?")[0])
         if raw.startswith("/"):
             path, _, query = raw.partition("?")
             route = self._routes.match(path.partition("#")[0])
@@ -202,6 +207,18 @@ class Router:
         target = RouteTarget(route.name, "/", url.scheme, host, url.port, route.base_path)  # the URI as sent
         exchange.target = Target(target, target.url_for(path[len(route.base_path) :], url.raw_query_string))
         return self._found.get(route.name) or Decision(FORWARD_PROXY_ROUTE)
+
+    def _relayed(self, exchange: Exchange, token: str) -> Decision:
+        """`/_relay/<token>`: the signed URL the token carries, in the bucket of the route that issued it."""
+        grant = self._relay.open(token, exchange.method) if self._relay is not None else RELAY_DENIED
+        if isinstance(grant, GatewayError):
+            return Decision("relay_denied", grant)
+        url = grant.url
+        assert url.raw_host is not None and url.port is not None
+        route = RouteTarget(grant.route, "/", url.scheme, url.raw_host, url.port, "")
+        exchange.route, exchange.upstream_host, exchange.relay = grant.route, url.raw_host, True
+        exchange.target = Target(route, url)
+        return Decision("relay")
 
     def _route_of(self, scheme: str, host: str, port: int, path: str) -> RouteTarget | None:
         for route in self._by_origin.get((scheme, host, port), ()):
@@ -322,6 +339,8 @@ class DeniedPaths:
 
     async def decide(self, exchange: Exchange) -> Decision | None:
         assert exchange.target is not None and exchange.route is not None
+        if exchange.relay:
+            return None  # an object store's path, not the gateway's to judge
         route_list = self._routes.get(exchange.route)
         if not self._global and not route_list:
             return None
@@ -359,25 +378,3 @@ class TunnelLimited:
         key = "user:" + user if user is not None else "ip:" + exchange.client_ip
         decision = await self._limiter.check(TUNNEL_ROUTE, key)
         return Decision(decision.outcome, decision.error)
-
-
-class ResponseRewrite:
-    """The response side: static rules, plus each advertised route's origin -> the gateway's own URL."""
-
-    name = "rewrite"
-
-    def __init__(self, policy: RewritePolicy, external: ExternalUrl) -> None:
-        self.policy = policy
-        self._external = external
-
-    def rules_for(self, exchange: Exchange) -> RuleSet:
-        """Absolute-form (proxy) requests know no external URL of ours unless `advertise_url` is set."""
-        headers = exchange.headers
-        external = self._external.for_request(
-            remote=exchange.client_ip,
-            scheme=exchange.scheme,
-            host=None if is_proxied(exchange) else headers.get("Host"),
-            forwarded_proto=headers.get("X-Forwarded-Proto"),
-            forwarded_host=headers.get("X-Forwarded-Host"),
-        )
-        return self.policy.rules_for(external)

@@ -82,15 +82,17 @@ def _whole_seconds(minutes: float) -> float:
 WindowMinutes = Annotated[float, Field(gt=0), AfterValidator(_whole_seconds)]
 
 
+OnLimit = Literal["reject", "delay"]
+
+
 class RouteLimit(Section):
-    """A per-route override of the rate limit; `max_requests: 0` disables it for the route."""
+    """A per-route override of the rate limit: each key left out is the global one's; `off` is 0 requests."""
 
-    max_requests: Annotated[int, Field(ge=0)]
-    window_minutes: WindowMinutes = 1
-
-    @property
-    def window_s(self) -> int:
-        return round(self.window_minutes * 60)
+    max_requests: Annotated[int, Field(ge=0)] | None = None
+    window_minutes: WindowMinutes | None = None
+    on_limit: OnLimit | None = None
+    max_delay_s: Seconds | None = None
+    max_queued: Annotated[int, Field(ge=1)] | None = None
 
 
 STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
@@ -106,6 +108,9 @@ class RateLimit(Section):
     on_storage_error: Literal["allow", "deny"] = "allow"
     storage_timeout_ms: Annotated[int, Field(ge=1, le=60000)] = 100
     anonymous: Literal["client-ip", "deny"] = "client-ip"
+    on_limit: OnLimit = "reject"  # delay: wait for a free slot instead of 429 (uploads lose no data)
+    max_delay_s: Seconds = 30  # with delay: the longest wait; beyond it 429
+    max_queued: Annotated[int, Field(ge=1)] = 100  # with delay: requests waiting per key; beyond it 429
 
     @field_validator("storage")
     @classmethod
@@ -215,6 +220,15 @@ class RewriteRule(Section):
         return str(parse_http_url(value, allow_path=True)).rstrip("/")
 
 
+# The endpoints whose bodies hand out URLs, and so are rewritten (read from the Python SDK 0.47.0 and the
+# TypeScript SDK 3.35.0); every other body passes byte for byte, so user data is never altered.
+DEFAULT_BODY_PATHS = (
+    "/api/apikey/login",  # org_info[].api_url / proxy_url / realtime_url: the data plane, advertised back
+    "/logs3/overflow",  # signedUrl: the upload slot for a batch over logs3_payload_max_bytes (relayed)
+    "/attachment",  # signedUrl (POST, an upload) and downloadUrl (GET) of attachments (relayed)
+)
+
+
 class Rewrite(Section):
     enabled: bool = True
     max_buffer_kb: Annotated[int, Field(ge=1, le=1024)] = 64
@@ -222,6 +236,7 @@ class Rewrite(Section):
     max_growth_ratio: Annotated[float, Field(ge=1)] = 4  # past it the rest is sent unrewritten
     max_decoded_mb: Annotated[float, Field(gt=0)] = 64  # a compressed body decoding past it passes as is
     max_inflate_ratio: Annotated[float, Field(ge=1)] = 100  # likewise past this many decoded bytes per byte
+    body_paths: tuple[PathGlob, ...] = DEFAULT_BODY_PATHS  # the only bodies rewritten (upstream paths)
 
 
 class AuditSettings(Section):
@@ -236,6 +251,21 @@ class AuditSettings(Section):
     def _sink(cls, value: str) -> str:
         if not value.strip():
             raise ValueError("must be stdout or a file path")
+        return value
+
+
+class Relay(Section):
+    """The signed-URL relay for object-store uploads and downloads (see gateway/relay.py)."""
+
+    allow_hosts: tuple[AllowEntryText, ...] = ()  # object-store hosts to relay; list them in allowlist too
+    secret: str | None = None  # HMAC key for relay links (env BT_GATEWAY_RELAY_SECRET); random per process
+    max_ttl_s: Seconds = 3600  # a relay link lives as long as its signed URL, and never longer than this
+
+    @field_validator("secret")
+    @classmethod
+    def _secret(cls, value: str | None) -> str | None:
+        if value is not None and len(value) < 32:
+            raise ValueError("must be at least 32 characters (use a random value shared by all replicas)")
         return value
 
 
@@ -315,6 +345,7 @@ class GatewayConfig(Section):
     rate_limit: RateLimit = RateLimit()
     rewrite: Rewrite = Rewrite()
     audit: AuditSettings = AuditSettings()
+    relay: Relay = Relay()
     advertise_url: str | None = None
     trusted_proxies: tuple[str, ...] = ()
     deny_paths: tuple[PathGlob, ...] = ()  # for every route; DISABLE_SYSADMIN_TELEMETRY adds /brainstore/**

@@ -61,6 +61,7 @@ ENV_OVERRIDES: dict[str, Override] = dict(
         _env("BT_GATEWAY_SHUTDOWN_DELAY_S", "shutdown_delay_s"),
         _env("BT_GATEWAY_AUDIT_ENABLED", "audit", "enabled"),
         _env("BT_GATEWAY_AUDIT_SINK", "audit", "sink"),
+        _env("BT_GATEWAY_RELAY_SECRET", "relay", "secret"),
     ]
 )
 

@@ -57,8 +57,8 @@ def compile_glob(pattern: str) -> str:
     return "".join(parts) or "/"
 
 
-class PathDenyList:
-    """Refuses paths matching any of its patterns; built once, one compiled expression for all."""
+class PathGlobs:
+    """A list of patterns compiled into one expression, matched on normalized paths."""
 
     __slots__ = ("_regex", "patterns")
 
@@ -69,6 +69,16 @@ class PathDenyList:
 
     def __bool__(self) -> bool:
         return self._regex is not None
+
+    def matches(self, path: str) -> bool:
+        """Whether an already normalized path matches one of the patterns."""
+        return self._regex is not None and self._regex.match(path) is not None
+
+
+class PathDenyList(PathGlobs):
+    """Refuses paths matching any of its patterns."""
+
+    __slots__ = ()
 
     def check(self, raw_path: str) -> GatewayError | None:
         """None when the path may pass; `path_denied`, or `bad_path` for a path above the root."""

@@ -12,7 +12,7 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from limits import RateLimitItemPerSecond
@@ -38,10 +38,17 @@ POLICY_NAME = "default"
 
 @dataclass(frozen=True, slots=True)
 class LimitSpec:
-    """`max_requests` per `window_s` seconds; 0 requests means no limit."""
+    """`max_requests` per `window_s` seconds; 0 requests means no limit.
+
+    `on_limit: delay` holds a request over the limit until the window frees a slot (nginx's `limit_req`
+    with a burst), for at most `max_delay_s` and with at most `max_queued` waiting per key; else 429.
+    """
 
     max_requests: int
     window_s: int
+    on_limit: Literal["reject", "delay"] = "reject"
+    max_delay_s: float = 30.0
+    max_queued: int = 100
 
 
 @dataclass(frozen=True, slots=True)
@@ -65,6 +72,7 @@ class RateDecision:
     outcome: str
     headers: tuple[tuple[str, str], ...] = ()
     error: GatewayError | None = None
+    wait_s: float = 0.0  # for a refusal: until the oldest counted request leaves the window
 
 
 OFF = RateDecision(allowed=True, outcome="off")
@@ -83,6 +91,17 @@ class _Limit:
     item: Any
     policy_header: str
     amount: int
+    spec: LimitSpec
+
+
+class _Waiters:
+    """The requests of one key waiting for a slot: first come, first served, at most `max_queued`."""
+
+    __slots__ = ("count", "turn")
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.turn = asyncio.Lock()  # FIFO: the head of the line waits for the window, the rest for it
 
 
 def storage_uri(uri: str) -> str:
@@ -146,6 +165,7 @@ class RateLimiter:
         self._default = self._compile(settings.default)
         self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
         self._healthy = True
+        self._waiters: dict[tuple[str, str], _Waiters] = {}
 
     @staticmethod
     def _compile(spec: LimitSpec | None) -> _Limit | None:
@@ -153,7 +173,7 @@ class RateLimiter:
             return None
         item = RateLimitItemPerSecond(spec.max_requests, spec.window_s)
         header = f'"{POLICY_NAME}";q={spec.max_requests};w={spec.window_s}'
-        return _Limit(item=item, policy_header=header, amount=spec.max_requests)
+        return _Limit(item=item, policy_header=header, amount=spec.max_requests, spec=spec)
 
     @property
     def shared(self) -> bool:
@@ -167,7 +187,40 @@ class RateLimiter:
         key = rate_key(digest, client_ip, self.settings.anonymous)
         if isinstance(key, GatewayError):
             return ANONYMOUS_DENIED
-        return await self.check(route, key)
+        decision = await self.check(route, key)
+        limit = self._routes.get(route, self._default)
+        if decision.outcome != "deny" or limit is None or limit.spec.on_limit != "delay":
+            return decision
+        return await self._wait_for_slot(route, key, limit.spec, decision)
+
+    async def _wait_for_slot(
+        self, route: str, key: str, spec: LimitSpec, refused: RateDecision
+    ) -> RateDecision:
+        """Hold the request until the moving window frees a slot; 429 past `max_delay_s` or a full queue.
+
+        A client that leaves while waiting is cancelled here, and its place is freed by the `finally`.
+        """
+        scope = (route, key)
+        waiters = self._waiters.get(scope)
+        if waiters is None:
+            waiters = self._waiters[scope] = _Waiters()
+        if waiters.count >= spec.max_queued:
+            return replace(refused, outcome="queue_full")
+        waiters.count += 1
+        deadline = self._clock() + spec.max_delay_s
+        try:
+            async with waiters.turn:
+                decision = await self.check(route, key)  # the one ahead may have taken the slot
+                while decision.outcome == "deny":
+                    if self._clock() + decision.wait_s > deadline:
+                        return replace(decision, outcome="delay_too_long")
+                    await asyncio.sleep(decision.wait_s)
+                    decision = await self.check(route, key)
+                return replace(decision, outcome="delayed") if decision.allowed else decision
+        finally:
+            waiters.count -= 1
+            if not waiters.count:
+                del self._waiters[scope]
 
     async def check(self, route: str, key: str) -> RateDecision:
         """Count the request under `key` if allowed; refuse with an exact Retry-After if not."""
@@ -194,7 +247,8 @@ class RateLimiter:
             f"rate limit of {limit.amount} requests per {limit.item.get_expiry()} s exceeded",
             (("Retry-After", str(retry)), *headers),
         )
-        return RateDecision(allowed=False, outcome="deny", headers=headers, error=error)
+        wait = max(0.0, reset - self._clock())
+        return RateDecision(allowed=False, outcome="deny", headers=headers, error=error, wait_s=wait)
 
     def _storage_failed(self, exc: BaseException) -> RateDecision:
         self._on_storage_error()

@@ -232,6 +232,11 @@ class BodyRewriter:
         return out
 
 
+def _websocket(url: str) -> str:
+    """The ws:// or wss:// twin of an http(s) URL: a realtime endpoint must not leak the direct address."""
+    return "ws" + url[4:] if url.startswith("http") else url
+
+
 class RewritePolicy:
     """Static rules from config plus per-request advertised rules, compiled once per external URL (LRU)."""
 
@@ -243,7 +248,7 @@ class RewritePolicy:
         limits: RewriteLimits = RewriteLimits(),
     ) -> None:
         self._static = static_rules
-        self._limits = limits
+        self.limits = limits
         self._advertised = advertised  # (upstream origin, route prefix)
         self._max_buffer = max_buffer
         self._cache: OrderedDict[str | None, RuleSet] = OrderedDict()
@@ -256,7 +261,9 @@ class RewritePolicy:
             return cached
         rules = list(self._static)
         if external_url is not None:
-            rules += [(origin, external_url + prefix.rstrip("/")) for origin, prefix in self._advertised]
+            for origin, prefix in self._advertised:
+                to = external_url + prefix.rstrip("/")
+                rules += [(origin, to), (_websocket(origin), _websocket(to))]  # realtime_url is wss://
         compiled = RuleSet(rules, self._max_buffer)
         self._cache[external_url] = compiled
         if len(self._cache) > _CACHE_SIZE:
@@ -272,4 +279,4 @@ class RewritePolicy:
         encoding = parse_content_encoding(content_encoding)
         if encoding is None:
             return None
-        return BodyRewriter(rules, open_codec(encoding), flush=True, limits=self._limits)
+        return BodyRewriter(rules, open_codec(encoding), flush=True, limits=self.limits)

@@ -56,7 +56,7 @@ async def test_every_request_gets_one_audit_event_with_decoded_resources(
     assert event["normalized_url"] == "/v1/project/[id]"
     assert event["resources"] == AUDITED_RESOURCES
     assert (event["method"], event["route"], event["status"]) == ("GET", "app", 200)
-    assert event["decisions"] == ["route:app", "allowlist:allow", "ratelimit:allow", "rewrite:body"]
+    assert event["decisions"] == ["route:app", "allowlist:allow", "ratelimit:allow", "rewrite:passthrough"]
     assert len(event["token_fp"]) == 12 and TOKEN not in sink.read_text()
 
 
@@ -101,7 +101,7 @@ async def test_refused_requests_are_audited_too(tmp_path: Path, upstream: Upstre
     finally:
         assert gw.stop() == 0
     assert [(e["status"], e["decisions"][-1]) for e in events(sink)] == [
-        (200, "rewrite:body"),
+        (200, "rewrite:passthrough"),
         (429, "ratelimit:deny"),
     ]
 

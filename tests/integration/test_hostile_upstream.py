@@ -72,7 +72,8 @@ async def test_a_decompression_bomb_passes_through_unrewritten_with_bounded_memo
         f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Encoding: {coding}\r\n"
         f"Content-Length: {len(body)}\r\n\r\n"
     ).encode() + body
-    gw = GatewayProcess(route_to(raw_upstream), tmp_path)  # type: ignore[arg-type]
+    config = route_to(raw_upstream, rewrite={"body_paths": ["/**"]})  # type: ignore[arg-type]
+    gw = GatewayProcess(config, tmp_path)
     try:
         baseline_kb = gw.peak_rss_kb()
         async with (

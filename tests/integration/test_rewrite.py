@@ -132,7 +132,7 @@ def config(port: int, **extra: object) -> dict[str, object]:
             {"name": "app", "prefix": "/", "upstream": f"{APP}:{port}"},
             {"name": "data", "prefix": "/data-plane", "upstream": DATA, "advertise": True},
         ],
-        "rewrite": {"rules": [{"from": APP, "to": PUBLIC}]},
+        "rewrite": {"rules": [{"from": APP, "to": PUBLIC}], "body_paths": ["/**"]},  # every body, to test it
         **extra,
     }
 

@@ -167,3 +167,43 @@ async def _run_arrivals(fake: Clock, gaps: list[int]) -> list[tuple[float, bool]
         decision = await rl.check("app", "tok:x")
         out.append((fake.now, decision.allowed))
     return out
+
+
+# --- on_limit: delay -------------------------------------------------------------------------------
+
+
+def delaying(**spec: Any) -> RateLimiter:
+    """A limiter that holds requests over 2 per second (real time: the wait is what is tested)."""
+    return RateLimiter(RateLimitSettings(default=LimitSpec(2, 1, on_limit="delay", **spec)))
+
+
+async def test_requests_over_the_limit_wait_for_a_slot_instead_of_429() -> None:
+    rl = delaying()
+    decisions = await asyncio.gather(*(rl.decide("data", "d" * 64, "10.0.0.1") for _ in range(5)))
+    assert sorted(d.outcome for d in decisions) == ["allow", "allow", "delayed", "delayed", "delayed"]
+    assert all(d.allowed and d.error is None for d in decisions)
+
+
+async def test_a_full_queue_or_a_long_wait_is_still_429() -> None:
+    queued = delaying(max_queued=1)
+    decisions = await asyncio.gather(*(queued.decide("data", "d" * 64, "10.0.0.1") for _ in range(4)))
+    assert sorted(d.outcome for d in decisions) == ["allow", "allow", "delayed", "queue_full"]
+    refused = next(d for d in decisions if d.outcome == "queue_full")
+    assert refused.error is not None and refused.error.code is Code.RATE_LIMITED
+    impatient = delaying(max_delay_s=0.01)
+    decisions = [await impatient.decide("data", "d" * 64, "10.0.0.1") for _ in range(3)]
+    assert [d.outcome for d in decisions] == ["allow", "allow", "delay_too_long"]
+
+
+async def test_a_waiter_that_leaves_frees_its_place() -> None:
+    rl = delaying(max_queued=1)
+    for _ in range(2):
+        assert (await rl.decide("data", "d" * 64, "10.0.0.1")).outcome == "allow"
+    waiting = asyncio.ensure_future(rl.decide("data", "d" * 64, "10.0.0.1"))
+    while not rl._waiters:  # the request is queued
+        await asyncio.sleep(0)
+    waiting.cancel()  # the client disconnected
+    with pytest.raises(asyncio.CancelledError):
+        await waiting
+    assert rl._waiters == {}
+    assert (await rl.decide("data", "d" * 64, "10.0.0.1")).outcome == "delayed"  # the place is free again
