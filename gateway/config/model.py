@@ -325,7 +325,18 @@ def _resolve_address(value: str) -> str:
 
 
 def _default_routes() -> tuple[Route, ...]:
-    return (Route(name="app", prefix="/", upstream="https://www.braintrust.dev"),)
+    """Braintrust's hosted planes: the app (control plane) and the data plane, advertised back through
+    the gateway and shaped rather than refused (a refused upload is a lost batch)."""
+    return (
+        Route(name="app", prefix="/", upstream="https://www.braintrust.dev"),
+        Route(
+            name="data",
+            prefix="/data-plane",
+            upstream="https://api.braintrust.dev",
+            advertise=True,
+            rate_limit=RouteLimit(on_limit="delay"),
+        ),
+    )
 
 
 class GatewayConfig(Section):
@@ -334,7 +345,7 @@ class GatewayConfig(Section):
     listen: Listen = Listen()
     admin: Admin = Admin()
     public_url: str = "https://www.braintrust.dev"
-    allowlist: tuple[AllowEntryText, ...] = ("www.braintrust.dev", "braintrust.dev")
+    allowlist: tuple[AllowEntryText, ...] = ("www.braintrust.dev", "braintrust.dev", "api.braintrust.dev")
     routes: tuple[Route, ...] = Field(default_factory=_default_routes)
     upstream: UpstreamSettings = UpstreamSettings()
     limits: Limits = Limits()

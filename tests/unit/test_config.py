@@ -37,11 +37,15 @@ def test_shipped_config_equals_builtin_defaults() -> None:
 
 
 def test_builtin_defaults_match_the_contract() -> None:
+    """Out of the box: Braintrust's hosted planes, the data plane advertised and shaped, not refused."""
     config = load_config(None, {}).config
-    assert config.allowlist == ("www.braintrust.dev", "braintrust.dev")
-    assert [(r.name, r.prefix, r.upstream) for r in config.routes] == [
-        ("app", "/", "https://www.braintrust.dev")
+    assert config.allowlist == ("www.braintrust.dev", "braintrust.dev", "api.braintrust.dev")
+    assert [(r.name, r.prefix, r.upstream, r.advertise) for r in config.routes] == [
+        ("app", "/", "https://www.braintrust.dev", False),
+        ("data", "/data-plane", "https://api.braintrust.dev", True),
     ]
+    data = config.route("data")
+    assert data is not None and data.rate_limit is not None and data.rate_limit.on_limit == "delay"
     assert config.upstream.read_timeout_s == 300
     assert config.shutdown_timeout_s == 15
 
@@ -257,13 +261,9 @@ def test_no_problem_is_worded_in_library_jargon(tmp_path: Path, key: tuple[str |
                 assert not [word for word in JARGON if word.lower() in line.lower()], line
 
 
-def test_the_shipped_data_route_example_loads_as_written(tmp_path: Path) -> None:
-    """Uncommenting the documented data route (its `rate_limit: off` included) must just work."""
-    lines = SHIPPED.read_text().splitlines()
-    start = lines.index("  # - name: data")
-    example = [line.replace("  # ", "  ", 1) for line in lines[start : start + 5]]
-    text = "\n".join([*lines[:start], *example, *lines[start + 5 :]])
-    text = text.replace("  - braintrust.dev\n", "  - braintrust.dev\n  - api.braintrust.dev\n")
+def test_the_shipped_data_route_accepts_off_as_written_in_its_comment(tmp_path: Path) -> None:
+    """The file says `off` disables the data route's limit: written that way, it must just work."""
+    text = SHIPPED.read_text().replace("rate_limit: {on_limit: delay}", "rate_limit: off")
     data = loads(tmp_path, text).route("data")
     assert data is not None and data.advertise
     assert data.rate_limit is not None and data.rate_limit.max_requests == 0

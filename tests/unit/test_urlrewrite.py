@@ -258,3 +258,13 @@ def test_the_decoded_ceiling_holds_for_honest_ratios(coding: str) -> None:
         for part in chunked(ENCODERS[coding](data), list(range(0, 4 * 2**20, 65536))):
             list(body.feed(part))
     assert info.value.reason == "decoded_too_large"
+
+
+def test_realtime_websocket_urls_are_advertised_too() -> None:
+    """The login's realtime_url is the data plane's wss:// address: it must not leak the direct host."""
+    policy = RewritePolicy((), (("https://api.braintrust.dev", "/data-plane"),), 65536)
+    body = b'{"api_url": "https://api.braintrust.dev", "realtime_url": "wss://api.braintrust.dev/rt"}'
+    assert policy.rules_for("http://gw:8080").rewrite_all(body) == (
+        b'{"api_url": "http://gw:8080/data-plane", "realtime_url": "ws://gw:8080/data-plane/rt"}'
+    )
+    assert b"wss://gw.example/data-plane/rt" in policy.rules_for("https://gw.example").rewrite_all(body)

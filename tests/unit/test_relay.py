@@ -1,0 +1,111 @@
+"""Relay links without sockets: what is signed, what is refused, how long a link lives."""
+
+from __future__ import annotations
+
+import pytest
+from structlog.testing import capture_logs
+from yarl import URL
+
+from gateway.policy.allowlist import Allowlist
+from gateway.relay import DENIED, Relay, RelayGrant, signed_url_expiry
+
+GATEWAY = "http://gw.corp.example:8080"
+S3 = (
+    "https://bucket.s3.us-east-1.amazonaws.com/logs/k1?X-Amz-Algorithm=AWS4-HMAC-SHA256"
+    "&X-Amz-Date=20261204T120000Z&X-Amz-Expires=900&X-Amz-SignedHeaders=host&X-Amz-Signature=abc%2Fdef"
+)
+NOW = 1796385600.0  # 2026-12-04T12:00:00Z
+
+
+def relay(now: float = NOW, secret: bytes = b"k" * 32) -> Relay:
+    return Relay(Allowlist.parse(["*.s3.us-east-1.amazonaws.com"]), secret, 3600, clock=lambda: now)
+
+
+def token_of(link: str) -> str:
+    assert link.startswith(GATEWAY + "/_relay/")
+    return link.removeprefix(GATEWAY + "/_relay/")
+
+
+def test_a_link_opens_to_the_exact_signed_url() -> None:
+    link = relay().link(S3, "up", "data", GATEWAY)
+    assert link is not None
+    grant = relay().open(token_of(link), "PUT")
+    assert grant == RelayGrant(url=URL(S3, encoded=True), route="data")
+    assert isinstance(grant, RelayGrant) and str(grant.url) == S3  # the signature's bytes untouched
+
+
+@pytest.mark.parametrize("method", ["GET", "DELETE", "PATCH"])
+def test_an_upload_link_opens_for_put_and_post_only(method: str) -> None:
+    link = relay().link(S3, "up", "data", GATEWAY)
+    assert link is not None
+    assert relay().open(token_of(link), "POST") != DENIED
+    assert relay().open(token_of(link), method) is DENIED
+
+
+def test_forged_altered_and_foreign_tokens_are_denied() -> None:
+    link = relay().link(S3, "up", "data", GATEWAY)
+    assert link is not None
+    token = token_of(link)
+    payload, _, mac = token.partition(".")
+    other = relay(secret=b"x" * 32).link(S3.replace("k1", "k2"), "up", "data", GATEWAY)
+    assert other is not None
+    for bad in (
+        payload + "." + mac[:-2] + "AA",  # altered signature
+        payload[:-4] + "AAAA." + mac,  # altered payload
+        token_of(other),  # signed with another secret
+        "not-a-token",
+        "",
+        payload + ".",
+    ):
+        assert relay().open(bad, "PUT") is DENIED, bad
+
+
+def test_a_link_expires_with_its_signed_url() -> None:
+    assert signed_url_expiry(URL(S3)) == NOW + 900
+    link = relay().link(S3, "up", "data", GATEWAY)
+    assert link is not None
+    assert relay(now=NOW + 899).open(token_of(link), "PUT") != DENIED
+    assert relay(now=NOW + 901).open(token_of(link), "PUT") is DENIED
+
+
+@pytest.mark.parametrize(
+    ("url", "expiry"),
+    [
+        ("https://s.example/k?X-Goog-Date=20261204T120000Z&X-Goog-Expires=60", NOW + 60),
+        ("https://a.blob.core.windows.net/c/k?sv=2022&se=2026-12-04T12%3A10%3A00Z&sig=x", NOW + 600),
+        (f"https://b.s3.amazonaws.com/k?Expires={int(NOW) + 30}&Signature=x", NOW + 30),
+        ("https://b.example/k?X-Amz-Date=garbage&X-Amz-Expires=1", None),
+        ("https://b.example/k", None),
+    ],
+)
+def test_expiry_from_each_store(url: str, expiry: float | None) -> None:
+    assert signed_url_expiry(URL(url)) == expiry
+
+
+def test_a_link_never_outlives_max_ttl() -> None:
+    forever = "https://bucket.s3.us-east-1.amazonaws.com/k?X-Amz-Date=20261204T120000Z&X-Amz-Expires=604800"
+    link = relay().link(forever, "up", "data", GATEWAY)
+    assert link is not None
+    assert relay(now=NOW + 3599).open(token_of(link), "PUT") != DENIED
+    assert relay(now=NOW + 3601).open(token_of(link), "PUT") is DENIED
+
+
+def test_json_documents_get_links_only_for_allowed_hosts_and_say_so_once() -> None:
+    r = relay()
+    elsewhere = "https://other-bucket.example.com/k?sig=1"
+    doc = {
+        "method": "PUT",
+        "signedUrl": S3,
+        "nested": [{"downloadUrl": S3}, {"signedUrl": elsewhere}, {"signedUrl": elsewhere}],
+        "key": "k1",
+        "url": S3,  # not a key the SDKs read signed URLs from: left alone
+    }
+    with capture_logs() as logs:
+        assert r.rewrite(doc, "data", GATEWAY)
+    assert doc["signedUrl"].startswith(GATEWAY + "/_relay/")
+    assert doc["nested"][0]["downloadUrl"].startswith(GATEWAY + "/_relay/")
+    assert doc["nested"][1]["signedUrl"] == doc["nested"][2]["signedUrl"] == elsewhere
+    assert doc["url"] == S3 and doc["key"] == "k1"
+    assert [e["host"] for e in logs if e["event"] == "relay_host_not_allowed"] == ["other-bucket.example.com"]
+    down = r.open(token_of(doc["nested"][0]["downloadUrl"]), "GET")
+    assert isinstance(down, RelayGrant)
