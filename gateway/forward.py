@@ -15,12 +15,14 @@ from dataclasses import dataclass
 
 import aiohttp
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
 from gateway.audit import Audit
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.exchange import CLIENT_GONE, Exchange
 from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.http_client import HttpClient, UpstreamResponse
 from gateway.logs import get_logger
 from gateway.policy.urlrewrite import REWRITE_HEADERS, RewriteAbandoned
 from gateway.pool import UpstreamPool
@@ -34,6 +36,7 @@ BODY_TIMEOUT = GatewayError(Code.REQUEST_TIMEOUT, "the request body stopped arri
 _TOKEN = re.compile(rb"^[!#$%&'*+\-.^_`|~0-9A-Za-z]+$")  # RFC 9110 field-name
 _FIELD_VALUE = re.compile(rb"^[\t\x20-\x7e\x80-\xff]*$")  # visible bytes, spaces, tabs; no CR, LF, NUL
 log = get_logger("gateway.forward")
+Upstream = aiohttp.ClientResponse | UpstreamResponse
 
 
 class UploadState:
@@ -93,6 +96,7 @@ class Forwarder:
     """How one generation forwards: its session and pool, and the response-side rewrite and audit."""
 
     session: aiohttp.ClientSession
+    client: HttpClient | None  # the lean client; None when upstream.proxy needs aiohttp's session
     pool: UpstreamPool
     max_body: int
     body_timeout_s: float
@@ -118,7 +122,7 @@ class Forwarder:
 
     async def _send(
         self, request: web.BaseRequest, exchange: Exchange, host_header: str, host: str
-    ) -> aiohttp.ClientResponse:
+    ) -> Upstream:
         assert exchange.target is not None
         headers = upstream_request_headers(
             request.headers,
@@ -137,15 +141,24 @@ class Forwarder:
             body = _request_body(request, exchange, self.max_body, self.body_timeout_s, state)
         started = time.perf_counter()
         try:
-            upstream = await self.session.request(
-                request.method,
-                exchange.target.url,
-                headers=headers,
-                data=body,
-                allow_redirects=False,
-                proxy=self.proxy,
-            )
-        except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError) as exc:
+            upstream: Upstream
+            if self.client is not None:
+                chunked = body is not None and "Content-Length" not in headers
+                if chunked:
+                    headers["Transfer-Encoding"] = "chunked"
+                upstream = await self.client.request(
+                    request.method, exchange.target.url, headers.items(), body, chunked=chunked
+                )
+            else:  # through the corporate proxy: aiohttp's session chains through it
+                upstream = await self.session.request(
+                    request.method,
+                    exchange.target.url,
+                    headers=headers,
+                    data=body,
+                    allow_redirects=False,
+                    proxy=self.proxy,
+                )
+        except (GatewayFailure, aiohttp.ClientError, OSError, TimeoutError, HttpProcessingError) as exc:
             if state.client_error is not None:
                 raise GatewayFailure(state.client_error) from exc
             raise GatewayFailure(client_error(exc, host)) from exc
@@ -164,7 +177,7 @@ class Forwarder:
         return upstream
 
     async def _relay(
-        self, request: web.BaseRequest, exchange: Exchange, upstream: aiohttp.ClientResponse, host: str
+        self, request: web.BaseRequest, exchange: Exchange, upstream: Upstream, host: str
     ) -> web.StreamResponse:
         response = RelayedResponse(status=upstream.status, reason=upstream.reason)
         headers = downstream_response_headers(upstream.headers, exchange.request_id)
@@ -175,8 +188,11 @@ class Forwarder:
         response.headers.extend(exchange.response_headers)  # ours appended; upstream's RateLimit kept
         exchange.status = exchange.upstream_status = upstream.status
         if body is None:
-            if not await _send(request, response, exchange, b""):
-                return response  # nothing to rewrite: headers go at once (SSE clients see them)
+            if upstream.content_length is not None:
+                # A body of known length: the head goes out with its first bytes, one write not two.
+                response._send_headers_immediately = False
+            elif not await _send(request, response, exchange, b""):
+                return response  # a stream (SSE, chunked): its head goes at once, clients see it
             return await _pass_through(request, response, exchange, upstream, host=host)
         return await _rewrite_through(request, response, exchange, upstream, host=host, body=body)
 
@@ -184,7 +200,7 @@ class Forwarder:
         self,
         request: web.BaseRequest,
         exchange: Exchange,
-        upstream: aiohttp.ClientResponse,
+        upstream: Upstream,
         headers: CIMultiDict[str],
     ) -> BodyTransform | None:
         """Rewrite URL headers now; if the body may change, fix its headers and return its rewriter."""
@@ -216,7 +232,7 @@ async def _rewrite_through(
     request: web.BaseRequest,
     response: web.StreamResponse,
     exchange: Exchange,
-    upstream: aiohttp.ClientResponse,
+    upstream: Upstream,
     *,
     host: str,
     body: BodyTransform,
@@ -266,7 +282,7 @@ async def _pass_through(
     request: web.BaseRequest,
     response: web.StreamResponse,
     exchange: Exchange,
-    upstream: aiohttp.ClientResponse,
+    upstream: Upstream,
     *,
     host: str,
     held: list[bytes] | tuple[()] = (),
@@ -297,7 +313,7 @@ async def _finish(
     return response
 
 
-def _restore_framing(response: web.StreamResponse, upstream: aiohttp.ClientResponse) -> None:
+def _restore_framing(response: web.StreamResponse, upstream: Upstream) -> None:
     """Undo what the rewriter changed in the head: the body is the upstream's own again."""
     for name in ("Content-Length", "ETag"):
         value = upstream.headers.get(name)

@@ -24,6 +24,7 @@ from gateway.config.overrides import KeyPath
 from gateway.dial import TunnelDialer, UpstreamProxy
 from gateway.errors import Code, GatewayError, Reason
 from gateway.forward import Forwarder
+from gateway.http_client import ClientSettings, HttpClient
 from gateway.logs import get_logger
 from gateway.policy.allowlist import Allowlist
 from gateway.policy.external_url import ExternalUrl
@@ -285,8 +286,20 @@ class Generation:
             tunnel_limiter=tunnel_limiter,
             reverse_only=_reverse_only(config),
         )
+        client = None
+        if config.upstream.proxy is None:
+            header_bytes = limits.max_header_kb * 1024
+            settings = ClientSettings(
+                config.upstream.connect_timeout_s,
+                config.upstream.read_timeout_s,
+                header_bytes,
+                header_bytes,
+                limits.max_connections,
+            )
+            client = HttpClient(guard, resolver, tls, settings)
         forwarder = Forwarder(
             session=build_session(config, guard, resolver, tls),
+            client=client,
             pool=UpstreamPool(
                 limits.max_connections, config.upstream.pool_timeout_s, limits.max_upstream_share
             ),
@@ -366,6 +379,8 @@ class Generation:
 
     async def close(self) -> None:
         """Release connections (upstream pool, rate-limit store) and threads; counters are left alone."""
+        if self.forwarder.client is not None:
+            await self.forwarder.client.close()
         await self.session.close()
         await self.resolver.close()
         await self.limiter.close()

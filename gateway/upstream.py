@@ -17,12 +17,22 @@ import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
 from aiohttp.client_proto import ResponseHandler
 from aiohttp.client_reqrep import ClientRequest
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.resolver import DefaultResolver
 from aiohttp.tracing import Trace
 
 from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.policy.allowlist import Allowlist
+
+
+class ConnectTimeout(TimeoutError):
+    """No upstream connection could be opened within `upstream.connect_timeout_s`."""
+
+
+class NameNotResolved(OSError):
+    """The upstream's name did not resolve."""
+
 
 # The client must not invent request headers the SDK did not send (aiohttp adds these by default).
 SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Content-Type"})
@@ -148,7 +158,7 @@ def client_error(exc: BaseException, upstream: str) -> GatewayError:
 
 
 def _classify(exc: BaseException) -> tuple[Code, Reason | None, str]:
-    if isinstance(exc, aiohttp.ConnectionTimeoutError):
+    if isinstance(exc, aiohttp.ConnectionTimeoutError | ConnectTimeout):
         return Code.UPSTREAM_TIMEOUT, Reason.CONNECT_TIMEOUT, "upstream did not accept a connection in time"
     if isinstance(exc, asyncio.TimeoutError):  # includes aiohttp's SocketTimeoutError (read)
         return Code.UPSTREAM_TIMEOUT, Reason.READ_TIMEOUT, "upstream did not answer in time"
@@ -156,14 +166,14 @@ def _classify(exc: BaseException) -> tuple[Code, Reason | None, str]:
         return Code.UPSTREAM_UNREACHABLE, Reason.PROXY_REFUSED, "the upstream proxy refused the connection"
     if isinstance(exc, aiohttp.ClientSSLError | ssl.SSLError):
         return Code.UPSTREAM_UNREACHABLE, Reason.TLS_VERIFICATION, "upstream TLS certificate was not trusted"
-    if isinstance(exc, aiohttp.ClientConnectorDNSError | socket.gaierror):
+    if isinstance(exc, aiohttp.ClientConnectorDNSError | socket.gaierror | NameNotResolved):
         return Code.UPSTREAM_UNREACHABLE, Reason.DNS_FAILURE, "upstream host name did not resolve"
     refused = isinstance(exc, ConnectionRefusedError) or (
         isinstance(exc, aiohttp.ClientConnectorError) and isinstance(exc.os_error, ConnectionRefusedError)
     )
     if refused:
         return Code.UPSTREAM_UNREACHABLE, Reason.CONNECTION_REFUSED, "upstream refused the connection"
-    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError):
+    if isinstance(exc, aiohttp.ClientPayloadError | aiohttp.ClientResponseError | HttpProcessingError):
         return Code.UPSTREAM_BAD_RESPONSE, Reason.BAD_RESPONSE, "upstream sent a malformed response"
     if isinstance(exc, aiohttp.ClientConnectionError | OSError):
         return Code.UPSTREAM_UNREACHABLE, Reason.CONNECTION_FAILED, "connection to upstream failed"

@@ -19,6 +19,7 @@ class Seen:
     raw_path: str
     headers: list[tuple[str, str]]
     body_bytes: int
+    peer_port: int = 0  # the connection it came on: equal ports, one kept-alive connection
 
 
 @dataclass
@@ -35,7 +36,11 @@ def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web
         size = 0
         async for chunk in request.content.iter_any():
             size += len(chunk)
-        recorder.requests.append(Seen(request.method, request.raw_path, list(request.headers.items()), size))
+        peer = request.transport.get_extra_info("peername") if request.transport else None
+        seen = Seen(
+            request.method, request.raw_path, list(request.headers.items()), size, peer[1] if peer else 0
+        )
+        recorder.requests.append(seen)
         path = request.path
         if path.startswith("/download/"):
             return await _download(request, int(path.rsplit("/", 1)[1]))

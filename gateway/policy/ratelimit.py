@@ -1,9 +1,11 @@
-"""Per-token sliding-window rate limiting (Braintrust's OUTBOUND_RATE_LIMIT_* contract), on `limits`.
+"""Per-token sliding-window rate limiting (Braintrust's OUTBOUND_RATE_LIMIT_* contract).
 
 The key is the sha256 of the caller's token (never the token); each route counts separately. The default
 strategy, moving-window, is exact: no interval of one window ever holds more than `max_requests` allowed
-requests. Every storage call is bounded by `storage_timeout_ms`; a dead store fails open or closed as
-configured, with one warning per outage, and limiting resumes by itself when the store comes back.
+requests; it runs on our own stores (`policy/windows.py`: O(1) in memory, one round trip to Redis).
+The other strategies, and every storage URI, are the `limits` library's. Every Redis call is bounded by
+`storage_timeout_ms`; a dead store fails open or closed as configured, with one warning per outage, and
+limiting resumes by itself when the store comes back.
 """
 
 from __future__ import annotations
@@ -16,20 +18,16 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Literal
 
 from limits import RateLimitItemPerSecond
-from limits.aio.strategies import (
-    FixedWindowRateLimiter,
-    MovingWindowRateLimiter,
-    SlidingWindowCounterRateLimiter,
-)
+from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
 from limits.storage import storage_from_string
 
 from gateway.errors import Code, GatewayError
 from gateway.logs import get_logger
+from gateway.policy.windows import MemoryWindows, RedisWindows
 
 log = get_logger("gateway.ratelimit")
 
-_STRATEGIES: dict[str, Any] = {
-    "moving-window": MovingWindowRateLimiter,
+_STRATEGIES: dict[str, Any] = {  # the moving window runs on our own stores (policy/windows.py)
     "sliding-window-counter": SlidingWindowCounterRateLimiter,
     "fixed-window": FixedWindowRateLimiter,
 }
@@ -92,6 +90,8 @@ class _Limit:
     policy_header: str
     amount: int
     spec: LimitSpec
+    scope: str  # the key prefix in our windows: a changed limit counts afresh, as in `limits`
+    window_s: int
 
 
 class _Waiters:
@@ -120,12 +120,24 @@ def _open_storage(uri: str) -> Any:
     return storage_from_string(storage_uri(uri), retry_policy=no_retries)
 
 
-def _disconnect(storage: Any) -> None:
-    """Close a Redis storage's connection pool. Never `reset()`: that deletes every replica's counters."""
-    client = getattr(getattr(storage, "bridge", None), "storage", None)
-    pool = getattr(client, "connection_pool", None)
-    if pool is not None:
-        pool.disconnect()
+class RateStore:
+    """Where counters live: a `limits` storage (its URI grammar and its Redis client) and, for the
+    moving window, our own windows over the same place. Handed whole to the next generation on reload."""
+
+    def __init__(self, uri: str, clock: Callable[[], float]) -> None:
+        self.uri = uri
+        self.limits = _open_storage(uri)
+        self.memory = uri.startswith("memory://")
+        self.windows: MemoryWindows | RedisWindows = (
+            MemoryWindows(clock) if self.memory else RedisWindows(self.limits.bridge.get_connection(), clock)
+        )
+
+    def disconnect(self) -> None:
+        """Close a Redis store's connection pool. Never `reset()`: that deletes every replica's counters."""
+        client = getattr(getattr(self.limits, "bridge", None), "storage", None)
+        pool = getattr(client, "connection_pool", None)
+        if pool is not None:
+            pool.disconnect()
 
 
 def rate_key(digest: str | None, client_ip: str, anonymous: str) -> str | GatewayError:
@@ -158,10 +170,11 @@ class RateLimiter:
         self.settings = settings
         self._clock = clock
         self._timeout = settings.storage_timeout_ms / 1000
-        self._storage = storage if storage is not None else _open_storage(settings.storage)
+        self._store: RateStore = storage if storage is not None else RateStore(settings.storage, clock)
         self._owns_storage = True
         self._on_storage_error = on_storage_error
-        self._strategy = _STRATEGIES[settings.strategy](self._storage)
+        strategy = _STRATEGIES.get(settings.strategy)  # None: the moving window, on our own stores
+        self._strategy = strategy(self._store.limits) if strategy is not None else None
         self._default = self._compile(settings.default)
         self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
         self._healthy = True
@@ -173,7 +186,15 @@ class RateLimiter:
             return None
         item = RateLimitItemPerSecond(spec.max_requests, spec.window_s)
         header = f'"{POLICY_NAME}";q={spec.max_requests};w={spec.window_s}'
-        return _Limit(item=item, policy_header=header, amount=spec.max_requests, spec=spec)
+        scope = f"{spec.max_requests}/{spec.window_s}/"
+        return _Limit(
+            item=item,
+            policy_header=header,
+            amount=spec.max_requests,
+            spec=spec,
+            scope=scope,
+            window_s=spec.window_s,
+        )
 
     @property
     def shared(self) -> bool:
@@ -227,13 +248,17 @@ class RateLimiter:
         limit = self._routes.get(route, self._default)
         if limit is None:
             return OFF
-        try:
-            async with asyncio.timeout(self._timeout):
-                allowed = await self._strategy.hit(limit.item, route, key)
-                reset, remaining = await self._strategy.get_window_stats(limit.item, route, key)
-        except Exception as exc:  # any store failure or timeout: decided by on_storage_error
-            return self._storage_failed(exc)
-        self._storage_ok()
+        windows = self._store.windows
+        if self._strategy is None and isinstance(windows, MemoryWindows):  # no I/O: no timeout, no await
+            hit = windows.hit_now(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
+            allowed, remaining, reset = hit.allowed, hit.remaining, hit.reset
+        else:
+            try:
+                async with asyncio.timeout(self._timeout):
+                    allowed, remaining, reset = await self._count(limit, route, key)
+            except Exception as exc:  # any store failure or timeout: decided by on_storage_error
+                return self._storage_failed(exc)
+            self._storage_ok()
         seconds = max(0, math.ceil(reset - self._clock()))
         headers = (
             ("RateLimit-Policy", limit.policy_header),
@@ -249,6 +274,14 @@ class RateLimiter:
         )
         wait = max(0.0, reset - self._clock())
         return RateDecision(allowed=False, outcome="deny", headers=headers, error=error, wait_s=wait)
+
+    async def _count(self, limit: _Limit, route: str, key: str) -> tuple[bool, int, float]:
+        if self._strategy is None:
+            hit = await self._store.windows.hit(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
+            return hit.allowed, hit.remaining, hit.reset
+        allowed = await self._strategy.hit(limit.item, route, key)
+        reset, remaining = await self._strategy.get_window_stats(limit.item, route, key)
+        return bool(allowed), int(remaining), float(reset)
 
     def _storage_failed(self, exc: BaseException) -> RateDecision:
         self._on_storage_error()
@@ -279,7 +312,7 @@ class RateLimiter:
             return True
         try:
             async with asyncio.timeout(self._timeout):
-                alive = bool(await self._storage.check())
+                alive = bool(await self._store.limits.check())
         except Exception as exc:
             self._storage_failed(exc)
             return False
@@ -290,8 +323,8 @@ class RateLimiter:
         return True
 
     @property
-    def storage(self) -> Any:
-        return self._storage
+    def storage(self) -> RateStore:
+        return self._store
 
     def hand_over_storage(self) -> None:
         """A successor took this limiter's store (and its counters): this one will not close it."""
@@ -300,4 +333,4 @@ class RateLimiter:
     async def close(self) -> None:
         """Close storage connections only; counters in a shared store outlive this process."""
         if self.shared and self._owns_storage:
-            _disconnect(self._storage)
+            self._store.disconnect()

@@ -3,15 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import uuid
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 
 from tests.conftest import GatewayFactory, Upstream, route_to
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
+from tests.unit.test_ratelimit import assert_exact, run_arrivals
 
 
 async def hit(client: aiohttp.ClientSession, url: str, token: str | None = "tok-a") -> aiohttp.ClientResponse:
@@ -208,3 +213,19 @@ async def _reconnected(urls: list[str]) -> list[int]:
             return statuses
         await asyncio.sleep(0.1)
     return statuses
+
+
+@pytest.fixture(scope="module")
+def shared_redis(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RedisServer]:
+    redis = RedisServer(tmp_path_factory.mktemp("redis"))
+    yield redis
+    redis.stop()
+
+
+@pytest.mark.redis
+@settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(gaps=st.lists(st.integers(min_value=0, max_value=4000), min_size=1, max_size=40))
+def test_the_redis_moving_window_is_exact_too(shared_redis: RedisServer, gaps: list[int]) -> None:
+    """The one-round-trip Lua window on a real Redis passes the same exactness property as memory."""
+    key = f"tok:{uuid.uuid4()}"
+    assert_exact(asyncio.run(run_arrivals(gaps, storage=shared_redis.url, key=key)))

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-from collections.abc import Iterator
 from typing import Any
 
-import limits.aio.storage.memory as memory_storage
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -16,6 +14,7 @@ from structlog.testing import capture_logs
 from gateway.errors import Code, GatewayError
 from gateway.policy.credentials import digest_of
 from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings, rate_key
+from gateway.policy.windows import MemoryWindows, WindowHit
 
 
 class Clock:
@@ -29,10 +28,8 @@ class Clock:
 
 
 @pytest.fixture
-def clock(monkeypatch: pytest.MonkeyPatch) -> Iterator[Clock]:
-    fake = Clock()
-    monkeypatch.setattr(memory_storage, "time", fake)
-    yield fake
+def clock() -> Clock:
+    return Clock()
 
 
 def limiter(clock: Clock, **kwargs: Any) -> RateLimiter:
@@ -99,33 +96,37 @@ async def test_zero_disables(clock: Clock) -> None:
     assert all([(await rl.check("app", "k")).outcome == "off" for _ in range(5)])
 
 
-class BrokenStrategy:
-    """Stands in for a dead store: every call raises, or hangs past the timeout."""
+class SharedStore:
+    """Stands in for a Redis store: the windows are awaited (and timed out), and can be made to fail."""
 
-    def __init__(self, hang: bool) -> None:
-        self.hang = hang
+    def __init__(self, inner: MemoryWindows) -> None:
+        self.inner = inner
+        self.down: str | None = None  # "raise" or "hang"
 
-    async def hit(self, *_: Any) -> bool:
-        if self.hang:
+    async def hit(self, key: str, limit: int, window: float) -> WindowHit:
+        if self.down == "hang":
             await asyncio.sleep(3600)
-        raise ConnectionError("store down")
+        if self.down == "raise":
+            raise ConnectionError("store down")
+        return self.inner.hit_now(key, limit, window)
 
-    async def get_window_stats(self, *_: Any) -> Any:
-        raise AssertionError("unreachable")
 
-
-@pytest.mark.parametrize("hang", [False, True])
-async def test_store_failure_fails_open_or_closed_and_warns_once(clock: Clock, hang: bool) -> None:
+@pytest.mark.parametrize("failure", ["raise", "hang"])
+async def test_store_failure_fails_open_or_closed_and_warns_once(clock: Clock, failure: str) -> None:
     opened = limiter(clock, on_storage_error="allow", storage_timeout_ms=20)
     closed = limiter(clock, on_storage_error="deny", storage_timeout_ms=20)
-    working = opened._strategy
-    opened._strategy = closed._strategy = BrokenStrategy(hang)
+    stores = []
+    for rl in (opened, closed):
+        store = SharedStore(MemoryWindows(clock.time))
+        rl.storage.windows = store  # type: ignore[assignment]
+        store.down = failure
+        stores.append(store)
     with capture_logs() as logs:
         for _ in range(5):
             assert (await opened.check("app", "k")).outcome == "storage_error_allow"
             refused = await closed.check("app", "k")
             assert refused.error is not None and refused.error.code is Code.RATE_LIMIT_UNAVAILABLE
-        opened._strategy = working
+        stores[0].down = None
         assert (await opened.check("app", "k")).outcome == "allow"
     events = [entry["event"] for entry in logs]
     assert events.count("rate_limit_storage_unavailable") == 2  # once per limiter, not per request
@@ -141,31 +142,38 @@ LIMIT = 4
 def test_moving_window_is_exact(gaps: list[int]) -> None:
     """For random arrivals: no window-long interval holds more than LIMIT allowed requests, and no
     request is refused while fewer than LIMIT were allowed in its trailing window."""
-    fake = Clock()
-    original = memory_storage.time
-    memory_storage.time = fake  # type: ignore[assignment]
-    try:
-        decisions = asyncio.run(_run_arrivals(fake, gaps))
-    finally:
-        memory_storage.time = original
+    assert_exact(asyncio.run(run_arrivals(gaps)))
+
+
+def assert_exact(decisions: list[tuple[float, bool]]) -> None:
     allowed_times = [t for t, ok in decisions if ok]
     for t, ok in decisions:
         in_window = sum(1 for a in allowed_times if t - WINDOW <= a <= t)
         assert in_window <= LIMIT  # (a) never more than LIMIT in any closed window ending at a request
         if not ok:
-            prior = sum(1 for a in allowed_times if t - WINDOW <= a <= t)
-            assert prior >= LIMIT, f"refused at {t} with only {prior} allowed in the window"  # (b)
+            assert in_window >= LIMIT, f"refused at {t} with only {in_window} allowed in the window"  # (b)
     for i, start in enumerate(allowed_times):
         assert sum(1 for a in allowed_times[i:] if a - start <= WINDOW) <= LIMIT
 
 
-async def _run_arrivals(fake: Clock, gaps: list[int]) -> list[tuple[float, bool]]:
-    rl = RateLimiter(RateLimitSettings(default=LimitSpec(LIMIT, int(WINDOW))), clock=fake.time)
+async def run_arrivals(
+    gaps: list[int], storage: str = "memory://", key: str = "tok:x"
+) -> list[tuple[float, bool]]:
+    """Requests `gaps` milliseconds apart on a controlled clock; (time, allowed) for each."""
+    fake = Clock()
+    settings = RateLimitSettings(
+        default=LimitSpec(LIMIT, int(WINDOW)), storage=storage, storage_timeout_ms=5000
+    )
+    rl = RateLimiter(settings, clock=fake.time)
     out = []
-    for gap in gaps:
-        fake.now += gap / 1000
-        decision = await rl.check("app", "tok:x")
-        out.append((fake.now, decision.allowed))
+    try:
+        for gap in gaps:
+            fake.now += gap / 1000
+            decision = await rl.check("app", key)
+            assert decision.outcome in ("allow", "deny"), decision
+            out.append((fake.now, decision.allowed))
+    finally:
+        await rl.close()
     return out
 
 
@@ -207,3 +215,24 @@ async def test_a_waiter_that_leaves_frees_its_place() -> None:
         await waiting
     assert rl._waiters == {}
     assert (await rl.decide("data", "d" * 64, "10.0.0.1")).outcome == "delayed"  # the place is free again
+
+
+def test_memory_holds_only_the_keys_active_in_a_window() -> None:
+    now = [1000.0]
+    windows = MemoryWindows(lambda: now[0])
+    for n in range(5000):
+        windows.hit_now(f"tok:{n}", 100, 60)
+    assert len(windows) == 5000
+    now[0] += 61  # every one of them left its window
+    for _ in range(2048):  # sweeps run every 1024 decisions
+        windows.hit_now("tok:busy", 1_000_000, 60)
+    assert len(windows) == 1
+
+
+def test_a_huge_limit_keeps_one_timestamp_per_counted_request() -> None:
+    """The deque holds what is in the window, never `limit` slots: memory follows traffic, not the limit."""
+    now = [1000.0]
+    windows = MemoryWindows(lambda: now[0])
+    for _ in range(10):
+        assert windows.hit_now("k", 1_000_000, 60).allowed
+    assert windows.hit_now("k", 1_000_000, 60).remaining == 1_000_000 - 11
