@@ -87,7 +87,7 @@ def http_chain(
             Credentials(),
             BrowserRedirect(public_url),
             Router(routes, relay),
-            Allowlisted(allowlist),
+            Allowlisted(allowlist, routes),
             ForwardProxyMode(forward_proxy, http_ports),
             ProxyAuthenticated(proxy_auth) if proxy_auth else None,
             deny,

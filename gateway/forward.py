@@ -111,7 +111,8 @@ class Forwarder:
         """
         target = exchange.target
         assert target is not None  # routed by the chain
-        async with self.pool.slot(exchange.client_ip):
+        await self.pool.acquire(exchange.client_ip)
+        try:
             upstream = await self._send(request, exchange, target.route.host_header, target.route.host)
             try:
                 return await self._relay(request, exchange, upstream, target.route.host)
@@ -119,6 +120,8 @@ class Forwarder:
                 raise GatewayFailure(client_error(exc, target.route.host)) from exc
             finally:
                 upstream.close()
+        finally:
+            self.pool.release(exchange.client_ip)
 
     async def _send(
         self, request: web.BaseRequest, exchange: Exchange, host_header: str, host: str
@@ -206,12 +209,19 @@ class Forwarder:
         """Rewrite URL headers now; if the body may change, fix its headers and return its rewriter."""
         if self.rewrite is None or exchange.relay:  # an object store's answer is relayed as it is
             return None
+        body_path = self.rewrite.body_path(exchange)
+        if not body_path and not any(name in headers for name in REWRITE_HEADERS):
+            exchange.decisions.append("rewrite:passthrough")
+            return None  # most responses: nothing to rewrite, no rules to build
         rules = self.rewrite.rules_for(exchange)
         if not rules.empty:
             for name in REWRITE_HEADERS:
                 values = headers.popall(name, ())
                 for value in values:
                     headers.add(name, rules.rewrite_header(name, value))
+        if not body_path:
+            exchange.decisions.append("rewrite:passthrough")
+            return None
         if request.method == "HEAD" or upstream.status in (204, 304):
             return None
         body = self.rewrite.body(

@@ -13,7 +13,7 @@ from aiohttp import web
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.exchange import CLIENT_GONE, Exchange
 from gateway.generation import Generation
-from gateway.logs import get_logger
+from gateway.logs import get_logger, info_enabled
 from gateway.metrics import Metrics
 from gateway.policy.credentials import FINGERPRINT_HEX
 from gateway.responses import error_response, redirect_response
@@ -92,6 +92,15 @@ class ProxyHandler:
     def finish(self, exchange: Exchange, started: float, generation: Generation | None) -> None:
         """The request is over: one access event, one count, and its audit event when audit is on."""
         error = exchange.error
+        if info_enabled():
+            self._log_access(exchange, started, error)
+        if self._metrics is not None:
+            self._metrics.count(exchange)
+        if generation is not None and generation.audit is not None:
+            generation.audit.record(exchange)
+
+    @staticmethod
+    def _log_access(exchange: Exchange, started: float, error: GatewayError | None) -> None:
         access_log.info(
             "access",
             method=exchange.method,
@@ -111,7 +120,3 @@ class ProxyHandler:
             decisions=exchange.decisions,
             **(dict(error.context) if error else {}),
         )
-        if self._metrics is not None:
-            self._metrics.count(exchange)
-        if generation is not None and generation.audit is not None:
-            generation.audit.record(exchange)

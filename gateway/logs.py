@@ -19,6 +19,12 @@ _SECRET_TEXT = re.compile(
     r"(?i)\b(bearer|basic)\s+[A-Za-z0-9._~+/=-]+|\b(sk-|bt-)[A-Za-z0-9._-]{8,}|(?<=://)[^/\s:@]+:[^/\s@]+@"
 )
 _LEVELS = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING, "error": logging.ERROR}
+_level = [logging.DEBUG]  # the configured level, for hot paths that would build an event for nothing
+
+
+def info_enabled() -> bool:
+    """Whether info events are written: the access event is built only when it will be."""
+    return _level[0] <= logging.INFO
 
 
 def scrub(value: str) -> str:
@@ -50,6 +56,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
         structlog.processors.format_exc_info,
         redact_secrets,
     ]
+    _level[0] = _LEVELS[level]
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),

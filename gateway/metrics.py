@@ -7,6 +7,8 @@ codes, tunnel close reasons, `in`/`out`, `success`/`failure`. Never a token, a p
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
@@ -60,6 +62,7 @@ class Metrics:
         self.reloads = Counter(
             "bt_gateway_config_reloads", "Config reloads, by result.", ("result",), registry=registry
         )
+        self._children: dict[tuple[str, int], tuple[Any, Any, Any, Any]] = {}  # bounded: routes x statuses
         build = Gauge("bt_gateway_build_info", "The running version.", ("version",), registry=registry)
         build.labels(version=__version__).set(1)
         for result in ("success", "failure"):
@@ -68,15 +71,24 @@ class Metrics:
     def count(self, exchange: Exchange) -> None:
         """Count one finished request: its route and status, its error code, its bytes and upstream time."""
         route = exchange.metric_route
-        self.requests.labels(route=route, status=str(exchange.status)).inc()
+        children = self._children.get((route, exchange.status))
+        if children is None:  # label lookups cost a lock and a tuple: once per (route, status)
+            children = self._children[(route, exchange.status)] = (
+                self.requests.labels(route=route, status=str(exchange.status)),
+                self.upstream_duration.labels(route=route),
+                self.bytes.labels(route=route, direction="in"),
+                self.bytes.labels(route=route, direction="out"),
+            )
+        requests, duration, bytes_in, bytes_out = children
+        requests.inc()
         if exchange.error is not None:
             self.refusals.labels(code=str(exchange.error.code)).inc()
         if exchange.upstream_seconds is not None:
-            self.upstream_duration.labels(route=route).observe(exchange.upstream_seconds)
+            duration.observe(exchange.upstream_seconds)
         if exchange.bytes_in:
-            self.bytes.labels(route=route, direction="in").inc(exchange.bytes_in)
+            bytes_in.inc(exchange.bytes_in)
         if exchange.bytes_out:
-            self.bytes.labels(route=route, direction="out").inc(exchange.bytes_out)
+            bytes_out.inc(exchange.bytes_out)
 
     def storage_error(self) -> None:
         self.storage_errors.inc()

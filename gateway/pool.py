@@ -8,8 +8,6 @@ a client with many slow uploads cannot starve everyone else. Both refusals are `
 from __future__ import annotations
 
 import asyncio
-import contextlib
-from collections.abc import AsyncIterator
 
 from gateway.errors import Code, GatewayError, GatewayFailure
 
@@ -26,26 +24,25 @@ class UpstreamPool:
         self._per_client = max(1, int(size * share))
         self._held: dict[str, int] = {}
 
-    @contextlib.asynccontextmanager
-    async def slot(self, client: str) -> AsyncIterator[None]:
-        """Hold one upstream connection slot for the duration of a request; GatewayFailure when busy."""
+    async def acquire(self, client: str) -> None:
+        """Take one upstream connection slot for a request; GatewayFailure when busy. Pair with `release`."""
         held = self._held.get(client, 0)
         if held >= self._per_client:
             raise GatewayFailure(OVER_SHARE)
-        self._held[client] = held + 1
-        try:
+        if self._slots.locked():  # only a full pool is waited for (and the wait is bounded)
             try:
                 async with asyncio.timeout(self._wait_s):
                     await self._slots.acquire()
             except TimeoutError:
                 raise GatewayFailure(BUSY) from None
-            try:
-                yield
-            finally:
-                self._slots.release()
-        finally:
-            remaining = self._held[client] - 1
-            if remaining:
-                self._held[client] = remaining
-            else:
-                del self._held[client]
+        else:
+            await self._slots.acquire()  # free: returns at once
+        self._held[client] = held + 1
+
+    def release(self, client: str) -> None:
+        self._slots.release()
+        remaining = self._held[client] - 1
+        if remaining:
+            self._held[client] = remaining
+        else:
+            del self._held[client]

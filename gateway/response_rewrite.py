@@ -116,6 +116,14 @@ class ResponseRewrite:
             forwarded_host=headers.get("X-Forwarded-Host"),
         )
 
+    def body_path(self, exchange: Exchange) -> bool:
+        """Whether this response's body may be rewritten at all: its path is on `rewrite.body_paths`."""
+        target = exchange.target
+        if target is None:
+            return False
+        path = normalize_path(target.route.relative_path(target.url))
+        return path is not None and self._body_paths.matches(path)
+
     def rules_for(self, exchange: Exchange) -> RuleSet:
         return self.policy.rules_for(self.external_url(exchange))
 
@@ -126,12 +134,8 @@ class ResponseRewrite:
         content_type: str | None,
         content_encoding: str | None,
     ) -> BodyTransform | None:
-        """How this response's body is rewritten, or None when it passes byte for byte."""
-        target = exchange.target
-        if target is None or not rewritable(content_type):
-            return None
-        path = normalize_path(target.route.relative_path(target.url))
-        if path is None or not self._body_paths.matches(path):
+        """How a body on `body_paths` is rewritten, or None when it passes byte for byte anyway."""
+        if not rewritable(content_type):
             return None
         encoding = parse_content_encoding(content_encoding)
         if encoding is None:

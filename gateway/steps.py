@@ -229,16 +229,29 @@ class Router:
 
 
 class Allowlisted:
-    """The egress allow-list, judged on the destination the router chose (the connector checks again)."""
+    """The egress allow-list, judged on the destination the router chose (the connector checks again).
+
+    A configured route's upstream is judged once, when the generation is built; a destination a request
+    names (absolute-form, a relay link) is judged per request.
+    """
 
     name = "allowlist"
 
-    def __init__(self, allowlist: Allowlist) -> None:
+    def __init__(self, allowlist: Allowlist, routes: RouteTable) -> None:
         self._allowlist = allowlist
+        self._judged: dict[int, Decision] = {}  # id of a configured RouteTarget -> its verdict
+        self._keep = routes.routes  # the judged objects stay alive, so their ids stay theirs
+        for route in routes.routes:
+            denied = allowlist.check(route.host, route.port)
+            self._judged[id(route)] = ALLOW if denied is None else Decision("deny", denied)
 
     async def decide(self, exchange: Exchange) -> Decision:
-        assert exchange.target is not None  # the router ran
-        url = exchange.target.url
+        target = exchange.target
+        assert target is not None  # the router ran
+        judged = self._judged.get(id(target.route))
+        if judged is not None:
+            return judged
+        url = target.url
         denied = self._allowlist.check(url.raw_host, url.port or 0)
         return ALLOW if denied is None else Decision("deny", denied)
 

@@ -34,7 +34,8 @@ def token_digest(token: str) -> str:
 
 
 def digest_of(authorization: str | None) -> str | None:
-    """The sha256 of the request's token, or None without one: computed once per request."""
+    """The sha256 of the request's token, or None without one: computed once per request (and never
+    cached, so no raw token outlives its request in memory)."""
     token = bearer_token(authorization)
     return None if token is None else token_digest(token)
 

@@ -7,6 +7,7 @@ that is not a plain `host[:port]` is ignored, so a client cannot inject text int
 
 from __future__ import annotations
 
+import functools
 import ipaddress
 import re
 
@@ -18,6 +19,7 @@ _HOST = re.compile(  # a name (labels may hold `_`, one trailing dot allowed) or
 MAX_HOST = 255
 
 
+@functools.lru_cache(maxsize=1024)
 def valid_host(value: str) -> bool:
     """`host[:port]`: a DNS name, an IPv4 address or a bracketed IPv6 one, at most 255 characters."""
     return len(value) <= MAX_HOST and _HOST.match(value) is not None
