@@ -1,4 +1,4 @@
-"""The real braintrust SDK (0.47.0) through the gateway, against fake control and data planes.
+"""The real braintrust SDK (0.47.0) through the gateway, against tests/fake_braintrust.py.
 
 Reverse-proxy mode: BRAINTRUST_APP_URL is the gateway; the login response is rewritten so data-plane
 calls come back through the gateway too. Forward-proxy mode: HTTPS_PROXY is the gateway and the planes
@@ -9,52 +9,25 @@ from __future__ import annotations
 
 import ssl
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
 import aiohttp
 import pytest
 import trustme
-from aiohttp import web
 from yarl import URL
 
-from tests.conftest import GatewayFactory, _serve
-from tests.fake_planes import Plane, Store, control_plane, data_plane
+from tests.conftest import GatewayFactory
+from tests.fake_braintrust import FakeBraintrust
 from tests.sdk_flow import run_in_subprocess
 
 PUBLIC = "https://public.example.com"
 API_KEY = "sk-e2e-test-key-0123456789"
 
 
-@dataclass
-class Planes:
-    control: Plane
-    data: Plane
-    control_url: str
-    data_url: str
-    control_port: int
-    data_port: int
-
-
-async def start_planes(
-    scheme: str, context: ssl.SSLContext | None, host: str = "127.0.0.1"
-) -> tuple[Planes, list[web.AppRunner]]:
-    control, data, store = Plane("control"), Plane("data"), Store()
-    data_url, control_url = [""], [""]
-    data_runner, data_port = await _serve(data_plane(data, store), context)
-    data_url[0] = f"{scheme}://{host.replace('cp.', 'dp.')}:{data_port}"
-    control_runner, control_port = await _serve(control_plane(control, data_url, control_url), context)
-    control_url[0] = f"{scheme}://{host}:{control_port}"
-    planes = Planes(control, data, control_url[0], data_url[0], control_port, data_port)
-    return planes, [control_runner, data_runner]
-
-
 @pytest.fixture
-async def planes() -> AsyncIterator[Planes]:
-    found, runners = await start_planes("http", None)
-    yield found
-    for runner in runners:
-        await runner.cleanup()
+async def planes() -> AsyncIterator[FakeBraintrust]:
+    async with FakeBraintrust(api_key=API_KEY) as fake:
+        yield fake
 
 
 @pytest.fixture
@@ -76,7 +49,7 @@ def sdk_env(monkeypatch: pytest.MonkeyPatch) -> None:
 
 
 async def test_sdk_through_the_gateway_as_app_url(
-    start_gateway: GatewayFactory, planes: Planes, sdk_env: None
+    start_gateway: GatewayFactory, planes: FakeBraintrust, sdk_env: None
 ) -> None:
     gw = await start_gateway(
         public_url=PUBLIC,
@@ -101,12 +74,17 @@ async def test_sdk_through_the_gateway_as_app_url(
     assert result.rows == [("a", "b"), ("c", "d")]
     assert result.scores == {"accuracy": 1.0}
     assert result.summary_url == f"{PUBLIC}/app/acme/p/proj/experiments/exp1"
-    assert [path for _, path, _ in planes.control.requests] == ["/api/apikey/login"]
-    data_paths = [path for _, path, _ in planes.data.requests]
+    assert planes.control.paths() == ["/api/apikey/login"]
+    data_paths = planes.data.paths()
     assert "/logs3" in data_paths and "/v1/experiment" in data_paths
     for plane in (planes.control, planes.data):
-        for _, path, headers in plane.requests:
-            assert "1.1 bt-gateway" in headers.get("Via", ""), f"{path} reached {plane.name} directly"
+        for request in plane.requests:
+            assert "1.1 bt-gateway" in request.headers.get("Via", ""), (
+                f"{request.path} reached {plane.name} directly"
+            )
+        # Every call carried the key through the gateway and was one the fake understands.
+        assert plane.failures() == [], [(r.method, r.path, r.status) for r in plane.failures()]
+        assert {r.bearer for r in plane.requests} == {API_KEY}, plane.name
 
     # The permalink is built from the SDK's app URL (the gateway); a browser lands on public_url.
     assert result.permalink.startswith(f"{gw.url}/app/")
@@ -125,8 +103,13 @@ async def test_sdk_through_the_gateway_as_https_proxy(
 ) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     test_ca.issue_cert("cp.braintrust.test", "dp.braintrust.test").configure_cert(context)
-    found, runners = await start_planes("https", context, host="cp.braintrust.test")
-    try:
+    # Both planes listen on loopback but are named by hosts only the gateway's `resolve` map knows.
+    async with FakeBraintrust(
+        api_key=API_KEY,
+        control_host="cp.braintrust.test",
+        data_host="dp.braintrust.test",
+        ssl_context=context,
+    ) as found:
         gw = await start_gateway(
             allowlist=["cp.braintrust.test", "dp.braintrust.test"],
             resolve={"cp.braintrust.test": "127.0.0.1", "dp.braintrust.test": "127.0.0.1"},
@@ -141,11 +124,11 @@ async def test_sdk_through_the_gateway_as_https_proxy(
         }
         result = await run_in_subprocess(found.control_url, API_KEY, env)
         stats = gw.gateway.tunnels
-    finally:
-        for runner in runners:
-            await runner.cleanup()
+        data_url = found.data_url
     # The names resolve nowhere but in the gateway's `resolve` map: the SDK can only have tunnelled.
-    assert result.api_url == found.data_url
+    assert result.api_url == data_url
     assert result.rows == [("a", "b"), ("c", "d")]
-    assert [path for _, path, _ in found.control.requests] == ["/api/apikey/login"]
+    assert found.control.paths() == ["/api/apikey/login"]
     assert stats.opened >= 2 and stats.refused == 0
+    for plane in (found.control, found.data):
+        assert plane.failures() == [], [(r.method, r.path, r.status) for r in plane.failures()]
