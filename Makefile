@@ -6,8 +6,15 @@ BIN := $(VENV)/bin
 # dev extras (pytest, the real SDKs, ruff, mypy).
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
+# The TypeScript SDK (npm `braintrust`, pinned in tests/js/package-lock.json) for tests/integration/test_js_sdk.py;
+# reinstalled only when the lock file changes. No node/npm: the Python suite still runs and that test skips
+# (or fails under CI=true).
+JS_DIR := tests/js
+JS_STAMP := $(JS_DIR)/node_modules/.installed
+HAVE_NODE := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
+JS_DEPS := $(if $(HAVE_NODE),$(JS_STAMP),no-node)
 
-.PHONY: run test lint bench soak clean
+.PHONY: run test lint bench soak clean no-node
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -21,10 +28,17 @@ $(TEST_STAMP): pyproject.toml | $(BIN)/python
 	$(BIN)/pip install --quiet -e '.[test,dev]'
 	touch $(TEST_STAMP) $(RUN_STAMP)
 
+$(JS_STAMP): $(JS_DIR)/package-lock.json $(JS_DIR)/package.json
+	cd $(JS_DIR) && npm ci --ignore-scripts --no-audit --no-fund
+	touch $(JS_STAMP)
+
+no-node:
+	@echo "node/npm not found: skipping the JS SDK install; tests/integration/test_js_sdk.py will skip"
+
 run: $(RUN_STAMP)
 	$(BIN)/bt-gateway serve -c config/gateway.yaml
 
-test: $(TEST_STAMP)
+test: $(TEST_STAMP) $(JS_DEPS)
 	$(BIN)/python -m pytest -q -p no:cacheprovider
 
 lint: $(TEST_STAMP)
@@ -43,4 +57,4 @@ soak: $(TEST_STAMP)
 	$(BIN)/python bench/soak.py --seconds $${SOAK_SECONDS:-120}
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build *.egg-info $(JS_DIR)/node_modules
