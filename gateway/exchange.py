@@ -6,6 +6,7 @@ the metrics and the audit event are all written from this one record when the re
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections.abc import Mapping
@@ -14,8 +15,10 @@ from dataclasses import dataclass, field
 from yarl import URL
 
 from gateway.errors import Code, GatewayError, Reason
+from gateway.policy.credentials import FINGERPRINT_HEX
 from gateway.policy.forward_proxy import ConnectTarget
 from gateway.policy.routes import RouteTarget
+from gateway.relay import PREFIX as RELAY_PREFIX
 
 FORWARD_PROXY_ROUTE = "forward_proxy"  # absolute-form requests to no route's upstream
 TUNNEL_ROUTE = "tunnel"  # CONNECT tunnels (metrics, and the tunnel limiter's bucket)
@@ -76,8 +79,14 @@ class Exchange:
 
     @property
     def path(self) -> str:
-        """The target without its query (which may carry secrets), bounded for the log."""
-        return self.raw_target.partition("?")[0][:2048]
+        """The target without its query (which may carry secrets), bounded for the log.
+
+        A relay link's token carries a signed URL, a credential: the log shows its fingerprint only.
+        """
+        path = self.raw_target.partition("?")[0]
+        if path.startswith(RELAY_PREFIX):
+            return RELAY_PREFIX + hashlib.sha256(path.encode()).hexdigest()[:FINGERPRINT_HEX]
+        return path[:2048]
 
     @property
     def metric_route(self) -> str:

@@ -39,8 +39,12 @@ so a test can assert the SDK only made calls the fake understands, and which hop
 from __future__ import annotations
 
 import copy
+import hashlib
+import hmac
 import itertools
+import json
 import ssl
+import time
 import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
@@ -234,12 +238,16 @@ class FakeBraintrust:
         ssl_context: ssl.SSLContext | None = None,
         git_metadata: Mapping[str, Any] | None = None,
         org_extra: Mapping[str, Any] | None = None,
+        logs3_payload_max_bytes: int = 64 * 1024 * 1024,
+        store_host: str | None = None,
     ) -> None:
         """`api_key`: if set, any request without `Authorization: Bearer <api_key>` gets 401.
 
         `host` is where both planes listen; `control_host`/`data_host` are the names their URLs are
         written with (default `host`), e.g. names only a gateway can resolve. `org_extra` is merged into
-        the login response's org entry.
+        the login response's org entry. `logs3_payload_max_bytes` is what `/version` advertises: a batch
+        over it goes to `/logs3/overflow`, whose signed URLs point at an object store listening on
+        `store_host` (started only when it is given), as S3 would: a PUT whose query is signed.
         """
         self.api_key = api_key
         self.org_name = org_name
@@ -252,8 +260,14 @@ class FakeBraintrust:
         self.store = Store(org_id=org_id)
         self.control = PlaneRecord("control")
         self.data = PlaneRecord("data")
+        self.objects = PlaneRecord("object store")
         self.control_port = 0
         self.data_port = 0
+        self.logs3_payload_max_bytes = logs3_payload_max_bytes
+        self.store_host = store_host
+        self.store_port = 0
+        self.uploads: dict[str, bytes] = {}  # object key -> what the object store holds
+        self._signing_key = uuid.uuid4().bytes
         self._runners: list[web.AppRunner] = []
 
     # ---------------------------------------------------------------- lifecycle
@@ -277,6 +291,8 @@ class FakeBraintrust:
             raise RuntimeError("FakeBraintrust is not started")
 
     async def start(self) -> None:
+        if self.store_host is not None:
+            self.store_port = await self._serve(self._object_store_app(), self.store_host)
         self.data_port = await self._serve(self._data_app())
         self.control_port = await self._serve(self._control_app())
 
@@ -294,25 +310,30 @@ class FakeBraintrust:
     ) -> None:
         await self.stop()
 
-    async def _serve(self, app: web.Application) -> int:
+    async def _serve(self, app: web.Application, host: str | None = None) -> int:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, self.host, 0, ssl_context=self.ssl_context)
+        ssl_context = self.ssl_context if host is None else None
+        site = web.TCPSite(runner, host or self.host, 0, ssl_context=ssl_context)
         await site.start()
         port: int = runner.addresses[0][1]
         return port
 
     # ---------------------------------------------------------------- shared plumbing
 
-    def _recorder(self, plane: PlaneRecord) -> Middleware:
+    def _recorder(self, plane: PlaneRecord, *, keyed: bool = True) -> Middleware:
+        """Record every request; with `keyed`, refuse those without the API key, as Braintrust does."""
+
         @web.middleware
         async def middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
             body = await request.read()
             status = 500  # unless the handler answers
             try:
-                if self.api_key is not None and request.headers.get("Authorization") != (
-                    f"Bearer {self.api_key}"
+                if (
+                    keyed
+                    and self.api_key is not None
+                    and request.headers.get("Authorization") != (f"Bearer {self.api_key}")
                 ):
                     status = 401
                     return web.json_response({"error": "Invalid API key (fake braintrust)"}, status=401)
@@ -338,9 +359,37 @@ class FakeBraintrust:
 
     @staticmethod
     async def _unknown(request: web.Request) -> web.Response:
+        return FakeBraintrust._unknown_sync(request)
+
+    @staticmethod
+    def _unknown_sync(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": f"the fake Braintrust has no {request.method} {request.path}"}, status=404
         )
+
+    # ---------------------------------------------------------------- object store
+
+    def signed_url(self, key: str) -> str:
+        """A presigned PUT URL for `key`: the store checks the signature over method, path and query."""
+        query = f"X-Amz-Date={time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}&X-Amz-Expires=900"
+        path = f"/bucket/{key}"
+        signature = self._sign(path, query)
+        return f"http://{self.store_host}:{self.store_port}{path}?{query}&X-Amz-Signature={signature}"
+
+    def _sign(self, path: str, query: str) -> str:
+        return hmac.new(self._signing_key, f"PUT\n{path}\n{query}".encode(), hashlib.sha256).hexdigest()
+
+    def _object_store_app(self) -> web.Application:
+        async def put(request: web.Request) -> web.Response:
+            query, _, signature = request.query_string.rpartition("&X-Amz-Signature=")
+            if not hmac.compare_digest(signature, self._sign(request.path, query)):
+                return web.Response(status=403, text="SignatureDoesNotMatch")
+            self.uploads[request.path.removeprefix("/bucket/")] = await request.read()
+            return web.Response(status=200, headers={"ETag": '"fake"'})
+
+        app = web.Application(middlewares=[self._recorder(self.objects, keyed=False)], client_max_size=2**30)
+        app.router.add_put("/bucket/{key:.+}", put)
+        return app
 
     # ---------------------------------------------------------------- control plane
 
@@ -484,7 +533,22 @@ class FakeBraintrust:
         store = self.store
 
         async def version(_: web.Request) -> web.Response:
-            return web.json_response({"version": "fake-0.47.0", "logs3_payload_max_bytes": 64 * 1024 * 1024})
+            limit = self.logs3_payload_max_bytes
+            return web.json_response({"version": "fake-0.47.0", "logs3_payload_max_bytes": limit})
+
+        async def overflow(request: web.Request) -> web.Response:
+            """An upload slot for a batch over the limit: a signed URL on the object store (S3's shape)."""
+            if self.store_host is None:
+                return self._unknown_sync(request)
+            key = f"logs3-overflow/{uuid.uuid4()}"
+            return web.json_response(
+                {
+                    "method": "PUT",
+                    "signedUrl": self.signed_url(key),
+                    "headers": {"Content-Type": "application/json"},
+                    "key": key,
+                }
+            )
 
         async def ping(_: web.Request) -> web.Response:
             return web.json_response({"id": "user-1", "email": "user@example.com"})
@@ -562,8 +626,13 @@ class FakeBraintrust:
         async def logs3(request: web.Request) -> web.Response:
             body = await _json_body(request)
             rows = body.get("rows")
+            if isinstance(rows, dict) and rows.get("type") == "logs3_overflow":  # the batch is in the store
+                uploaded = self.uploads.get(str(rows.get("key")))
+                if uploaded is None:
+                    return web.json_response({"error": "no such overflow upload"}, status=400)
+                rows = json.loads(uploaded).get("rows")
             if not isinstance(rows, list):
-                return web.json_response({"error": "logs3 overflow references are not supported"}, status=400)
+                return web.json_response({"error": "logs3 rows must be a list"}, status=400)
             xact_id = store.next_xact()
             ids = []
             for row in rows:
@@ -625,6 +694,7 @@ class FakeBraintrust:
         app.router.add_post(f"/v1/{kinds}/{{oid}}/fetch", fetch)
         app.router.add_get(f"/v1/{kinds}/{{oid}}/summarize", summarize)
         app.router.add_post("/logs3", logs3)
+        app.router.add_post("/logs3/overflow", overflow)
         app.router.add_post("/btql", btql)
         app.router.add_get("/experiment-comparison2", experiment_comparison)
         app.router.add_get("/dataset-summary", dataset_summary)

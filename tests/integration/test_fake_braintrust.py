@@ -18,7 +18,7 @@ import aiohttp
 import pytest
 
 from tests.fake_braintrust import FakeBraintrust
-from tests.sdk_flow import run_sdk_flow
+from tests.sdk_flow import log_large_batch, run_sdk_flow
 
 braintrust = pytest.importorskip("braintrust")
 from braintrust import logger as bt_logger  # noqa: E402
@@ -26,6 +26,7 @@ from braintrust import logger as bt_logger  # noqa: E402
 pytestmark = pytest.mark.sdk
 
 API_KEY = "sk-fake-braintrust-test-0123456789"
+STORE = "127.0.0.3"  # the object store listens on its own loopback address
 SDK_LIMIT_S = 60.0
 
 P = ParamSpec("P")
@@ -272,3 +273,34 @@ async def test_fake_records_what_it_does_not_understand(fake: FakeBraintrust) ->
     ]
     assert fake.data.requests[1].body == b"not json"
     assert [(r.path, r.query) for r in fake.control.requests] == [("/app/acme/object", "id=1")]
+
+
+async def test_sdk_sends_a_batch_over_the_limit_through_the_object_store(sdk: None) -> None:
+    async with FakeBraintrust(api_key=API_KEY, logs3_payload_max_bytes=64 * 1024, store_host=STORE) as fake:
+        out = await in_thread(log_large_batch, fake.control_url, API_KEY)
+        experiment = fake.store.experiment_named("big")
+        assert experiment is not None
+        rows = fake.store.rows_of("experiment", experiment["id"])
+
+    # Each big row went to the store by signed PUT, then /logs3 named its key; the small one went inline.
+    assert out["overflow_uploads"] == 3
+    assert sorted((r["input"], len(r["output"])) for r in rows) == [
+        ("big-0", 96 * 1024),
+        ("big-1", 96 * 1024),
+        ("big-2", 96 * 1024),
+        ("small", 1),
+    ]
+    assert [(r.method, r.status) for r in fake.objects.requests] == [("PUT", 200)] * 3
+    assert fake.data.calls().count(("POST", "/logs3/overflow")) == 3
+    assert_clean(fake)
+
+
+async def test_object_store_refuses_an_altered_signed_url() -> None:
+    async with FakeBraintrust(store_host=STORE) as fake:
+        url = fake.signed_url("k")
+        async with aiohttp.ClientSession() as client:
+            async with client.put(url.replace("/bucket/k", "/bucket/other"), data=b"x") as resp:
+                assert resp.status == 403
+            async with client.put(url, data=b"ok") as resp:
+                assert resp.status == 200
+    assert fake.uploads == {"k": b"ok"}
