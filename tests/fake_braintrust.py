@@ -38,7 +38,10 @@ so a test can assert the SDK only made calls the fake understands, and which hop
 
 from __future__ import annotations
 
+import base64
 import copy
+import email.parser
+import email.policy
 import hashlib
 import hmac
 import itertools
@@ -49,7 +52,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass, field
 from types import TracebackType
-from typing import Any, Self
+from typing import Any, Literal, Self
 
 from aiohttp import web
 from aiohttp.typedefs import Middleware
@@ -223,6 +226,20 @@ async def _json_body(request: web.Request) -> Json:
     return body
 
 
+def _form_fields(content_type: str, body: bytes) -> dict[str, bytes]:
+    """A multipart/form-data body's fields by name (the recorder has already read the stream)."""
+    message = email.parser.BytesParser(policy=email.policy.HTTP).parsebytes(
+        b"Content-Type: " + content_type.encode("latin-1") + b"\r\n\r\n" + body
+    )
+    fields: dict[str, bytes] = {}
+    for part in message.iter_parts():
+        name = part.get_param("name", header="content-disposition")
+        payload = part.get_payload(decode=True)
+        if isinstance(name, str) and isinstance(payload, bytes):
+            fields[name] = payload
+    return fields
+
+
 class FakeBraintrust:
     """Both planes; `start()`/`stop()` or `async with`. URLs are known once started."""
 
@@ -240,6 +257,7 @@ class FakeBraintrust:
         org_extra: Mapping[str, Any] | None = None,
         logs3_payload_max_bytes: int = 64 * 1024 * 1024,
         store_host: str | None = None,
+        upload_method: Literal["PUT", "POST"] = "PUT",
     ) -> None:
         """`api_key`: if set, any request without `Authorization: Bearer <api_key>` gets 401.
 
@@ -247,7 +265,8 @@ class FakeBraintrust:
         written with (default `host`), e.g. names only a gateway can resolve. `org_extra` is merged into
         the login response's org entry. `logs3_payload_max_bytes` is what `/version` advertises: a batch
         over it goes to `/logs3/overflow`, whose signed URLs point at an object store listening on
-        `store_host` (started only when it is given), as S3 would: a PUT whose query is signed.
+        `store_host` (started only when it is given), as S3 would: with `upload_method` PUT, a PUT whose
+        query is signed; with POST, a multipart form whose fields carry a signed policy (S3's POST).
         """
         self.api_key = api_key
         self.org_name = org_name
@@ -266,6 +285,7 @@ class FakeBraintrust:
         self.logs3_payload_max_bytes = logs3_payload_max_bytes
         self.store_host = store_host
         self.store_port = 0
+        self.upload_method = upload_method
         self.uploads: dict[str, bytes] = {}  # object key -> what the object store holds
         self._signing_key = uuid.uuid4().bytes
         self._runners: list[web.AppRunner] = []
@@ -376,8 +396,14 @@ class FakeBraintrust:
         signature = self._sign(path, query)
         return f"http://{self.store_host}:{self.store_port}{path}?{query}&X-Amz-Signature={signature}"
 
-    def _sign(self, path: str, query: str) -> str:
-        return hmac.new(self._signing_key, f"PUT\n{path}\n{query}".encode(), hashlib.sha256).hexdigest()
+    def signed_form(self, key: str) -> Json:
+        """A presigned POST for `key`: the bucket's URL and form fields whose policy names the key."""
+        policy = base64.b64encode(json.dumps({"key": key, "expires_in": 900}).encode()).decode()
+        fields = {"key": key, "policy": policy, "x-amz-signature": self._sign("/bucket", policy, "POST")}
+        return {"signedUrl": f"http://{self.store_host}:{self.store_port}/bucket", "fields": fields}
+
+    def _sign(self, path: str, query: str, method: str = "PUT") -> str:
+        return hmac.new(self._signing_key, f"{method}\n{path}\n{query}".encode(), hashlib.sha256).hexdigest()
 
     def _object_store_app(self) -> web.Application:
         async def put(request: web.Request) -> web.Response:
@@ -387,8 +413,22 @@ class FakeBraintrust:
             self.uploads[request.path.removeprefix("/bucket/")] = await request.read()
             return web.Response(status=200, headers={"ETag": '"fake"'})
 
+        async def post(request: web.Request) -> web.Response:
+            """S3's POST upload: the form's policy is signed and names the key; the file is the object."""
+            form = _form_fields(request.headers.get("Content-Type", ""), await request.read())
+            policy = form.get("policy", b"").decode()
+            signature = form.get("x-amz-signature", b"").decode()
+            if not hmac.compare_digest(signature, self._sign(request.path, policy, "POST")):
+                return web.Response(status=403, text="SignatureDoesNotMatch")
+            key = json.loads(base64.b64decode(policy))["key"]
+            if form.get("key", b"").decode() != key or "file" not in form:
+                return web.Response(status=400, text="InvalidPolicyDocument")
+            self.uploads[key] = form["file"]
+            return web.Response(status=204)
+
         app = web.Application(middlewares=[self._recorder(self.objects, keyed=False)], client_max_size=2**30)
         app.router.add_put("/bucket/{key:.+}", put)
+        app.router.add_post("/bucket", post)
         return app
 
     # ---------------------------------------------------------------- control plane
@@ -541,6 +581,8 @@ class FakeBraintrust:
             if self.store_host is None:
                 return self._unknown_sync(request)
             key = f"logs3-overflow/{uuid.uuid4()}"
+            if self.upload_method == "POST":
+                return web.json_response({"method": "POST", "key": key, **self.signed_form(key)})
             return web.json_response(
                 {
                     "method": "PUT",

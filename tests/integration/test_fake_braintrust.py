@@ -275,8 +275,11 @@ async def test_fake_records_what_it_does_not_understand(fake: FakeBraintrust) ->
     assert [(r.path, r.query) for r in fake.control.requests] == [("/app/acme/object", "id=1")]
 
 
-async def test_sdk_sends_a_batch_over_the_limit_through_the_object_store(sdk: None) -> None:
-    async with FakeBraintrust(api_key=API_KEY, logs3_payload_max_bytes=64 * 1024, store_host=STORE) as fake:
+@pytest.mark.parametrize("method", ["PUT", "POST"])
+async def test_sdk_sends_a_batch_over_the_limit_through_the_object_store(sdk: None, method: str) -> None:
+    async with FakeBraintrust(
+        api_key=API_KEY, logs3_payload_max_bytes=64 * 1024, store_host=STORE, upload_method=method
+    ) as fake:
         out = await in_thread(log_large_batch, fake.control_url, API_KEY)
         experiment = fake.store.experiment_named("big")
         assert experiment is not None
@@ -290,17 +293,24 @@ async def test_sdk_sends_a_batch_over_the_limit_through_the_object_store(sdk: No
         ("big-2", 96 * 1024),
         ("small", 1),
     ]
-    assert [(r.method, r.status) for r in fake.objects.requests] == [("PUT", 200)] * 3
+    assert [r.method for r in fake.objects.requests] == [method] * 3
+    assert len(fake.uploads) == 3
     assert fake.data.calls().count(("POST", "/logs3/overflow")) == 3
     assert_clean(fake)
 
 
-async def test_object_store_refuses_an_altered_signed_url() -> None:
+async def test_object_store_refuses_an_altered_signed_url_or_form() -> None:
     async with FakeBraintrust(store_host=STORE) as fake:
         url = fake.signed_url("k")
+        form = fake.signed_form("f")
         async with aiohttp.ClientSession() as client:
             async with client.put(url.replace("/bucket/k", "/bucket/other"), data=b"x") as resp:
                 assert resp.status == 403
             async with client.put(url, data=b"ok") as resp:
                 assert resp.status == 200
-    assert fake.uploads == {"k": b"ok"}
+            for change, status in (({"x-amz-signature": "0" * 64}, 403), ({"key": "other"}, 400), ({}, 204)):
+                upload = aiohttp.FormData({**form["fields"], **change})
+                upload.add_field("file", b"form ok", filename="logs3.json", content_type="application/json")
+                async with client.post(form["signedUrl"], data=upload) as resp:
+                    assert resp.status == status, change
+    assert fake.uploads == {"k": b"ok", "f": b"form ok"}

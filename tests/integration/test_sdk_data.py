@@ -73,10 +73,13 @@ def assert_all_through_the_gateway(fake: FakeBraintrust) -> None:
         assert plane.failures() == [], [(r.method, r.path, r.status) for r in plane.failures()]
 
 
+@pytest.mark.parametrize("method", ["PUT", "POST"])  # S3's presigned PUT URL, or its POST form
 async def test_a_batch_over_the_limit_reaches_the_store_through_the_relay(
-    start_gateway: GatewayFactory, sdk_env: None, logs: Logs
+    start_gateway: GatewayFactory, sdk_env: None, logs: Logs, method: str
 ) -> None:
-    async with FakeBraintrust(api_key=API_KEY, logs3_payload_max_bytes=64 * 1024, store_host=STORE) as fake:
+    async with FakeBraintrust(
+        api_key=API_KEY, logs3_payload_max_bytes=64 * 1024, store_host=STORE, upload_method=method
+    ) as fake:
         store = f"{STORE}:{fake.store_port}"
         gw = await start_gateway(
             **planes_config(fake, store, rate_limit="off"),
@@ -96,11 +99,12 @@ async def test_a_batch_over_the_limit_reaches_the_store_through_the_relay(
         ("small", "y"),
     ]
     # The store verified its own signature on every upload, and each came through the gateway.
-    assert [(r.method, r.status) for r in fake.objects.requests] == [("PUT", 200)] * 3
+    status = {"PUT": 200, "POST": 204}[method]
+    assert [(r.method, r.status) for r in fake.objects.requests] == [(method, status)] * 3
     assert_all_through_the_gateway(fake)
     relayed = [e for e in logs.named("access") if e["path"].startswith("/_relay/")]
     assert [(e["method"], e["route"], e["status"], e["upstream_host"]) for e in relayed] == [
-        ("PUT", "data", 200, STORE)
+        (method, "data", status, STORE)
     ] * 3
     assert all(len(e["path"]) == len("/_relay/") + 12 for e in relayed)  # a fingerprint, not the link
 
@@ -201,3 +205,21 @@ async def test_user_data_comes_back_byte_identical_while_the_login_is_rewritten(
     assert through == direct  # byte for byte, URLs and all
     assert text in json.loads(through)["events"][0]["input"]
     assert org["api_url"] == org["proxy_url"] == gw.url + "/data-plane"  # the login is still rewritten
+
+
+async def test_relay_transfers_count_in_the_issuing_routes_limit(start_gateway: GatewayFactory) -> None:
+    """A relay link is limited like its route: the store's client sends no token, so per address."""
+    async with FakeBraintrust(api_key=API_KEY, store_host=STORE) as fake:
+        store = f"{STORE}:{fake.store_port}"
+        gw = await start_gateway(
+            **planes_config(fake, store, rate_limit={"max_requests": 2}),
+            relay={"allow_hosts": [store], "secret": SECRET},
+        )
+        link = await relay_link(gw)
+        async with aiohttp.ClientSession() as client:
+            statuses = []
+            for _ in range(3):
+                async with client.put(link, data=b"{}") as resp:
+                    statuses.append(resp.status)
+    assert statuses == [200, 200, 429]
+    assert len(fake.objects.requests) == 2
