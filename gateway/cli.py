@@ -22,6 +22,7 @@ from gateway.config.load import DEFAULT_PATHS, DEFAULTS, ConfigError, LoadedConf
 from gateway.config.overrides import Override, flag
 from gateway.config.redact import redacted
 from gateway.logs import configure, get_logger
+from gateway.workers import WORKER_ENV, supervise, worker_index
 
 EXIT_CONFIG = 2
 
@@ -103,6 +104,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_errors(exc.problems)
     if args.command == "check-config":
         return check_config(loaded)
+    if loaded.config.workers > 1 and WORKER_ENV not in os.environ:
+        return _supervise(loaded, list(sys.argv[1:] if argv is None else argv))
     return serve(loaded, _flags(args))
 
 
@@ -149,6 +152,15 @@ async def _build_and_close(loaded: LoadedConfig) -> list[str]:
     return []
 
 
+def _supervise(loaded: LoadedConfig, argv: list[str]) -> int:
+    """`workers: N`: check the config once here (one error, not N), then run N `serve` processes."""
+    configure(loaded.config.logging.level, loaded.config.logging.format)
+    problems = _event_loop_runner()(_build_and_close(loaded))
+    if problems:
+        return _config_errors(problems)
+    return supervise(loaded.config.workers, argv)
+
+
 def serve(loaded: LoadedConfig, flags: tuple[Override, ...] = ()) -> int:
     """Run until SIGTERM/SIGINT, then drain (`shutdown_delay_s`, then `shutdown_timeout_s`) and exit 0."""
     config = loaded.config
@@ -164,7 +176,8 @@ async def _serve(loaded: LoadedConfig, flags: tuple[Override, ...]) -> int:
 
     log = get_logger("gateway.cli")
     loop = asyncio.get_running_loop()
-    gateway = Gateway(loaded.config, source=lambda: load_config(loaded.path, os.environ, flags))
+    source = lambda: load_config(loaded.path, os.environ, flags)  # noqa: E731
+    gateway = Gateway(loaded.config, source=source, worker=worker_index() or 0)
     stop, hurry = asyncio.Event(), asyncio.Event()
     reloads: set[asyncio.Task[Any]] = set()
 

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.config.load import ConfigError, LoadedConfig
-from gateway.config.model import Admin, GatewayConfig, Listen
+from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError
 from gateway.exchange import Exchange, request_id
 from gateway.generation import BuildError, Generation
@@ -50,9 +50,13 @@ ConfigSource = Callable[[], LoadedConfig]
 class Gateway:
     """Owns the listeners, the metrics and the live `Generation`; everything else hangs off the generation."""
 
-    def __init__(self, config: GatewayConfig, source: ConfigSource | None = None) -> None:
-        """`source` re-reads the config (file, env, flags) for a reload; without one, reload is refused."""
+    def __init__(self, config: GatewayConfig, source: ConfigSource | None = None, worker: int = 0) -> None:
+        """`source` re-reads the config (file, env, flags) for a reload; without one, reload is refused.
+
+        `worker` is this process's index under `workers: N`: its admin listener is `admin.port + worker`.
+        """
         self.config = config
+        self.worker = worker
         self.generation: Generation | None = None
         self.metrics = Metrics()
         self.handler = ProxyHandler(Tunnels(self.metrics), self.metrics)
@@ -92,22 +96,32 @@ class Gateway:
             access_log=None,
         )
         runner = web.ServerRunner(proxy, shutdown_timeout=DRAIN_CEILING_S)
-        self.ports["listen"] = await self._listen(runner, "listen", config.listen)
-        admin = web.AppRunner(self._admin_app(), access_log=None)
-        self.ports["admin"] = await self._listen(admin, "admin", config.admin)
+        shared = config.workers > 1  # the workers share the listen port; the kernel spreads connections
+        listen, admin = config.listen, config.admin
+        self.ports["listen"] = await self._listen(runner, "listen", listen.host, listen.port, shared)
+        admin_port = admin.port + self.worker if admin.port else 0
+        admin_runner = web.AppRunner(self._admin_app(), access_log=None)
+        self.ports["admin"] = await self._listen(admin_runner, "admin", admin.host, admin_port)
         self.ready = self.started = True
-        log.info("gateway_started", listen=self.ports["listen"], admin=self.ports["admin"], config=origin)
+        where = {"worker": self.worker, "pid": os.getpid()} if shared else {}
+        log.info(
+            "gateway_started", listen=self.ports["listen"], admin=self.ports["admin"], config=origin, **where
+        )
         _log_warnings(self.generation)
 
-    async def _listen(self, runner: web.BaseRunner, name: str, where: Listen | Admin) -> int:
+    async def _listen(
+        self, runner: web.BaseRunner, name: str, host: str, port: int, reuse_port: bool = False
+    ) -> int:
         await runner.setup()
         self._runners.append(runner)
-        site = web.TCPSite(runner, where.host, where.port, backlog=1024, reuse_address=True)
+        site = web.TCPSite(
+            runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
+        )
         try:
             await site.start()
         except OSError as exc:
             reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
-            raise StartupError(f"cannot listen on {where.host}:{where.port} ({name}): {reason}") from None
+            raise StartupError(f"cannot listen on {host}:{port} ({name}): {reason}") from None
         server: Any = site._server
         return int(server.sockets[0].getsockname()[1])
 
@@ -275,6 +289,14 @@ def _log_warnings(generation: Generation) -> None:
 def _restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
     """Listener addresses are bound once: a reload that moves one is refused, saying so."""
     problems = []
+    if running.workers != loaded.config.workers:
+        problems.append(
+            loaded.problem(
+                ("workers",),
+                f"changing it needs a restart (running {running.workers}, asked for "
+                f"{loaded.config.workers}); nothing was reloaded",
+            )
+        )
     for key in ("listen", "admin"):
         before, after = getattr(running, key), getattr(loaded.config, key)
         if before != after:

@@ -10,6 +10,7 @@ import asyncio
 import contextlib
 import json
 import os
+import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from typing import Any
@@ -18,6 +19,13 @@ import aiohttp
 from multidict import CIMultiDict
 
 HANG_GUARD_S = 15.0  # a bound on how long a broken test may hang; never a timing assertion
+
+
+def free_port() -> int:
+    """A port nothing listens on now, for a config that needs a fixed one (another process may take it)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
 
 
 @dataclass

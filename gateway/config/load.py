@@ -16,7 +16,7 @@ from typing import Any
 from pydantic import ValidationError
 
 from gateway.config.messages import plain_message
-from gateway.config.model import GatewayConfig, RouteError
+from gateway.config.model import GatewayConfig, KeyedError
 from gateway.config.overrides import ENV_OVERRIDES, KeyPath, Override, apply_override
 from gateway.config.yaml_source import YamlSource, read_yaml
 
@@ -108,7 +108,7 @@ def _problems(exc: ValidationError, sources: Mapping[KeyPath, str], origin: str)
     for error in exc.errors(include_url=False):
         key: KeyPath = tuple(error["loc"])
         cause = (error.get("ctx") or {}).get("error")
-        if isinstance(cause, RouteError):
+        if isinstance(cause, KeyedError):
             key, message = cause.loc, cause.message
         else:
             message = plain_message(error, key)

@@ -360,6 +360,7 @@ class GatewayConfig(Section):
     advertise_url: str | None = None
     trusted_proxies: tuple[str, ...] = ()
     deny_paths: tuple[PathGlob, ...] = ()  # for every route; DISABLE_SYSADMIN_TELEMETRY adds /brainstore/**
+    workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes sharing the listen port (SO_REUSEPORT)
 
     _rate_limit_off = field_validator("rate_limit", mode="before")(limit_off)
 
@@ -415,14 +416,32 @@ class GatewayConfig(Section):
                 raise RouteError(index, "upstream", f"host {url.host!r} is not on the allowlist")
         return self
 
+    @model_validator(mode="after")
+    def _workers_share_what_they_must(self) -> GatewayConfig:
+        """Several workers need one limit (a shared store) and one port to share (not a random one)."""
+        if self.workers > 1 and self.rate_limit.storage == "memory://":
+            raise KeyedError(
+                ("workers",),
+                "more than 1 needs a shared rate_limit.storage (redis://...): with memory:// "
+                "each worker would count on its own and allow that many times the limit",
+            )
+        if self.workers > 1 and self.listen.port == 0:
+            raise KeyedError(("workers",), "more than 1 needs a fixed listen.port (0 picks one per worker)")
+        return self
+
     def route(self, name: str) -> Route | None:
         return next((r for r in self.routes if r.name == name), None)
 
 
-class RouteError(ValueError):
-    """A cross-field error about one route; carries its key path so the loader can report it precisely."""
+class KeyedError(ValueError):
+    """A cross-field error about one key; carries its key path so the loader can report it precisely."""
 
-    def __init__(self, index: int, key: str, message: str) -> None:
+    def __init__(self, loc: tuple[str | int, ...], message: str) -> None:
         super().__init__(message)
-        self.loc: tuple[str | int, ...] = ("routes", index, key)
+        self.loc = loc
         self.message = message
+
+
+class RouteError(KeyedError):
+    def __init__(self, index: int, key: str, message: str) -> None:
+        super().__init__(("routes", index, key), message)

@@ -74,6 +74,15 @@ def write(tmp_path: Path, text: str) -> str:
             "is 1130 bytes long in its JSON-escaped form, over max_buffer_kb (1024 bytes)",
         ),
         (
+            GOOD + "listen: {port: 8080}\nworkers: 2\n",
+            "F:5: workers: more than 1 needs a shared rate_limit.storage (redis://...): with memory:// "
+            "each worker would count on its own and allow that many times the limit",
+        ),
+        (
+            GOOD + "workers: 2\nlisten: {port: 0}\nrate_limit: {storage: 'redis://127.0.0.1:1/0'}\n",
+            "F:4: workers: more than 1 needs a fixed listen.port (0 picks one per worker)",
+        ),
+        (
             GOOD + "upstream: {ca_bundle: /nonexistent/ca.pem}\n",
             "F:4: upstream.ca_bundle: cannot read '/nonexistent/ca.pem': No such file or directory",
         ),

@@ -3,19 +3,12 @@
 from __future__ import annotations
 
 import asyncio
-import socket
 from collections.abc import AsyncIterator
 
 import aiohttp
 
-from tests.clients import assert_error, reply_of, send_raw
+from tests.clients import assert_error, free_port, reply_of, send_raw
 from tests.conftest import GatewayFactory, Logs, Upstream, route_to
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 async def test_connection_refused_is_502_and_the_log_says_why(

@@ -14,8 +14,10 @@ import aiohttp
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.clients import free_port
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
 
 
 def base_config(upstream: Upstream, **extra: Any) -> dict[str, Any]:
@@ -117,6 +119,30 @@ async def test_moving_a_listener_needs_a_restart(tmp_path: Path, upstream: Upstr
         assert await statuses(gw, "/x", 1) == [200]
     finally:
         assert gw.stop() == 0
+
+
+async def test_changing_the_number_of_workers_needs_a_restart(tmp_path: Path, upstream: Upstream) -> None:
+    redis = RedisServer(tmp_path)
+    try:
+        listen = {"host": "127.0.0.1", "port": free_port()}  # workers need a fixed port
+        config = base_config(upstream, rate_limit={"storage": redis.url}, listen=listen)
+        gw = GatewayProcess(config, tmp_path)
+        try:
+            edit(gw, {**config, "workers": 2})
+            status, body = await post_reload(gw)
+            lines = gw.config_path.read_text().splitlines()
+            line = 1 + next(i for i, text in enumerate(lines) if text.startswith("workers:"))
+            assert (status, body["problems"]) == (
+                422,
+                [
+                    f"{gw.config_path}:{line}: workers: changing it needs a restart (running 1, asked "
+                    "for 2); nothing was reloaded"
+                ],
+            )
+        finally:
+            assert gw.stop() == 0
+    finally:
+        redis.stop()
 
 
 async def test_rate_limit_counters_survive_a_reload_that_keeps_the_limit(

@@ -1,0 +1,96 @@
+"""`workers: 2`: two processes serve one port and one Redis limit; the supervisor starts and stops them."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+from collections.abc import Iterator
+from pathlib import Path
+
+import aiohttp
+import pytest
+
+from tests.clients import free_port
+from tests.conftest import Upstream, route_to
+from tests.gateway_process import GatewayProcess
+from tests.redis_server import RedisServer
+
+TOKEN = "sk-workers-test-0123456789"
+
+
+@pytest.fixture
+def redis(tmp_path: Path) -> Iterator[RedisServer]:
+    server = RedisServer(tmp_path)
+    yield server
+    server.stop()
+
+
+async def two_workers(tmp_path: Path, upstream: Upstream, redis: RedisServer) -> GatewayProcess:
+    """The supervisor with two workers on a fixed port, both started."""
+    gw = GatewayProcess(
+        {
+            **route_to(upstream),
+            "listen": {"host": "127.0.0.1", "port": free_port()},
+            "workers": 2,
+            "rate_limit": {"max_requests": 5, "storage": redis.url},
+        },
+        tmp_path,
+    )
+    async with asyncio.timeout(30):
+        while len(gw.events("gateway_started")) < 2:
+            await asyncio.sleep(0.02)
+    return gw
+
+
+async def requests_served(admin_port: int) -> float:
+    """The worker's own count of proxied requests, from its /metrics."""
+    async with aiohttp.ClientSession() as client:
+        async with client.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
+            text = await resp.text()
+    return sum(
+        float(line.rsplit(" ", 1)[1])
+        for line in text.splitlines()
+        if line.startswith("bt_gateway_requests_total{")
+    )
+
+
+async def test_two_workers_share_the_port_and_one_limit(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer
+) -> None:
+    gw = await two_workers(tmp_path, upstream, redis)
+    try:
+        started = gw.events("gateway_started")
+        assert {e["worker"] for e in started} == {0, 1}
+        assert len({e["pid"] for e in started}) == 2
+        assert {e["listen"] for e in started} == {gw.port}
+        statuses = []
+        # A new connection each time, so the kernel spreads them over both workers.
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+            for _ in range(40):
+                async with client.get(gw.url + "/x", headers={"Authorization": f"Bearer {TOKEN}"}) as resp:
+                    statuses.append(resp.status)
+        served = [await requests_served(e["admin"]) for e in started]
+    finally:
+        assert gw.stop() == 0
+    # One limit for the token across both processes: 5 allowed in all, not 5 per worker.
+    assert statuses == [200] * 5 + [429] * 35
+    assert sum(served) == 40
+    assert min(served) > 0, served  # both workers took connections
+    assert len(gw.events("gateway_stopped")) == 2  # SIGTERM reached both and each drained
+
+
+async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer
+) -> None:
+    gw = await two_workers(tmp_path, upstream, redis)
+    victim = gw.events("gateway_started")[0]
+    try:
+        os.kill(victim["pid"], signal.SIGKILL)
+        code = gw.wait()  # the supervisor exits by itself
+    finally:
+        gw.stop()
+    assert code == 1
+    (exited,) = gw.events("worker_exited")
+    assert (exited["pid"], exited["exit_code"]) == (victim["pid"], -9)
+    assert len(gw.events("gateway_stopped")) == 1  # the survivor was stopped, and drained
