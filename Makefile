@@ -47,8 +47,9 @@ lint: $(TEST_STAMP)
 	$(BIN)/mypy
 
 bench: $(TEST_STAMP)
-	@command -v nginx >/dev/null && command -v wrk >/dev/null || \
-		(apt-get update -q && apt-get install -y -q nginx-light wrk)
+	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v redis-server >/dev/null && \
+		command -v redis-cli >/dev/null && command -v curl >/dev/null || \
+		(apt-get update -q && apt-get install -y -q nginx-light wrk redis-server curl)
 	$(BIN)/python bench/run.py
 
 # A bounded mixed load against the real gateway (127.0.0.1 only, at most 10 minutes): memory and open
