@@ -188,6 +188,24 @@ class Logs:
 
 
 @pytest.fixture
+def sdk_env(monkeypatch: pytest.MonkeyPatch) -> None:
+    """An SDK subprocess inherits the test's environment: no stray proxies or Braintrust settings."""
+    for name in (
+        "BRAINTRUST_API_URL",
+        "BRAINTRUST_PROXY_URL",
+        "BRAINTRUST_APP_PUBLIC_URL",
+        "BRAINTRUST_ORG_NAME",
+        "HTTP_PROXY",
+        "HTTPS_PROXY",
+        "http_proxy",
+        "https_proxy",
+        "NO_PROXY",
+        "no_proxy",
+    ):
+        monkeypatch.delenv(name, raising=False)
+
+
+@pytest.fixture
 def logs() -> Iterator[Logs]:
     with structlog.testing.capture_logs() as entries:
         yield Logs(entries)

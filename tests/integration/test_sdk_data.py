@@ -7,7 +7,6 @@ route's limit is shaped (delayed) instead of refused, and a row's text comes bac
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
 from typing import Any
 
 import aiohttp
@@ -23,25 +22,6 @@ API_KEY = "sk-sdk-data-test-key-0123456789"
 STORE = "127.0.0.3"  # the object store listens on an address of its own
 SECRET = "relay-secret-for-tests-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
-
-
-@pytest.fixture
-def sdk_env(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """The SDK subprocess inherits this environment: no stray proxies or Braintrust settings."""
-    for name in (
-        "BRAINTRUST_API_URL",
-        "BRAINTRUST_PROXY_URL",
-        "BRAINTRUST_APP_PUBLIC_URL",
-        "BRAINTRUST_ORG_NAME",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-    ):
-        monkeypatch.delenv(name, raising=False)
-    yield
 
 
 def planes_config(fake: FakeBraintrust, *extra_hosts: str, **data_route: Any) -> dict[str, Any]:

@@ -31,25 +31,13 @@ async def planes() -> AsyncIterator[FakeBraintrust]:
 
 
 @pytest.fixture
-def sdk_env(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The SDK subprocess inherits this environment: no stray proxies or Braintrust settings."""
+def public_env(sdk_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The SDK builds its links on the public URL, as a deployment would tell it."""
     monkeypatch.setenv("BRAINTRUST_APP_PUBLIC_URL", PUBLIC)
-    for name in (
-        "BRAINTRUST_API_URL",
-        "BRAINTRUST_PROXY_URL",
-        "HTTP_PROXY",
-        "HTTPS_PROXY",
-        "http_proxy",
-        "https_proxy",
-        "NO_PROXY",
-        "no_proxy",
-        "BRAINTRUST_ORG_NAME",
-    ):
-        monkeypatch.delenv(name, raising=False)
 
 
 async def test_sdk_through_the_gateway_as_app_url(
-    start_gateway: GatewayFactory, planes: FakeBraintrust, sdk_env: None
+    start_gateway: GatewayFactory, planes: FakeBraintrust, public_env: None
 ) -> None:
     gw = await start_gateway(
         public_url=PUBLIC,
@@ -99,7 +87,7 @@ async def test_sdk_through_the_gateway_as_https_proxy(
     start_gateway: GatewayFactory,
     test_ca: trustme.CA,
     ca_file: Path,
-    sdk_env: None,
+    public_env: None,
 ) -> None:
     context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
     test_ca.issue_cert("cp.braintrust.test", "dp.braintrust.test").configure_cert(context)
