@@ -60,7 +60,7 @@ def configure(level: str = "info", fmt: str = "json") -> None:
     structlog.configure(
         processors=[*shared, renderer],
         wrapper_class=structlog.make_filtering_bound_logger(_LEVELS[level]),
-        logger_factory=structlog.PrintLoggerFactory(sys.stdout),
+        logger_factory=structlog.WriteLoggerFactory(sys.stdout),  # one write per line: workers share stdout
         cache_logger_on_first_use=False,
     )
     handler = logging.StreamHandler(sys.stdout)
