@@ -22,7 +22,7 @@ from gateway.config.load import DEFAULT_PATHS, DEFAULTS, ConfigError, LoadedConf
 from gateway.config.overrides import Override, flag
 from gateway.config.redact import redacted
 from gateway.logs import configure, get_logger
-from gateway.workers import WORKER_ENV, supervise, worker_index
+from gateway.workers import supervise, worker_index
 
 EXIT_CONFIG = 2
 
@@ -104,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_errors(exc.problems)
     if args.command == "check-config":
         return check_config(loaded)
-    if loaded.config.workers > 1 and WORKER_ENV not in os.environ:
+    if loaded.config.workers > 1 and worker_index() is None:
         return _supervise(loaded, list(sys.argv[1:] if argv is None else argv))
     return serve(loaded, _flags(args))
 

@@ -6,7 +6,6 @@ the metrics and the audit event are all written from this one record when the re
 
 from __future__ import annotations
 
-import hashlib
 import random
 import re
 from collections.abc import Mapping
@@ -15,7 +14,7 @@ from dataclasses import dataclass, field
 from yarl import URL
 
 from gateway.errors import Code, GatewayError, Reason
-from gateway.policy.credentials import FINGERPRINT_HEX
+from gateway.policy.credentials import FINGERPRINT_HEX, token_digest
 from gateway.policy.forward_proxy import ConnectTarget
 from gateway.policy.routes import RouteTarget
 from gateway.relay import PREFIX as RELAY_PREFIX
@@ -85,7 +84,7 @@ class Exchange:
         """
         path = self.raw_target.partition("?")[0]
         if path.startswith(RELAY_PREFIX):
-            return RELAY_PREFIX + hashlib.sha256(path.encode()).hexdigest()[:FINGERPRINT_HEX]
+            return RELAY_PREFIX + token_digest(path)[:FINGERPRINT_HEX]
         return path[:2048]
 
     @property

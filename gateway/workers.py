@@ -31,7 +31,7 @@ def worker_index() -> int | None:
 
 def supervise(count: int, argv: Sequence[str]) -> int:
     """Start `count` workers running `bt-gateway <argv>` and wait; the exit code is the first failure's."""
-    log = get_logger("gateway.workers")  # here, not at import: `serve` has configured logging by now
+    log = get_logger("gateway.workers")  # here, not at import: the CLI has configured logging by now
     stopping = False
     workers: list[subprocess.Popen[bytes]] = []
 

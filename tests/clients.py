@@ -17,8 +17,30 @@ from typing import Any
 
 import aiohttp
 from multidict import CIMultiDict
+from prometheus_client.parser import text_string_to_metric_families
 
 HANG_GUARD_S = 15.0  # a bound on how long a broken test may hang; never a timing assertion
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(admin_url: str) -> Samples:
+    """Every sample of a gateway's `/metrics` as {(name, labels): value}."""
+    async with aiohttp.ClientSession() as client, client.get(admin_url + "/metrics") as resp:
+        assert resp.status == 200
+        assert resp.headers["Content-Type"].startswith("text/plain; version=")
+        text = await resp.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def value(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; a labelled counter that never counted reads 0."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 def free_port() -> int:

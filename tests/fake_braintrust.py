@@ -340,6 +340,23 @@ class FakeBraintrust:
         port: int = runner.addresses[0][1]
         return port
 
+    def gateway_config(self, *extra_allow: str, **data_route: Any) -> dict[str, Any]:
+        """A gateway in front of these planes, laid out as shipped: `app` to the control plane and an
+        advertised `data` route to the data plane (`data_route` adds keys to it)."""
+        return {
+            "allowlist": [f"127.0.0.1:{self.control_port}", f"127.0.0.1:{self.data_port}", *extra_allow],
+            "routes": [
+                {"name": "app", "prefix": "/", "upstream": self.control_url},
+                {
+                    "name": "data",
+                    "prefix": "/data-plane",
+                    "upstream": self.data_url,
+                    "advertise": True,
+                    **data_route,
+                },
+            ],
+        }
+
     # ---------------------------------------------------------------- shared plumbing
 
     def _recorder(self, plane: PlaneRecord, *, keyed: bool = True) -> Middleware:
@@ -379,10 +396,6 @@ class FakeBraintrust:
 
     @staticmethod
     async def _unknown(request: web.Request) -> web.Response:
-        return FakeBraintrust._unknown_sync(request)
-
-    @staticmethod
-    def _unknown_sync(request: web.Request) -> web.Response:
         return web.json_response(
             {"error": f"the fake Braintrust has no {request.method} {request.path}"}, status=404
         )
@@ -579,7 +592,7 @@ class FakeBraintrust:
         async def overflow(request: web.Request) -> web.Response:
             """An upload slot for a batch over the limit: a signed URL on the object store (S3's shape)."""
             if self.store_host is None:
-                return self._unknown_sync(request)
+                return await self._unknown(request)
             key = f"logs3-overflow/{uuid.uuid4()}"
             if self.upload_method == "POST":
                 return web.json_response({"method": "POST", "key": key, **self.signed_form(key)})

@@ -91,20 +91,7 @@ async def test_js_sdk_through_the_gateway_as_app_url(
     start_gateway: GatewayFactory, fake: FakeBraintrust
 ) -> None:
     node = _node()
-    gw = await start_gateway(
-        public_url=PUBLIC,
-        allowlist=[f"127.0.0.1:{fake.control_port}", f"127.0.0.1:{fake.data_port}"],
-        routes=[
-            {"name": "app", "prefix": "/", "upstream": fake.control_url},
-            {
-                "name": "data",
-                "prefix": "/data-plane",
-                "upstream": fake.data_url,
-                "advertise": True,
-                "rate_limit": "off",
-            },
-        ],
-    )
+    gw = await start_gateway(public_url=PUBLIC, **fake.gateway_config(rate_limit="off"))
     out = await run_flow(
         node,
         {

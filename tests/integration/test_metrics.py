@@ -3,30 +3,12 @@
 from __future__ import annotations
 
 import aiohttp
-from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
-from tests.clients import raw_connect, read_reply, send_raw
-from tests.conftest import GatewayFactory, Logs, RunningGateway, Upstream, route_to
+from tests.clients import raw_connect, read_reply, scrape, send_raw, value
+from tests.conftest import GatewayFactory, Logs, Upstream, route_to
 
 TOKEN = "sk-metrics-token-never-a-label"
-
-
-async def scrape(gw: RunningGateway) -> dict[tuple[str, frozenset[tuple[str, str]]], float]:
-    """Every sample as {(name, labels): value}."""
-    async with aiohttp.ClientSession() as client, client.get(gw.admin_url + "/metrics") as resp:
-        assert resp.status == 200
-        assert resp.headers["Content-Type"].startswith("text/plain; version=")
-        text = await resp.text()
-    return {
-        (sample.name, frozenset(sample.labels.items())): sample.value
-        for family in text_string_to_metric_families(text)
-        for sample in family.samples
-    }
-
-
-def value(samples: dict[tuple[str, frozenset[tuple[str, str]]], float], name: str, **labels: str) -> float:
-    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def test_a_known_mix_is_counted_exactly(start_gateway: GatewayFactory, upstream: Upstream) -> None:
@@ -44,7 +26,7 @@ async def test_a_known_mix_is_counted_exactly(start_gateway: GatewayFactory, ups
         pass
     assert (denied.status, refused.status) == (403, 403)
 
-    samples = await scrape(gw)
+    samples = await scrape(gw.admin_url)
     requests = "bt_gateway_requests_total"
     assert value(samples, requests, route="app", status="200") == 3
     assert value(samples, requests, route="app", status="429") == 2
@@ -74,11 +56,11 @@ async def test_tunnels_are_counted_by_close_reason(
     )
     async with raw_connect(gw.gateway.ports["listen"], target) as (answer, reader, writer):
         assert answer.status == 200
-        assert value(await scrape(gw), "bt_gateway_tunnels_active") == 1
+        assert value(await scrape(gw.admin_url), "bt_gateway_tunnels_active") == 1
         writer.write(b"GET /through HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
         assert (await read_reply(reader)).status == 200
     await logs.access(target)  # the tunnel ended and was accounted
-    samples = await scrape(gw)
+    samples = await scrape(gw.admin_url)
     assert value(samples, "bt_gateway_tunnels_active") == 0
     assert value(samples, "bt_gateway_tunnels_total", reason="closed") == 1
     assert value(samples, "bt_gateway_requests_total", route="tunnel", status="200") == 1

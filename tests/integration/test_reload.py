@@ -12,9 +12,8 @@ from typing import Any
 
 import aiohttp
 import yaml
-from prometheus_client.parser import text_string_to_metric_families
 
-from tests.clients import free_port
+from tests.clients import free_port, scrape, value
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
@@ -52,15 +51,10 @@ async def statuses(gw: GatewayProcess, path: str, count: int, token: str = "tok"
 
 
 async def reload_counts(gw: GatewayProcess) -> dict[str, float]:
-    async with aiohttp.ClientSession() as client:
-        async with client.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as resp:
-            text = await resp.text()
+    samples = await scrape(f"http://127.0.0.1:{gw.admin_port}")
     return {
-        sample.labels["result"]: sample.value
-        for family in text_string_to_metric_families(text)
-        if family.name == "bt_gateway_config_reloads"
-        for sample in family.samples
-        if sample.name.endswith("_total")
+        result: value(samples, "bt_gateway_config_reloads_total", result=result)
+        for result in ("success", "failure")
     }
 
 

@@ -24,23 +24,6 @@ SECRET = "relay-secret-for-tests-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
 
-def planes_config(fake: FakeBraintrust, *extra_hosts: str, **data_route: Any) -> dict[str, Any]:
-    """The shipped layout: `app` to the control plane, an advertised `data` route to the data plane."""
-    return {
-        "allowlist": [f"127.0.0.1:{fake.control_port}", f"127.0.0.1:{fake.data_port}", *extra_hosts],
-        "routes": [
-            {"name": "app", "prefix": "/", "upstream": fake.control_url},
-            {
-                "name": "data",
-                "prefix": "/data-plane",
-                "upstream": fake.data_url,
-                "advertise": True,
-                **data_route,
-            },
-        ],
-    }
-
-
 async def sdk(flow: str, gw: RunningGateway, *args: str) -> Any:
     return await run_flow(flow, gw.url, API_KEY, {"BRAINTRUST_APP_URL": gw.url}, *args)
 
@@ -62,7 +45,7 @@ async def test_a_batch_over_the_limit_reaches_the_store_through_the_relay(
     ) as fake:
         store = f"{STORE}:{fake.store_port}"
         gw = await start_gateway(
-            **planes_config(fake, store, rate_limit="off"),
+            **fake.gateway_config(store, rate_limit="off"),
             relay={"allow_hosts": [store], "secret": SECRET},
         )
         out = await sdk("large_batch", gw)
@@ -111,7 +94,7 @@ async def test_a_forged_or_altered_relay_link_is_denied_without_a_connection(
     async with FakeBraintrust(api_key=API_KEY, store_host=STORE) as fake:
         store = f"{STORE}:{fake.store_port}"
         gw = await start_gateway(
-            **planes_config(fake, store), relay={"allow_hosts": [store], "secret": SECRET}
+            **fake.gateway_config(store), relay={"allow_hosts": [store], "secret": SECRET}
         )
         link = await relay_link(gw)
         payload, _, mac = link.removeprefix(gw.url + "/_relay/").partition(".")
@@ -137,7 +120,7 @@ async def test_a_relay_link_obeys_the_allow_list(start_gateway: GatewayFactory) 
     """Listing a store in relay.allow_hosts alone does not open it: the allow-list has the last word."""
     async with FakeBraintrust(api_key=API_KEY, store_host=STORE) as fake:
         store = f"{STORE}:{fake.store_port}"
-        gw = await start_gateway(**planes_config(fake), relay={"allow_hosts": [store], "secret": SECRET})
+        gw = await start_gateway(**fake.gateway_config(), relay={"allow_hosts": [store], "secret": SECRET})
         link = await relay_link(gw)
         async with aiohttp.ClientSession() as client, client.put(link, data=b"{}") as resp:
             assert (resp.status, await code_of(resp)) == (403, "egress_denied")
@@ -149,7 +132,7 @@ async def test_uploads_over_the_data_routes_limit_wait_and_all_arrive(
 ) -> None:
     async with FakeBraintrust(api_key=API_KEY) as fake:
         shaped = {"max_requests": 5, "window_minutes": 0.05, "on_limit": "delay"}  # 5 per 3 s
-        gw = await start_gateway(**planes_config(fake, rate_limit=shaped), rate_limit={"max_requests": 1000})
+        gw = await start_gateway(**fake.gateway_config(rate_limit=shaped), rate_limit={"max_requests": 1000})
         await sdk("rows_one_by_one", gw)
         experiment = fake.store.experiment_named("burst")
         assert experiment is not None
@@ -167,7 +150,7 @@ async def test_user_data_comes_back_byte_identical_while_the_login_is_rewritten(
     start_gateway: GatewayFactory, sdk_env: None
 ) -> None:
     async with FakeBraintrust(api_key=API_KEY) as fake:
-        gw = await start_gateway(**planes_config(fake, rate_limit="off"), public_url="https://public.example")
+        gw = await start_gateway(**fake.gateway_config(rate_limit="off"), public_url="https://public.example")
         text = f"GET {fake.data_url}/v1/x failed; see {fake.control_url}/app/acme and {gw.url}/data-plane"
         out = await sdk("round_trip_text", gw, text)
         dataset = fake.store.dataset_named("urls")
@@ -192,7 +175,7 @@ async def test_relay_transfers_count_in_the_issuing_routes_limit(start_gateway: 
     async with FakeBraintrust(api_key=API_KEY, store_host=STORE) as fake:
         store = f"{STORE}:{fake.store_port}"
         gw = await start_gateway(
-            **planes_config(fake, store, rate_limit={"max_requests": 2}),
+            **fake.gateway_config(store, rate_limit={"max_requests": 2}),
             relay={"allow_hosts": [store], "secret": SECRET},
         )
         link = await relay_link(gw)

@@ -39,20 +39,7 @@ def public_env(sdk_env: None, monkeypatch: pytest.MonkeyPatch) -> None:
 async def test_sdk_through_the_gateway_as_app_url(
     start_gateway: GatewayFactory, planes: FakeBraintrust, public_env: None
 ) -> None:
-    gw = await start_gateway(
-        public_url=PUBLIC,
-        allowlist=[f"127.0.0.1:{planes.control_port}", f"127.0.0.1:{planes.data_port}"],
-        routes=[
-            {"name": "app", "prefix": "/", "upstream": planes.control_url},
-            {
-                "name": "data",
-                "prefix": "/data-plane",
-                "upstream": planes.data_url,
-                "advertise": True,
-                "rate_limit": "off",
-            },
-        ],
-    )
+    gw = await start_gateway(public_url=PUBLIC, **planes.gateway_config(rate_limit="off"))
     result = await run_in_subprocess(gw.url, API_KEY, {"BRAINTRUST_APP_URL": gw.url})
 
     # The login response the SDK saw pointed the data plane back at the gateway.

@@ -11,7 +11,7 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from tests.clients import free_port
+from tests.clients import free_port, scrape
 from tests.conftest import Upstream, route_to
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
@@ -45,14 +45,8 @@ async def two_workers(tmp_path: Path, upstream: Upstream, redis: RedisServer) ->
 
 async def requests_served(admin_port: int) -> float:
     """The worker's own count of proxied requests, from its /metrics."""
-    async with aiohttp.ClientSession() as client:
-        async with client.get(f"http://127.0.0.1:{admin_port}/metrics") as resp:
-            text = await resp.text()
-    return sum(
-        float(line.rsplit(" ", 1)[1])
-        for line in text.splitlines()
-        if line.startswith("bt_gateway_requests_total{")
-    )
+    samples = await scrape(f"http://127.0.0.1:{admin_port}")
+    return sum(count for (name, _), count in samples.items() if name == "bt_gateway_requests_total")
 
 
 async def test_two_workers_share_the_port_and_one_limit(
