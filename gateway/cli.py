@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import gc
 import getpass
 import os
 import signal
@@ -161,6 +162,21 @@ def _supervise(loaded: LoadedConfig, argv: list[str]) -> int:
     return supervise(loaded.config.workers, argv)
 
 
+GC_YOUNG_THRESHOLD = 20_000  # CPython's default is 700
+
+
+def _tune_gc() -> None:
+    """Run once the gateway is up: what start-up built (modules, config, generation) lives as long as the
+    process, so it is frozen out of every collection, and the youngest generation is collected every
+    20,000 net allocations instead of 700. Under load the default collector cost about 9 us a request
+    (218 young collections, each walking every in-flight request's objects, in 22k requests) and stalled
+    the loop for tens of ms on a full collection; reference counting frees almost everything anyway.
+    """
+    gc.freeze()
+    _, middle, old = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
+
+
 def serve(loaded: LoadedConfig, flags: tuple[Override, ...] = ()) -> int:
     """Run until SIGTERM/SIGINT, then drain (`shutdown_delay_s`, then `shutdown_timeout_s`) and exit 0."""
     config = loaded.config
@@ -207,6 +223,7 @@ async def _serve(loaded: LoadedConfig, flags: tuple[Override, ...]) -> int:
         await gateway.stop()
         log.error("startup_failed", error=str(exc), config=loaded.origin)
         return 1
+    _tune_gc()
     await stop.wait()
     gateway.drain()
     with contextlib.suppress(TimeoutError):
