@@ -11,7 +11,9 @@ records every step's decision in the `Exchange` as `step:outcome`; the first err
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Sequence
+from typing import Any, cast
 
 from gateway.errors import GatewayError
 from gateway.exchange import Exchange
@@ -34,21 +36,26 @@ from gateway.steps import (
     HostHeader,
     MethodAllowed,
     ProxyAuthenticated,
-    RateLimited,
     Router,
     SizeLimits,
     Step,
     TunnelLimited,
+    rate_limited,
 )
 
 
 class Chain:
-    """Runs steps in order; stops at the first decision that refuses or answers."""
+    """Runs steps in order; stops at the first decision that refuses or answers.
 
-    __slots__ = ("steps",)
+    Only the steps that do I/O are awaited: which ones is known when the chain is built, so a request
+    pays for no coroutine it does not need.
+    """
+
+    __slots__ = ("_plan", "steps")
 
     def __init__(self, steps: Sequence[Step | None]) -> None:
         self.steps = tuple(step for step in steps if step is not None)  # None: not configured
+        self._plan = tuple((step, inspect.iscoroutinefunction(step.decide)) for step in self.steps)
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -56,13 +63,15 @@ class Chain:
 
     async def run(self, exchange: Exchange) -> Decision | None:
         """The decision that ends the request early, or None when it may go on to the terminal step."""
-        for step in self.steps:
-            decision = await step.decide(exchange)
+        for step, waits in self._plan:
+            decision: Any = step.decide(exchange)  # Decision | None, or an awaitable of one
+            if waits:
+                decision = await decision
             if decision is None:
                 continue
             exchange.decisions.append(f"{step.name}:{decision.outcome}")
             if decision.final:
-                return decision
+                return cast(Decision, decision)
         return None
 
 
@@ -91,7 +100,7 @@ def http_chain(
             ForwardProxyMode(forward_proxy, http_ports),
             ProxyAuthenticated(proxy_auth) if proxy_auth else None,
             deny,
-            RateLimited(limiter),
+            rate_limited(limiter),
         )
     )
 

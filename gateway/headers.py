@@ -1,47 +1,40 @@
 """Header policy for a hop: what is dropped (hop-by-hop) and what a proxy adds (X-Forwarded-*, Via).
 
 RFC 9110 7.6.1: Connection and every header it names apply to one hop only and must not be forwarded.
+Field names are case-insensitive, so every comparison is on the lowercased name.
 """
 
 from __future__ import annotations
 
-from multidict import CIMultiDict, CIMultiDictProxy, istr
+from multidict import CIMultiDict, CIMultiDictProxy
 
 HOP_BY_HOP = frozenset(
-    istr(h)
-    for h in (
-        "Connection",
-        "Keep-Alive",
-        "Proxy-Connection",
-        "Proxy-Authenticate",
-        "Proxy-Authorization",
-        "TE",
-        "Trailer",
-        "Transfer-Encoding",
-        "Upgrade",
+    (
+        "connection",
+        "keep-alive",
+        "proxy-connection",
+        "proxy-authenticate",
+        "proxy-authorization",
+        "te",
+        "trailer",
+        "transfer-encoding",
+        "upgrade",
     )
 )
 VIA = "1.1 bt-gateway"
-_REQUEST_ONLY_DROP = frozenset(istr(h) for h in ("Host", "Expect", "X-Request-Id"))
+_REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id"}
+_RESPONSE_DROP = HOP_BY_HOP | {"x-request-id"}  # ours replaces the upstream's
+
+Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 
 
-def _connection_named(headers: CIMultiDictProxy[str] | CIMultiDict[str]) -> set[str]:
-    named: set[str] = set()
-    for value in headers.getall("Connection", ()):
-        named.update(token.strip().lower() for token in value.split(",") if token.strip())
-    return named
-
-
-def _copy_end_to_end(
-    headers: CIMultiDictProxy[str] | CIMultiDict[str], extra_drop: frozenset[istr]
-) -> CIMultiDict[str]:
-    named = _connection_named(headers)
-    out: CIMultiDict[str] = CIMultiDict()
-    for name, value in headers.items():
-        if name in HOP_BY_HOP or name in extra_drop or name.lower() in named:
-            continue
-        out.add(name, value)
-    return out
+def _end_to_end(headers: Headers, drop: frozenset[str]) -> CIMultiDict[str]:
+    """The fields that travel to the next hop: not hop-by-hop, not named in Connection, not in `drop`."""
+    connection = headers.getall("Connection", ())
+    if connection:
+        named = {token.strip().lower() for value in connection for token in value.split(",")}
+        drop = drop | named
+    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in drop])
 
 
 def upstream_request_headers(
@@ -54,7 +47,7 @@ def upstream_request_headers(
     request_id: str,
 ) -> CIMultiDict[str]:
     """Headers to send upstream: end-to-end ones, upstream's Host, appended X-Forwarded-* and Via."""
-    out = _copy_end_to_end(headers, _REQUEST_ONLY_DROP)
+    out = _end_to_end(headers, _REQUEST_DROP)
     out["Host"] = host_header
     _append(out, "X-Forwarded-For", client_ip)
     _append(out, "X-Forwarded-Proto", scheme)
@@ -67,7 +60,7 @@ def upstream_request_headers(
 
 def downstream_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """Headers to send the client: end-to-end ones from upstream, plus Via and our request id."""
-    out = _copy_end_to_end(headers, frozenset())
+    out = _end_to_end(headers, _RESPONSE_DROP)
     _append(out, "Via", VIA)
     out["X-Request-Id"] = request_id
     return out
@@ -75,9 +68,8 @@ def downstream_response_headers(headers: CIMultiDictProxy[str], request_id: str)
 
 def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
     """Append to a comma list header, folding repeated fields into one (RFC 9110 5.3)."""
-    existing = headers.getall(name, ())
-    if existing:
-        del headers[name]
-        headers[name] = ", ".join((*existing, value))
-    else:
+    if name not in headers:
         headers[name] = value
+        return
+    existing = headers.popall(name)
+    headers[name] = ", ".join((*existing, value))

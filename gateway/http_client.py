@@ -113,16 +113,9 @@ class HttpClient:
         protocol = self._pooled(key)
         if protocol is None:  # (not `or`: an idle protocol is an empty queue, and so falsy)
             protocol = await self._connect(key)
-        settings = self._settings
-        protocol.set_response_params(
-            skip_payload=method == "HEAD",
-            auto_decompress=False,
-            read_timeout=settings.read_timeout_s,
-            read_bufsize=2**16,
-            max_line_size=settings.max_line_size,
-            max_field_size=settings.max_field_size,
-            max_headers=256,
-        )
+        head_only = method == "HEAD"
+        if protocol._skip_payload is not head_only or protocol._parser is None:
+            self._set_parser(protocol, head_only)  # else the parser waits at a message boundary: reuse
         try:
             await self._write(protocol, _head(method, url, headers), body, chunked=chunked)
             protocol.start_timeout()
@@ -133,6 +126,19 @@ class HttpClient:
             protocol.close()
             raise
         return UpstreamResponse(self, key, protocol, message, content)
+
+    def _set_parser(self, protocol: ResponseHandler, head_only: bool) -> None:
+        """A new response parser: once per connection, and again only when a HEAD changes the framing."""
+        settings = self._settings
+        protocol.set_response_params(
+            skip_payload=head_only,
+            auto_decompress=False,
+            read_timeout=settings.read_timeout_s,
+            read_bufsize=2**16,
+            max_line_size=settings.max_line_size,
+            max_field_size=settings.max_field_size,
+            max_headers=256,
+        )
 
     def _pooled(self, key: tuple[str, str, int]) -> ResponseHandler | None:
         idle = self._idle.get(key)

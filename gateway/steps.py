@@ -7,6 +7,7 @@ the chain. No step touches a socket; `gateway.chain` declares their order.
 
 from __future__ import annotations
 
+from collections.abc import Awaitable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -40,9 +41,11 @@ class Decision:
 
 
 class Step(Protocol):
+    """A step decides synchronously; one that needs I/O (a store, a password hash) is a coroutine."""
+
     name: str
 
-    async def decide(self, exchange: Exchange) -> Decision | None: ...
+    def decide(self, exchange: Exchange) -> Decision | Awaitable[Decision | None] | None: ...
 
 
 ALLOW = Decision("allow")
@@ -78,7 +81,7 @@ class SizeLimits:
         self._max_header_bytes = max_header_bytes
         self._max_body_bytes = max_body_bytes
 
-    async def decide(self, exchange: Exchange) -> Decision | None:
+    def decide(self, exchange: Exchange) -> Decision | None:
         if sum(len(k) + len(v) + 4 for k, v in exchange.headers.items()) > self._max_header_bytes:
             return self._headers
         length = exchange.headers.get("Content-Length", "")
@@ -93,7 +96,7 @@ class MethodAllowed:
     name = "method"
     _REFUSED = Decision("trace", TRACE_REFUSED)
 
-    async def decide(self, exchange: Exchange) -> Decision | None:
+    def decide(self, exchange: Exchange) -> Decision | None:
         return self._REFUSED if exchange.method in ("TRACE", "TRACK") else None
 
 
@@ -103,7 +106,7 @@ class HostHeader:
     name = "host"
     _BAD = Decision("bad", BAD_HOST)
 
-    async def decide(self, exchange: Exchange) -> Decision | None:
+    def decide(self, exchange: Exchange) -> Decision | None:
         headers = exchange.headers
         getall = getattr(headers, "getall", None)
         hosts = getall("Host", []) if getall is not None else [h for h in (headers.get("Host"),) if h]
@@ -121,7 +124,7 @@ class Credentials:
     name = "credentials"
     _AMBIGUOUS = Decision("ambiguous", AMBIGUOUS)
 
-    async def decide(self, exchange: Exchange) -> Decision | None:
+    def decide(self, exchange: Exchange) -> Decision | None:
         getall = getattr(exchange.headers, "getall", None)
         if getall is None:
             return None
@@ -141,7 +144,7 @@ class BrowserRedirect:
     def __init__(self, public_url: str) -> None:
         self._public_url = public_url
 
-    async def decide(self, exchange: Exchange) -> Decision | None:
+    def decide(self, exchange: Exchange) -> Decision | None:
         target = exchange.raw_target
         if exchange.method not in ("GET", "HEAD") or "text/html" not in exchange.headers.get("Accept", ""):
             return None
@@ -168,7 +171,7 @@ class Router:
             "none", GatewayError(Code.NOT_FOUND, "no route matches this path", reason=Reason.NO_ROUTE)
         )
 
-    async def decide(self, exchange: Exchange) -> Decision:
+    def decide(self, exchange: Exchange) -> Decision:
         raw = exchange.raw_target
         if raw.startswith(RELAY_PREFIX):
             return self._relayed(exchange, raw[len(RELAY_PREFIX) :].partition("?")[0])
@@ -245,7 +248,7 @@ class Allowlisted:
             denied = allowlist.check(route.host, route.port)
             self._judged[id(route)] = ALLOW if denied is None else Decision("deny", denied)
 
-    async def decide(self, exchange: Exchange) -> Decision:
+    def decide(self, exchange: Exchange) -> Decision:
         target = exchange.target
         assert target is not None  # the router ran
         judged = self._judged.get(id(target.route))
@@ -265,7 +268,7 @@ class ForwardProxyMode:
         self._enabled = enabled
         self._ports = frozenset(http_ports)
 
-    async def decide(self, exchange: Exchange) -> Decision | None:
+    def decide(self, exchange: Exchange) -> Decision | None:
         if not is_proxied(exchange):
             return None
         if not self._enabled:
@@ -287,7 +290,7 @@ class ConnectTargetParsed:
 
     name = "connect"
 
-    async def decide(self, exchange: Exchange) -> Decision:
+    def decide(self, exchange: Exchange) -> Decision:
         target = parse_connect_target(exchange.raw_target)
         if isinstance(target, GatewayError):
             return Decision("bad_target", target)
@@ -313,7 +316,7 @@ class ConnectAllowed:
         self._allowlist = allowlist
         self._reverse_only = reverse_only or {}
 
-    async def decide(self, exchange: Exchange) -> Decision:
+    def decide(self, exchange: Exchange) -> Decision:
         target = exchange.connect
         assert target is not None  # parsed by the step before
         if self._policy is None:
@@ -350,7 +353,7 @@ class DeniedPaths:
         self._global = global_list
         self._routes = per_route
 
-    async def decide(self, exchange: Exchange) -> Decision | None:
+    def decide(self, exchange: Exchange) -> Decision | None:
         assert exchange.target is not None and exchange.route is not None
         if exchange.relay:
             return None  # an object store's path, not the gateway's to judge
@@ -375,6 +378,25 @@ class RateLimited:
         decision = await self._limiter.decide(exchange.route, exchange.token_digest, exchange.client_ip)
         exchange.response_headers = decision.headers
         return Decision(decision.outcome, decision.error)
+
+
+class RateLimitedNow:
+    """`RateLimited` for a limiter that never awaits (memory, no delay): no coroutine per request."""
+
+    name = "ratelimit"
+
+    def __init__(self, limiter: RateLimiter) -> None:
+        self._limiter = limiter
+
+    def decide(self, exchange: Exchange) -> Decision:
+        assert exchange.route is not None
+        decision = self._limiter.decide_now(exchange.route, exchange.token_digest, exchange.client_ip)
+        exchange.response_headers = decision.headers
+        return ALLOW if decision.outcome == "allow" else Decision(decision.outcome, decision.error)
+
+
+def rate_limited(limiter: RateLimiter) -> RateLimited | RateLimitedNow:
+    return RateLimitedNow(limiter) if limiter.immediate else RateLimited(limiter)
 
 
 class TunnelLimited:

@@ -14,8 +14,8 @@ import asyncio
 import math
 import time
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
-from typing import Any, Literal
+from dataclasses import dataclass, field
+from typing import Any, Literal, NamedTuple
 
 from limits import RateLimitItemPerSecond
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
@@ -62,9 +62,11 @@ class RateLimitSettings:
     anonymous: Literal["client-ip", "deny"] = "client-ip"
 
 
-@dataclass(frozen=True, slots=True)
-class RateDecision:
-    """The outcome for one request: `outcome` is what the access log records."""
+class RateDecision(NamedTuple):
+    """The outcome for one request: `outcome` is what the access log records.
+
+    A tuple, not a frozen dataclass: one is built per request, and a tuple is built in one step.
+    """
 
     allowed: bool
     outcome: str
@@ -87,7 +89,7 @@ class _Limit:
     """A LimitSpec made ready for the hot path: the `limits` item and the constant header."""
 
     item: Any
-    policy_header: str
+    policy_field: tuple[str, str]  # the constant RateLimit-Policy header
     amount: int
     spec: LimitSpec
     scope: str  # the key prefix in our windows: a changed limit counts afresh, as in `limits`
@@ -189,7 +191,7 @@ class RateLimiter:
         scope = f"{spec.max_requests}/{spec.window_s}/"
         return _Limit(
             item=item,
-            policy_header=header,
+            policy_field=("RateLimit-Policy", header),
             amount=spec.max_requests,
             spec=spec,
             scope=scope,
@@ -226,7 +228,7 @@ class RateLimiter:
         if waiters is None:
             waiters = self._waiters[scope] = _Waiters()
         if waiters.count >= spec.max_queued:
-            return replace(refused, outcome="queue_full")
+            return refused._replace(outcome="queue_full")
         waiters.count += 1
         deadline = self._clock() + spec.max_delay_s
         try:
@@ -234,36 +236,59 @@ class RateLimiter:
                 decision = await self.check(route, key)  # the one ahead may have taken the slot
                 while decision.outcome == "deny":
                     if self._clock() + decision.wait_s > deadline:
-                        return replace(decision, outcome="delay_too_long")
+                        return decision._replace(outcome="delay_too_long")
                     await asyncio.sleep(decision.wait_s)
                     decision = await self.check(route, key)
-                return replace(decision, outcome="delayed") if decision.allowed else decision
+                return decision._replace(outcome="delayed") if decision.allowed else decision
         finally:
             waiters.count -= 1
             if not waiters.count:
                 del self._waiters[scope]
+
+    @property
+    def immediate(self) -> bool:
+        """Whether every decision is made without awaiting: the moving window in process memory, and no
+        route holds requests for a slot. Then `decide_now` serves, with no coroutine per request."""
+        if self._strategy is not None or not isinstance(self._store.windows, MemoryWindows):
+            return False
+        limits = (self._default, *self._routes.values())
+        return not any(limit is not None and limit.spec.on_limit == "delay" for limit in limits)
+
+    def decide_now(self, route: str, digest: str | None, client_ip: str) -> RateDecision:
+        """`decide`, for a limiter that is `immediate`."""
+        limit = self._routes.get(route, self._default)
+        if limit is None:
+            return OFF
+        key = rate_key(digest, client_ip, self.settings.anonymous)
+        if isinstance(key, GatewayError):
+            return ANONYMOUS_DENIED
+        return self._count_in_memory(limit, route, key)
+
+    def _count_in_memory(self, limit: _Limit, route: str, key: str) -> RateDecision:
+        windows = self._store.windows
+        assert isinstance(windows, MemoryWindows)
+        return self._decision(
+            limit, *windows.hit_now(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
+        )
 
     async def check(self, route: str, key: str) -> RateDecision:
         """Count the request under `key` if allowed; refuse with an exact Retry-After if not."""
         limit = self._routes.get(route, self._default)
         if limit is None:
             return OFF
-        windows = self._store.windows
-        if self._strategy is None and isinstance(windows, MemoryWindows):  # no I/O: no timeout, no await
-            hit = windows.hit_now(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
-            allowed, remaining, reset = hit.allowed, hit.remaining, hit.reset
-        else:
-            try:
-                async with asyncio.timeout(self._timeout):
-                    allowed, remaining, reset = await self._count(limit, route, key)
-            except Exception as exc:  # any store failure or timeout: decided by on_storage_error
-                return self._storage_failed(exc)
-            self._storage_ok()
+        if self._strategy is None and isinstance(self._store.windows, MemoryWindows):  # no I/O, no timeout
+            return self._count_in_memory(limit, route, key)
+        try:
+            async with asyncio.timeout(self._timeout):
+                allowed, remaining, reset = await self._count(limit, route, key)
+        except Exception as exc:  # any store failure or timeout: decided by on_storage_error
+            return self._storage_failed(exc)
+        self._storage_ok()
+        return self._decision(limit, allowed, remaining, reset)
+
+    def _decision(self, limit: _Limit, allowed: bool, remaining: int, reset: float) -> RateDecision:
         seconds = max(0, math.ceil(reset - self._clock()))
-        headers = (
-            ("RateLimit-Policy", limit.policy_header),
-            ("RateLimit", f'"{POLICY_NAME}";r={max(0, remaining)};t={seconds}'),
-        )
+        headers = (limit.policy_field, ("RateLimit", f'"{POLICY_NAME}";r={max(0, remaining)};t={seconds}'))
         if allowed:
             return RateDecision(allowed=True, outcome="allow", headers=headers)
         retry = max(1, seconds)

@@ -18,14 +18,12 @@ import itertools
 import os
 from collections import OrderedDict, deque
 from collections.abc import Callable
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, NamedTuple
 
 SWEEP_EVERY = 1024  # decisions between two sweeps of idle keys out of memory
 
 
-@dataclass(frozen=True, slots=True)
-class WindowHit:
+class WindowHit(NamedTuple):
     """One decision: counted or not, what is left, and when the oldest counted request leaves."""
 
     allowed: bool

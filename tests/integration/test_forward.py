@@ -43,6 +43,23 @@ async def test_head_is_forwarded_without_body(start_gateway: GatewayFactory, ups
     assert upstream.recorder.requests[-1].method == "HEAD"
 
 
+async def test_head_and_get_alternate_on_one_upstream_connection(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    """The response parser is kept per connection and rebuilt only when a HEAD changes the framing."""
+    gw = await start_gateway(**route_to(upstream))
+    methods = ["GET", "HEAD", "HEAD", "GET", "GET", "HEAD", "GET"]
+    async with aiohttp.ClientSession() as client:
+        for method in methods:
+            async with client.request(method, gw.url + "/download/1000") as resp:
+                assert resp.status == 200
+                assert resp.headers["Content-Length"] == "1000"
+                assert len(await resp.read()) == (1000 if method == "GET" else 0)
+    seen = upstream.recorder.requests
+    assert [r.method for r in seen] == methods
+    assert len({r.peer_port for r in seen}) == 1  # one upstream connection carried them all
+
+
 async def test_query_string_passes_byte_for_byte(start_gateway: GatewayFactory, upstream: Upstream) -> None:
     gw = await start_gateway(**route_to(upstream))
     raw = "/v1/x?a=%41&b=%2f%2F&c=+%20&d=&&e=%E2%98%83&f"
