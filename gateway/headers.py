@@ -22,19 +22,21 @@ HOP_BY_HOP = frozenset(
     )
 )
 VIA = "1.1 bt-gateway"
-_REQUEST_DROP = HOP_BY_HOP | {"host", "expect", "x-request-id"}
-_RESPONSE_DROP = HOP_BY_HOP | {"x-request-id"}  # ours replaces the upstream's
+_APPENDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"))  # folded, last
+_REQUEST_DROP = HOP_BY_HOP | _APPENDED | {"host", "expect", "x-request-id"}
+_RESPONSE_DROP = HOP_BY_HOP | {"via", "x-request-id"}  # our request id replaces the upstream's
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
+Fields = list[tuple[str, str]]
 
 
-def _end_to_end(headers: Headers, drop: frozenset[str]) -> CIMultiDict[str]:
+def _end_to_end(headers: Headers, drop: frozenset[str]) -> Fields:
     """The fields that travel to the next hop: not hop-by-hop, not named in Connection, not in `drop`."""
     connection = headers.getall("Connection", ())
     if connection:
         named = {token.strip().lower() for value in connection for token in value.split(",")}
         drop = drop | named
-    return CIMultiDict([(name, value) for name, value in headers.items() if name.lower() not in drop])
+    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
 def upstream_request_headers(
@@ -47,29 +49,28 @@ def upstream_request_headers(
     request_id: str,
 ) -> CIMultiDict[str]:
     """Headers to send upstream: end-to-end ones, upstream's Host, appended X-Forwarded-* and Via."""
-    out = _end_to_end(headers, _REQUEST_DROP)
-    out["Host"] = host_header
-    _append(out, "X-Forwarded-For", client_ip)
-    _append(out, "X-Forwarded-Proto", scheme)
+    fields = _end_to_end(headers, _REQUEST_DROP)
+    fields += (
+        ("Host", host_header),
+        _appended(headers, "X-Forwarded-For", client_ip),
+        _appended(headers, "X-Forwarded-Proto", scheme),
+    )
     if client_host:
-        _append(out, "X-Forwarded-Host", client_host)
-    _append(out, "Via", VIA)
-    out["X-Request-Id"] = request_id
-    return out
+        fields.append(_appended(headers, "X-Forwarded-Host", client_host))
+    else:
+        fields += (("X-Forwarded-Host", value) for value in headers.getall("X-Forwarded-Host", ()))
+    fields += (_appended(headers, "Via", VIA), ("X-Request-Id", request_id))
+    return CIMultiDict(fields)
 
 
 def downstream_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """Headers to send the client: end-to-end ones from upstream, plus Via and our request id."""
-    out = _end_to_end(headers, _RESPONSE_DROP)
-    _append(out, "Via", VIA)
-    out["X-Request-Id"] = request_id
-    return out
+    fields = _end_to_end(headers, _RESPONSE_DROP)
+    fields += (_appended(headers, "Via", VIA), ("X-Request-Id", request_id))
+    return CIMultiDict(fields)
 
 
-def _append(headers: CIMultiDict[str], name: str, value: str) -> None:
-    """Append to a comma list header, folding repeated fields into one (RFC 9110 5.3)."""
-    if name not in headers:
-        headers[name] = value
-        return
-    existing = headers.popall(name)
-    headers[name] = ", ".join((*existing, value))
+def _appended(headers: Headers, name: str, value: str) -> tuple[str, str]:
+    """`value` appended to a comma list header, repeated fields folded into one (RFC 9110 5.3)."""
+    existing = headers.getall(name, ())
+    return (name, ", ".join((*existing, value)) if existing else value)

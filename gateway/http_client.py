@@ -228,7 +228,5 @@ class HttpClient:
 
 def _head(method: str, url: URL, headers: Iterable[tuple[str, str]]) -> bytes:
     """The request line and header block as bytes, in one piece (one write, one packet)."""
-    target = url.raw_path_qs or "/"
-    lines = [f"{method} {target} HTTP/1.1"]
-    lines += [f"{name}: {value}" for name, value in headers]
-    return ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape")
+    lines = "\r\n".join((f"{method} {url.raw_path_qs or '/'} HTTP/1.1", *map(": ".join, headers)))
+    return (lines + "\r\n\r\n").encode("utf-8", "surrogateescape")

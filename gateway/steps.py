@@ -82,9 +82,11 @@ class SizeLimits:
         self._max_body_bytes = max_body_bytes
 
     def decide(self, exchange: Exchange) -> Decision | None:
-        if sum(len(k) + len(v) + 4 for k, v in exchange.headers.items()) > self._max_header_bytes:
+        headers = exchange.headers
+        size = sum(map(len, headers.keys())) + sum(map(len, headers.values())) + 4 * len(headers)
+        if size > self._max_header_bytes:
             return self._headers
-        length = exchange.headers.get("Content-Length", "")
+        length = headers.get("Content-Length", "")
         if length.isdigit() and int(length) > self._max_body_bytes:
             return self._body
         return None
