@@ -120,7 +120,8 @@ class Forwarder:
         """
         target = exchange.target
         assert target is not None  # routed by the chain
-        await self.pool.acquire(exchange.client_ip)
+        if not self.pool.try_acquire(exchange.client_ip):
+            await self.pool.acquire(exchange.client_ip)
         try:
             upstream = await self._send(request, exchange, target.route.host_header, target.route.host)
             try:
