@@ -23,7 +23,24 @@ BAD_PATH = GatewayError(
 
 
 def normalize_path(raw_path: str) -> str | None:
-    """The path as a server that decodes and resolves it would see it; None when it escapes the root."""
+    """The path as a server that decodes and resolves it would see it; None when it escapes the root.
+
+    Most paths are normal already (nothing to decode, no empty, `.` or `..` segment): returned as they are.
+    """
+    if (
+        raw_path.startswith("/")
+        and not raw_path.endswith("/")
+        and "%" not in raw_path
+        and "\\" not in raw_path
+        and "//" not in raw_path
+        and "/." not in raw_path
+    ):
+        return raw_path
+    return resolve_path(raw_path)
+
+
+def resolve_path(raw_path: str) -> str | None:
+    """`normalize_path` the long way: decode, split, resolve every segment."""
     decoded = unquote(raw_path, errors="surrogateescape").replace("\\", "/")
     segments: list[str] = []
     for segment in decoded.split("/"):

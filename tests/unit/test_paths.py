@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
-from gateway.policy.paths import PathDenyList, normalize_path
+from gateway.policy.paths import PathDenyList, normalize_path, resolve_path
 
 
 @pytest.mark.parametrize(
@@ -26,6 +28,11 @@ from gateway.policy.paths import PathDenyList, normalize_path
 )
 def test_normalize_path(raw: str, normal: str | None) -> None:
     assert normalize_path(raw) == normal
+
+
+@given(st.text(alphabet="/.%2fF\\ab", max_size=24))
+def test_the_shortcut_for_normal_paths_agrees_with_resolving(raw: str) -> None:
+    assert normalize_path(raw) == resolve_path(raw)
 
 
 @pytest.mark.parametrize(
