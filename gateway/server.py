@@ -71,6 +71,7 @@ class Gateway:
         self._reloading = asyncio.Lock()
         self._proxy_server: GatewayServer | None = None
         self._deadline_passed = False  # stop() cancelled what was still running
+        self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
 
     @property
     def tunnels(self) -> TunnelStats:
@@ -82,6 +83,7 @@ class Gateway:
         `origin` (the config file, or built-in defaults) is logged with the start-up event.
         """
         config = self.config
+        self._loop = asyncio.get_running_loop()
         self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
         header_bytes = config.limits.max_header_kb * 1024
         self._proxy_server = proxy = GatewayServer(
@@ -139,7 +141,7 @@ class Gateway:
             token_digest=digest_of(headers.get("Authorization")),
         )
         started = time.perf_counter()
-        task = asyncio.current_task()
+        task = asyncio.current_task(self._loop)  # given the loop: no getpid() syscall to find it
         assert task is not None
         self._handlers.add(task)
         if generation is not None:
