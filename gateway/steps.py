@@ -155,6 +155,10 @@ class BrowserRedirect:
         return Decision("public_url", location=self._public_url + target)
 
 
+SEEN_TARGETS = 1024  # routed origin-form targets remembered per generation (about 1 MB at most)
+SEEN_TARGET_CHARS = 256  # longer targets are routed every time
+
+
 class Router:
     """Picks the destination: a route for an origin-form path, the URI's own host for an absolute one."""
 
@@ -172,23 +176,31 @@ class Router:
         self._none = Decision(
             "none", GatewayError(Code.NOT_FOUND, "no route matches this path", reason=Reason.NO_ROUTE)
         )
+        # Origin-form targets already routed: SDKs repeat a few dozen paths, so most requests route with
+        # one dict lookup. A Target is immutable and this table belongs to one generation.
+        self._seen: dict[str, Target] = {}
 
     def decide(self, exchange: Exchange) -> Decision:
         raw = exchange.raw_target
-        if raw.startswith(RELAY_PREFIX):
-            return self._relayed(exchange, raw[len(RELAY_PREFIX) :].partition("?")[0])
-        if raw.startswith("/"):
+        target = self._seen.get(raw)
+        if target is None:
+            if raw.startswith(RELAY_PREFIX):
+                return self._relayed(exchange, raw[len(RELAY_PREFIX) :].partition("?")[0])
+            if not raw.startswith("/"):
+                return self._absolute(exchange, raw)
             path, _, query = raw.partition("?")
             route = self._routes.match(path.partition("#")[0])
             if route is None:
                 return self._none
-            exchange.route = route.name
-            exchange.target = Target(route, route.url_for(path.partition("#")[0], query.partition("#")[0]))
-            exchange.upstream_host = route.host
-            return self._found[route.name]
-        if raw[:8].lower().startswith(("http://", "https://")):
-            return self._absolute(exchange, raw)
-        return Decision("bad_target", BAD_TARGET)
+            target = Target(route, route.url_for(path.partition("#")[0], query.partition("#")[0]))
+            if len(raw) <= SEEN_TARGET_CHARS:
+                if len(self._seen) >= SEEN_TARGETS:
+                    self._seen.clear()  # bounded: endless new paths only lose the shortcut
+                self._seen[raw] = target
+        exchange.route = target.route.name
+        exchange.target = target
+        exchange.upstream_host = target.route.host
+        return self._found[target.route.name]
 
     def _absolute(self, exchange: Exchange, raw: str) -> Decision:
         """`GET http://host/path`: judged and forwarded by the URI's own host, never the Host header.
@@ -196,6 +208,8 @@ class Router:
         A URI on a route's upstream counts in that route's bucket (and obeys its deny-list): a token has
         one quota, whichever mode it uses.
         """
+        if not raw[:8].lower().startswith(("http://", "https://")):
+            return Decision("bad_target", BAD_TARGET)
         try:
             url = URL(raw, encoded=True)
         except ValueError:

@@ -13,6 +13,8 @@ from gateway.config.model import GatewayConfig
 from gateway.exchange import Exchange
 from gateway.generation import Generation
 from gateway.policy.proxyauth import ScryptHash, hash_password
+from gateway.policy.routes import RouteTable, RouteTarget
+from gateway.steps import SEEN_TARGET_CHARS, SEEN_TARGETS, Router
 
 PASSWORD = "correct horse"
 
@@ -209,3 +211,28 @@ async def test_deny_paths_per_route_and_paths_above_the_root(build: Any) -> None
     ):
         decision = await generation.http.run(exchange(target))
         assert (str(decision.error.code) if decision and decision.error else None) == code, target
+
+
+async def test_a_repeated_target_routes_the_same_and_the_memory_of_targets_is_bounded() -> None:
+    routes = RouteTable(
+        (
+            RouteTarget.from_url("app", "/", "https://www.braintrust.dev"),
+            RouteTarget.from_url("data", "/data-plane", "https://api.example.com/base"),
+        )
+    )
+    router = Router(routes)
+    for _ in range(2):  # the second time from the routed-target table
+        for target, url in (
+            ("/data-plane/logs3?x=1", "https://api.example.com/base/logs3?x=1"),
+            ("/data-planex", "https://www.braintrust.dev/data-planex"),
+            ("/v1/project", "https://www.braintrust.dev/v1/project"),
+        ):
+            ex = exchange(target)
+            router.decide(ex)
+            assert ex.target is not None and str(ex.target.url) == url
+            assert ex.upstream_host == ex.target.route.host
+    for n in range(SEEN_TARGETS + 10):
+        router.decide(exchange(f"/v1/object/{n}"))
+    router.decide(exchange("/v1/" + "x" * SEEN_TARGET_CHARS))  # too long to remember
+    assert 0 < len(router._seen) <= SEEN_TARGETS
+    assert all(len(target) <= SEEN_TARGET_CHARS for target in router._seen)
