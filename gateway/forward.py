@@ -31,6 +31,9 @@ from gateway.responses import RelayedResponse
 from gateway.upstream import client_error
 
 CHUNK = 2**16
+# A rewritable body that arrives whole with its head and is at most this long is rewritten in one go and
+# sent with a Content-Length; longer ones stream (chunked), yielding to the loop between pieces.
+WHOLE_REWRITE = 2**14
 BODY_TOO_LARGE = GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")
 BODY_TIMEOUT = GatewayError(Code.REQUEST_TIMEOUT, "the request body stopped arriving")
 # RFC 9110 field-names, one per line; values: visible bytes, spaces, tabs (no CR, LF, NUL), one per line
@@ -211,6 +214,10 @@ class Forwarder:
             elif not await _send(request, response, exchange, b""):
                 return response  # a stream (SSE, chunked): its head goes at once, clients see it
             return await _pass_through(request, response, exchange, upstream, host=host)
+        content, length = upstream.content, upstream.content_length
+        if length is not None and length <= WHOLE_REWRITE and content.is_eof():
+            data = content.read_nowait()
+            return await _rewrite_whole(request, response, exchange, upstream, body=body, data=data)
         return await _rewrite_through(request, response, exchange, upstream, host=host, body=body)
 
     def _rewriter(
@@ -227,7 +234,8 @@ class Forwarder:
         if not body_path and not any(name in headers for name in REWRITE_HEADERS):
             exchange.decisions.append("rewrite:passthrough")
             return None  # most responses: nothing to rewrite, no rules to build
-        rules = self.rewrite.rules_for(exchange)
+        external = self.rewrite.external_url(exchange)
+        rules = self.rewrite.policy.rules_for(external)
         if not rules.empty:
             for name in REWRITE_HEADERS:
                 values = headers.popall(name, ())
@@ -238,9 +246,9 @@ class Forwarder:
             return None
         if request.method == "HEAD" or upstream.status in (204, 304):
             return None
-        body = self.rewrite.body(
-            exchange, rules, upstream.headers.get("Content-Type"), upstream.headers.get("Content-Encoding")
-        )
+        content_type = upstream.headers.get("Content-Type")
+        encoding = upstream.headers.get("Content-Encoding")
+        body = self.rewrite.body(exchange, rules, external, content_type, encoding)
         if body is None:
             exchange.decisions.append("rewrite:passthrough")
             return None
@@ -250,6 +258,31 @@ class Forwarder:
         if etag is not None and not etag.startswith("W/"):
             headers["ETag"] = "W/" + etag  # same meaning, no longer byte-identical
         return body
+
+
+async def _rewrite_whole(
+    request: web.BaseRequest,
+    response: web.StreamResponse,
+    exchange: Exchange,
+    upstream: Upstream,
+    *,
+    body: BodyTransform,
+    data: bytes,
+) -> web.StreamResponse:
+    """A small body that arrived whole with its head: rewritten at once, sent with its length in one write.
+
+    A malformed encoding raises GatewayFailure before any byte is sent, as on the streaming path.
+    """
+    try:
+        out = body.whole(data)
+    except RewriteAbandoned as exc:
+        _skipped(exchange, exc.reason)
+        _restore_framing(response, upstream)
+        return await _whole(request, response, exchange, data)
+    if body.skipped is not None:
+        _skipped(exchange, body.skipped)
+    response.headers["Content-Length"] = str(len(out))
+    return await _whole(request, response, exchange, out)
 
 
 async def _rewrite_through(

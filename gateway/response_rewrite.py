@@ -72,6 +72,12 @@ class JsonBodyRewriter:
                 raise RewriteAbandoned("too_large")
         yield from ()
 
+    def whole(self, data: bytes) -> bytes:
+        """`feed(data)` then `finish()`, for a body already complete."""
+        for _ in self.feed(data):
+            pass  # feed yields nothing: it gathers the decoded text
+        return self.finish()
+
     def finish(self) -> bytes:
         codec = self._codec
         self._decoded += codec.decode_end()
@@ -124,23 +130,23 @@ class ResponseRewrite:
         path = normalize_path(target.route.relative_path(target.url))
         return path is not None and self._body_paths.matches(path)
 
-    def rules_for(self, exchange: Exchange) -> RuleSet:
-        return self.policy.rules_for(self.external_url(exchange))
-
     def body(
         self,
         exchange: Exchange,
         rules: RuleSet,
+        external: str | None,
         content_type: str | None,
         content_encoding: str | None,
     ) -> BodyTransform | None:
-        """How a body on `body_paths` is rewritten, or None when it passes byte for byte anyway."""
+        """How a body on `body_paths` is rewritten, or None when it passes byte for byte anyway.
+
+        `rules` are `policy.rules_for(external)`, `external` is `external_url(exchange)`.
+        """
         if not rewritable(content_type):
             return None
         encoding = parse_content_encoding(content_encoding)
         if encoding is None:
             return None
-        external = self.external_url(exchange)
         mime = (content_type or "").split(";", 1)[0].strip().lower()
         json_body = mime == "application/json" or mime.endswith("+json")
         relay = self._relay

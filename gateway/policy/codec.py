@@ -18,6 +18,7 @@ input raises `BadEncoding`.
 
 from __future__ import annotations
 
+import functools
 import zlib
 from collections.abc import Iterator
 from typing import Protocol
@@ -46,6 +47,7 @@ class BadEncoding(GatewayFailure):
         self.encoding = encoding
 
 
+@functools.lru_cache(maxsize=256)  # one of a few values in practice: parsed once each
 def parse_content_encoding(value: str | None) -> str | None:
     """The one coding to undo ("identity" when none), or None when the body must not be touched."""
     tokens = [token.strip().lower() for token in (value or "").split(",")]

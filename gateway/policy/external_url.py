@@ -62,6 +62,6 @@ class ExternalUrl:
         if self._is_trusted(remote):
             scheme = _first(forwarded_proto) or scheme
             host = _first(forwarded_host) or host
-        if scheme not in ("http", "https") or not host or not _HOST.match(host):
+        if scheme not in ("http", "https") or not host or not valid_host(host):
             return None
         return f"{scheme}://{host.lower()}"

@@ -12,6 +12,7 @@ response is bounded by the longest rule, and SSE events flush as soon as they ar
 
 from __future__ import annotations
 
+import functools
 import re
 from collections import OrderedDict
 from collections.abc import Iterable, Iterator
@@ -27,6 +28,7 @@ REWRITE_HEADERS = ("Location", "Content-Location", "Link", "Refresh")
 _CACHE_SIZE = 64
 
 
+@functools.lru_cache(maxsize=256)  # a response's Content-Type is one of a few: parsed once each
 def rewritable(content_type: str | None) -> bool:
     """JSON, text, JavaScript, `*+json` and SSE bodies are rewritten; everything else passes untouched."""
     if not content_type:
@@ -180,6 +182,7 @@ class BodyRewriter:
         "_flush",
         "_limits",
         "_raw",
+        "_rules",
         "_stream",
         "_text_in",
         "_text_out",
@@ -187,6 +190,7 @@ class BodyRewriter:
     )
 
     def __init__(self, rules: RuleSet, codec: Codec, flush: bool, limits: RewriteLimits) -> None:
+        self._rules = rules
         self._stream: StreamRewriter | None = rules.stream()
         self._codec = codec
         self._flush = flush
@@ -214,6 +218,24 @@ class BodyRewriter:
         stream, self._stream = self._stream, None
         text = stream.feed(tail) + stream.finish() if stream is not None else tail
         return codec.encode(text) + codec.encode_end()
+
+    def whole(self, data: bytes) -> bytes:
+        """`feed(data)` then `finish()` for a body already complete: one pass of the rules over its text."""
+        codec = self._codec
+        self._raw += len(data)
+        pieces = []
+        for piece in codec.decode(data):
+            self._decoded += len(piece)
+            self._check_inflation()
+            pieces.append(piece)
+        pieces.append(codec.decode_end())
+        text = b"".join(pieces)
+        out = self._rules.rewrite_all(text) if self._stream is not None else text
+        self._stream = None
+        if len(out) > self._limits.max_growth_ratio * max(len(text), GROWTH_SLACK):
+            self.skipped = "growth"
+            out = text
+        return codec.encode(out) + codec.encode_end()
 
     def _check_inflation(self) -> None:
         limits = self._limits

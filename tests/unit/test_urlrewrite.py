@@ -152,6 +152,16 @@ def test_compressed_streaming_equals_one_shot(parts: list[bytes], cuts: list[int
     assert DECODERS[coding](out) == RULES.rewrite_all(data)
 
 
+@settings(max_examples=60, deadline=None)
+@given(parts=st.lists(st.sampled_from(PIECES), max_size=50), coding=st.sampled_from(sorted(ENCODERS)))
+def test_a_whole_body_is_rewritten_as_the_stream_would_be(parts: list[bytes], coding: str) -> None:
+    data = b"".join(parts)
+    body = POLICY.body(RULES, "application/json", coding)
+    assert body is not None
+    assert DECODERS[coding](body.whole(ENCODERS[coding](data))) == RULES.rewrite_all(data)
+    assert body.skipped is None
+
+
 def test_carry_over_is_bounded_by_the_longest_rule() -> None:
     rng = random.Random(7)
     stream = RULES.stream()
@@ -228,6 +238,20 @@ def test_growth_past_the_ratio_sends_the_rest_unrewritten() -> None:
     assert len(out) <= 2 * len(text) + 4096 * 5  # the bound, overshot by one rewritten chunk at most
     assert out.endswith(text[-4096:])  # the rest passed as it came
     assert GROW.rewrite_all(text).startswith(out[:4096])  # the start was rewritten
+
+
+def test_a_whole_body_past_the_growth_ratio_passes_unrewritten() -> None:
+    body = limited("identity", GROW, max_growth_ratio=2)
+    text = (APP + " ").encode() * 20_000
+    assert body.whole(text) == text
+    assert body.skipped == "growth"
+
+
+@pytest.mark.parametrize("coding", ["gzip", "zstd"])
+def test_a_whole_bomb_is_abandoned(coding: str) -> None:
+    with pytest.raises(RewriteAbandoned) as info:
+        limited(coding).whole(ENCODERS[coding](b"0" * 32 * 2**20))
+    assert info.value.reason == "inflate_ratio"
 
 
 def test_small_bodies_may_grow_within_the_slack() -> None:
