@@ -30,6 +30,7 @@ from peers import PUBLIC_URL, Peers, free_port, gateway_config, small_body  # no
 DURATION = int(os.environ.get("BENCH_DURATION_S", "5"))
 ROUNDS = int(os.environ.get("BENCH_ROUNDS", "3"))
 WORKERS_NA = "n/a (workers not available)"
+BARE = "reference: bare aiohttp proxy, no policies"
 
 
 @dataclass
@@ -56,13 +57,19 @@ def row(figure: str, samples: list[float], digits: int, unit: str, **data: Any) 
 
 
 def ratio_row(
-    figure: str, top: list[float], bottom: list[float], target: str, ok: Callable[[float], bool]
+    figure: str,
+    top: list[float],
+    bottom: list[float],
+    target: str = "",
+    ok: Callable[[float], bool] | None = None,
 ) -> Row:
-    """median(top) / median(bottom), with the range of the per-round ratios (same round, same conditions)."""
+    """median(top) / median(bottom), with the range of the per-round ratios (same round, same conditions);
+    a reference ratio has no target."""
     ratio = Stat.of(top).median / Stat.of(bottom).median
     rounds = [a / b for a, b in zip(top, bottom, strict=True)]
     measured = f"{ratio:.2f}x [{min(rounds):.2f}-{max(rounds):.2f}]"
-    return Row(figure, measured, target, met(ok(ratio)), {"ratio": ratio, "per_round": rounds})
+    judged = met(ok(ratio)) if ok is not None else ""
+    return Row(figure, measured, target, judged, {"ratio": ratio, "per_round": rounds})
 
 
 def check_body(url: str, path: Path, want: str, unwanted: str) -> int:
@@ -88,7 +95,8 @@ def proxy_figures(tmp: Path) -> list[Row]:
         upstream_url = f"http://127.0.0.1:{up}"
         peers.nginx(up, proxy, small_body(up))
         redis = f"redis://127.0.0.1:{peers.redis()}/0"
-        ports = {"upstream direct (nginx static)": up, "nginx reverse proxy": proxy}
+        ports = {"upstream direct (nginx static)": up, "nginx reverse proxy": proxy, BARE: free_port()}
+        peers.bare_proxy(ports[BARE], up)
         gateways = {
             default: gateway_config(free_port(), up),
             every: gateway_config(free_port(), up, body_paths=["/**"]),
@@ -120,15 +128,19 @@ def proxy_figures(tmp: Path) -> list[Row]:
 
     rows = []
     nginx = [w.rps for w in runs["nginx reverse proxy"]]
+    bare = [w.rps for w in runs[BARE]]
     for name in names:
         rps = [w.rps for w in runs[name]]
         bad = sum(w.bad for w in runs[name])
         rows.append(row(f"1. req/s, {name}", rps, 0, "", bad_responses=bad))
         rows[-1].measured += f" ({bad} non-2xx/socket errors!)" if bad else ""
+        if name == BARE:  # the stack's ceiling: what forwarding alone costs through aiohttp here
+            rows.append(ratio_row("   ratio to nginx reverse proxy", rps, nginx))
         if name.startswith("bt-gateway"):
             rows.append(
                 ratio_row("   ratio to nginx reverse proxy", rps, nginx, ">= 0.30x", lambda x: x >= 0.3)
             )
+            rows.append(ratio_row("   ratio to the bare aiohttp proxy", rps, bare))
     if workers not in names:
         rows.append(Row(f"1. req/s, {workers}", WORKERS_NA, ">= 0.30x", "n/a"))
     direct = p99[names[0]]
