@@ -28,13 +28,20 @@ _RESPONSE_DROP = HOP_BY_HOP | {"via", "x-request-id"}  # our request id replaces
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 Fields = list[tuple[str, str]]
+_NONE_NAMED: frozenset[str] = frozenset()
 
 
-def _end_to_end(headers: Headers, drop: frozenset[str]) -> Fields:
-    """The fields that travel to the next hop: not hop-by-hop, not named in Connection, not in `drop`."""
+def _connection_named(headers: Headers) -> frozenset[str]:
+    """The fields the sender made hop-by-hop by naming them in Connection (lowercase)."""
     connection = headers.getall("Connection", ())
-    if connection:
-        named = {token.strip().lower() for value in connection for token in value.split(",")}
+    if not connection:
+        return _NONE_NAMED
+    return frozenset(token.strip().lower() for value in connection for token in value.split(","))
+
+
+def _end_to_end(headers: Headers, drop: frozenset[str], named: frozenset[str]) -> Fields:
+    """The fields that travel to the next hop: not hop-by-hop, not named in Connection, not in `drop`."""
+    if named:
         drop = drop | named
     return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
@@ -49,28 +56,37 @@ def upstream_request_headers(
     request_id: str,
 ) -> CIMultiDict[str]:
     """Headers to send upstream: end-to-end ones, upstream's Host, appended X-Forwarded-* and Via."""
-    fields = _end_to_end(headers, _REQUEST_DROP)
+    named = _connection_named(headers)
+    fields = _end_to_end(headers, _REQUEST_DROP, named)
     fields += (
         ("Host", host_header),
-        _appended(headers, "X-Forwarded-For", client_ip),
-        _appended(headers, "X-Forwarded-Proto", scheme),
+        _appended(headers, named, "X-Forwarded-For", client_ip),
+        _appended(headers, named, "X-Forwarded-Proto", scheme),
     )
     if client_host:
-        fields.append(_appended(headers, "X-Forwarded-Host", client_host))
+        fields.append(_appended(headers, named, "X-Forwarded-Host", client_host))
     else:
-        fields += (("X-Forwarded-Host", value) for value in headers.getall("X-Forwarded-Host", ()))
-    fields += (_appended(headers, "Via", VIA), ("X-Request-Id", request_id))
+        fields += (("X-Forwarded-Host", value) for value in _carried(headers, named, "X-Forwarded-Host"))
+    fields += (_appended(headers, named, "Via", VIA), ("X-Request-Id", request_id))
     return CIMultiDict(fields)
 
 
 def downstream_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
     """Headers to send the client: end-to-end ones from upstream, plus Via and our request id."""
-    fields = _end_to_end(headers, _RESPONSE_DROP)
-    fields += (_appended(headers, "Via", VIA), ("X-Request-Id", request_id))
+    named = _connection_named(headers)
+    fields = _end_to_end(headers, _RESPONSE_DROP, named)
+    fields += (_appended(headers, named, "Via", VIA), ("X-Request-Id", request_id))
     return CIMultiDict(fields)
 
 
-def _appended(headers: Headers, name: str, value: str) -> tuple[str, str]:
+def _carried(headers: Headers, named: frozenset[str], name: str) -> list[str]:
+    """The values of `name` that travel on: none when the sender named it in Connection."""
+    if named and name.lower() in named:
+        return []
+    return headers.getall(name, [])
+
+
+def _appended(headers: Headers, named: frozenset[str], name: str, value: str) -> tuple[str, str]:
     """`value` appended to a comma list header, repeated fields folded into one (RFC 9110 5.3)."""
-    existing = headers.getall(name, ())
+    existing = _carried(headers, named, name)
     return (name, ", ".join((*existing, value)) if existing else value)

@@ -94,6 +94,30 @@ def test_request_headers_policy() -> None:
     ]
 
 
+def test_fields_named_in_connection_are_not_carried_into_the_ones_we_append() -> None:
+    """`Connection: X-Forwarded-For` makes the client's value hop-by-hop: only ours goes on."""
+    named = "X-Forwarded-For, X-Forwarded-Proto, X-Forwarded-Host, Via"
+    incoming = CIMultiDictProxy(
+        CIMultiDict(
+            [
+                ("Connection", named),
+                ("X-Forwarded-For", "1.2.3.4"),
+                ("X-Forwarded-Proto", "https"),
+                ("X-Forwarded-Host", "spoofed"),
+                ("Via", "1.1 spoof"),
+            ]
+        )
+    )
+    sent = {"host_header": "up", "client_ip": "9.9.9.9", "scheme": "http", "request_id": "rid"}
+    out = upstream_request_headers(incoming, client_host=None, **sent)
+    assert out.getall("X-Forwarded-For") == ["9.9.9.9"]
+    assert out.getall("X-Forwarded-Proto") == ["http"]
+    assert "X-Forwarded-Host" not in out
+    assert out.getall("Via") == ["1.1 bt-gateway"]
+    upstream = CIMultiDictProxy(CIMultiDict([("Connection", "Via"), ("Via", "1.1 upstream-internal")]))
+    assert downstream_response_headers(upstream, "rid").getall("Via") == ["1.1 bt-gateway"]
+
+
 def test_response_headers_policy() -> None:
     incoming = CIMultiDictProxy(
         CIMultiDict([("Transfer-Encoding", "chunked"), ("Set-Cookie", "a=1"), ("Set-Cookie", "b=2")])
