@@ -30,6 +30,11 @@ class UpstreamPool:
         self._per_client = max(1, int(size * share))
         self._held: dict[str, int] = {}
 
+    @property
+    def waiting(self) -> int:
+        """Requests queued for a slot now."""
+        return len(self._waiters)
+
     def try_acquire(self, client: str) -> bool:
         """Take a free slot at once: False when the pool is full and `acquire` must wait.
 
@@ -56,6 +61,8 @@ class UpstreamPool:
         except BaseException as exc:  # timed out, or the client left while waiting
             if waiter.done() and not waiter.cancelled():
                 self._hand_on()  # a slot was handed over just as the wait ended: pass it on
+            else:
+                self._waiters.remove(waiter)  # a full pool refusing many must not grow the queue
             if isinstance(exc, TimeoutError):
                 raise GatewayFailure(BUSY) from None
             raise

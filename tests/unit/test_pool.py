@@ -65,6 +65,24 @@ async def test_a_full_pool_is_waited_for_at_most_wait_s() -> None:
     assert pool.try_acquire("b")
 
 
+async def test_requests_that_stop_waiting_leave_the_queue() -> None:
+    """A pool held full (long streams) refusing request after request must not grow its queue."""
+    pool = UpstreamPool(size=1, wait_s=0.001, share=1.0)
+    assert pool.try_acquire("a")
+    for n in range(50):
+        with pytest.raises(GatewayFailure):
+            await pool.acquire(f"timed-out-{n}")
+    leaving = [asyncio.create_task(pool.acquire(f"leaving-{n}")) for n in range(50)]
+    await asyncio.sleep(0)
+    assert pool.waiting == 50
+    for task in leaving:
+        task.cancel()
+    await asyncio.gather(*leaving, return_exceptions=True)
+    assert pool.waiting == 0
+    pool.release("a")
+    assert pool.try_acquire("b")
+
+
 def test_one_address_holds_at_most_its_share() -> None:
     pool = UpstreamPool(size=4, wait_s=30, share=0.5)
     assert pool.try_acquire("a") and pool.try_acquire("a")
