@@ -220,7 +220,11 @@ class BodyRewriter:
         return codec.encode(text) + codec.encode_end()
 
     def whole(self, data: bytes) -> bytes:
-        """`feed(data)` then `finish()` for a body already complete: one pass of the rules over its text."""
+        """The whole rewritten body for a body already complete: one pass of the rules over its text.
+
+        Same limits as `feed`; past the growth ratio the body passes as it came (the stream passes the
+        rest as it came: for a body seen whole, the rest is all of it).
+        """
         codec = self._codec
         self._raw += len(data)
         pieces = []
