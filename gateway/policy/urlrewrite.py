@@ -200,11 +200,8 @@ class BodyRewriter:
 
     def feed(self, chunk: bytes) -> Iterator[bytes]:
         codec = self._codec
-        self._raw += len(chunk)
         produced = False
-        for piece in codec.decode(chunk):
-            self._decoded += len(piece)
-            self._check_inflation()
+        for piece in self._decode(chunk):
             out = codec.encode(self._rewrite(piece))
             if out:
                 produced = True
@@ -226,20 +223,24 @@ class BodyRewriter:
         rest as it came: for a body seen whole, the rest is all of it).
         """
         codec = self._codec
-        self._raw += len(data)
-        pieces = []
-        for piece in codec.decode(data):
-            self._decoded += len(piece)
-            self._check_inflation()
-            pieces.append(piece)
-        pieces.append(codec.decode_end())
-        text = b"".join(pieces)
+        text = b"".join(self._decode(data)) + codec.decode_end()
         out = self._rules.rewrite_all(text) if self._stream is not None else text
         self._stream = None
-        if len(out) > self._limits.max_growth_ratio * max(len(text), GROWTH_SLACK):
+        if self._past_growth(len(text), len(out)):
             self.skipped = "growth"
             out = text
         return codec.encode(out) + codec.encode_end()
+
+    def _decode(self, data: bytes) -> Iterator[bytes]:
+        """The decoded pieces of `data`, counted and held to the decoded-size and inflate limits."""
+        self._raw += len(data)
+        for piece in self._codec.decode(data):
+            self._decoded += len(piece)
+            self._check_inflation()
+            yield piece
+
+    def _past_growth(self, text_in: int, text_out: int) -> bool:
+        return text_out > self._limits.max_growth_ratio * max(text_in, GROWTH_SLACK)
 
     def _check_inflation(self) -> None:
         limits = self._limits
@@ -255,7 +256,7 @@ class BodyRewriter:
         out = stream.feed(text)
         self._text_in += len(text)
         self._text_out += len(out)
-        if self._text_out > self._limits.max_growth_ratio * max(self._text_in, GROWTH_SLACK):
+        if self._past_growth(self._text_in, self._text_out):
             self.skipped = "growth"  # the rest passes as it came, held-back bytes included
             self._stream = None
             out += stream.finish()
