@@ -8,6 +8,7 @@ codes, tunnel close reasons, `in`/`out`, `success`/`failure`. Never a token, a p
 from __future__ import annotations
 
 from bisect import bisect_left
+from collections import defaultdict
 from collections.abc import Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
@@ -21,6 +22,7 @@ from gateway.exchange import Exchange
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_BUCKET_LABELS = (*map(floatToGoString, DURATION_BUCKETS), "+Inf")
 
 
 class RequestCounts(Collector):
@@ -31,9 +33,9 @@ class RequestCounts(Collector):
     """
 
     def __init__(self) -> None:
-        self.requests: dict[tuple[str, int], int] = {}  # (route, status)
-        self.refusals: dict[str, int] = {}  # error code
-        self.bytes: dict[tuple[str, str], int] = {}  # (route, in|out)
+        self.requests: defaultdict[tuple[str, int], int] = defaultdict(int)  # (route, status)
+        self.refusals: defaultdict[str, int] = defaultdict(int)  # error code
+        self.bytes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (route, in|out)
         self.durations: dict[str, list[float]] = {}  # route -> [count per bucket..., +Inf, sum]
 
     def observe(self, route: str, seconds: float) -> None:
@@ -70,9 +72,7 @@ class RequestCounts(Collector):
         )
         for route, counts in self.durations.items():
             cumulative, buckets = 0.0, []
-            for bound, in_bucket in zip(
-                (*map(floatToGoString, DURATION_BUCKETS), "+Inf"), counts, strict=False
-            ):
+            for bound, in_bucket in zip(_BUCKET_LABELS, counts[:-1], strict=True):
                 cumulative += in_bucket
                 buckets.append((bound, cumulative))
             durations.add_metric((route,), buckets, counts[-1])
@@ -109,19 +109,15 @@ class Metrics:
         """Count one finished request: its route and status, its error code, its bytes and upstream time."""
         counts = self.counts
         route = exchange.metric_route
-        status = (route, exchange.status)
-        counts.requests[status] = counts.requests.get(status, 0) + 1
+        counts.requests[route, exchange.status] += 1
         if exchange.error is not None:
-            code = str(exchange.error.code)
-            counts.refusals[code] = counts.refusals.get(code, 0) + 1
+            counts.refusals[str(exchange.error.code)] += 1
         if exchange.upstream_seconds is not None:
             counts.observe(route, exchange.upstream_seconds)
         if exchange.bytes_in:
-            key = (route, "in")
-            counts.bytes[key] = counts.bytes.get(key, 0) + exchange.bytes_in
+            counts.bytes[route, "in"] += exchange.bytes_in
         if exchange.bytes_out:
-            key = (route, "out")
-            counts.bytes[key] = counts.bytes.get(key, 0) + exchange.bytes_out
+            counts.bytes[route, "out"] += exchange.bytes_out
 
     def storage_error(self) -> None:
         self.storage_errors.inc()
