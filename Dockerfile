@@ -1,36 +1,48 @@
-# bt-gateway: slim runtime image, non-root, config at /etc/bt-gateway/gateway.yaml.
+# bt-gateway: slim runtime image, numeric non-root user, config at /etc/bt-gateway/gateway.yaml.
 # The base image is pinned to a version tag; bump it deliberately (and pin a digest in your registry).
+# Build: `make image` (docker or podman). Every Python package comes from the hashed locks
+# (requirements.lock, requirements-build.lock; `make lock` regenerates both from pyproject.toml).
 ARG PYTHON_IMAGE=python:3.11.11-slim-bookworm
 
-# Build stage: wheels for the dependencies first (their own layer, rebuilt only when pyproject.toml
-# changes), then the gateway's own wheel. uvloop, brotli and zstandard may need a compiler.
-FROM ${PYTHON_IMAGE} AS build
-RUN apt-get update && apt-get install -y --no-install-recommends gcc libc6-dev && rm -rf /var/lib/apt/lists/*
-WORKDIR /src
-COPY pyproject.toml README.md ./
-RUN mkdir gateway && echo '__version__ = "0"' > gateway/__init__.py \
-    && pip wheel --no-cache-dir --wheel-dir /deps . && rm /deps/bt_gateway-*.whl
-COPY gateway ./gateway
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /app .
+# Build stages: published wheels only (no compiler), each checked against its hash in the lock. The
+# dependencies go into a venv of their own, in a stage rebuilt only when the lock changes; the gateway's
+# own wheel is built with the locked build tools.
+FROM ${PYTHON_IMAGE} AS deps
+COPY requirements.lock /tmp/
+RUN python -m venv --without-pip /opt/bt-gateway \
+    && pip --python /opt/bt-gateway/bin/python install --no-cache-dir --only-binary=:all: \
+        --require-hashes --no-deps -r /tmp/requirements.lock
 
-# Runtime stage: no compiler, no pip cache, no source tree; dependencies in a layer of their own.
+FROM ${PYTHON_IMAGE} AS app
+WORKDIR /src
+COPY requirements-build.lock ./
+RUN pip install --no-cache-dir --only-binary=:all: --require-hashes -r requirements-build.lock
+COPY pyproject.toml README.md ./
+COPY gateway ./gateway
+RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /app .
+
+# Runtime stage: no build tools, no pip cache, no source tree; the dependencies' venv is a layer of its
+# own (the same path as where it was built, so its scripts and bytecode point where they are).
 FROM ${PYTHON_IMAGE}
-RUN useradd --system --uid 10001 --no-create-home bt-gateway
-COPY --from=build /deps /deps
-RUN pip install --no-cache-dir --no-index /deps/*.whl && rm -rf /deps
-COPY --from=build /app /app
-RUN pip install --no-cache-dir --no-index --no-deps /app/*.whl && rm -rf /app
-# In a container both listeners face the container's network (probes and port publishing need it).
-# This is the image's config file, not an environment variable, so a mounted config still decides.
-COPY config/gateway.yaml /etc/bt-gateway/gateway.yaml
-RUN sed -i 's/^listen: {host: 127.0.0.1,/listen: {host: 0.0.0.0,/; s/^admin: {host: 127.0.0.1,/admin: {host: 0.0.0.0,/' \
-        /etc/bt-gateway/gateway.yaml \
-    && grep -q '^admin: {host: 0.0.0.0, port: 9901}' /etc/bt-gateway/gateway.yaml
-ENV BT_GATEWAY_CONFIG=/etc/bt-gateway/gateway.yaml \
-    PYTHONUNBUFFERED=1
-USER bt-gateway
+# A numeric user and group: Kubernetes' runAsNonRoot can only verify a numeric USER (the manifests in
+# deploy/ name the same 10001:10001; tests/integration/test_deploy.py keeps them in step).
+RUN groupadd --gid 10001 bt-gateway \
+    && useradd --uid 10001 --gid 10001 --no-create-home --no-log-init --shell /usr/sbin/nologin bt-gateway
+COPY --from=deps /opt/bt-gateway /opt/bt-gateway
+COPY --from=app /app /app
+RUN pip --python /opt/bt-gateway/bin/python install --no-cache-dir --no-index --no-deps /app/*.whl \
+    && rm -rf /app && pip --python /opt/bt-gateway/bin/python check
+# The container config: both listeners face the container's network, so published ports and probes
+# reach them. A file, not an environment variable, so a config mounted over it still decides.
+COPY deploy/gateway.yaml /etc/bt-gateway/gateway.yaml
+ENV PATH=/opt/bt-gateway/bin:$PATH \
+    BT_GATEWAY_CONFIG=/etc/bt-gateway/gateway.yaml \
+    PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1
+USER 10001:10001
 EXPOSE 8080 9901
-HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 \
-    CMD ["python", "-c", "import urllib.request,sys; sys.exit(0 if urllib.request.urlopen('http://127.0.0.1:9901/healthz', timeout=2).status == 200 else 1)"]
+# Probes the admin listener where the outside reaches it (the container's own address, not loopback):
+# a config that binds the admin listener to 127.0.0.1 shows as unhealthy instead of passing unseen.
+HEALTHCHECK --interval=10s --timeout=3s --start-period=5s --retries=3 CMD ["bt-gateway", "probe"]
 ENTRYPOINT ["bt-gateway"]
 CMD ["serve"]

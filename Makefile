@@ -14,7 +14,17 @@ JS_STAMP := $(JS_DIR)/node_modules/.installed
 HAVE_NODE := $(shell command -v node >/dev/null 2>&1 && command -v npm >/dev/null 2>&1 && echo yes)
 JS_DEPS := $(if $(HAVE_NODE),$(JS_STAMP),no-node)
 
-.PHONY: run test lint bench soak clean no-node
+# `make image`: the container image, with docker when its engine runs, else podman (docker image format,
+# which keeps the HEALTHCHECK). IMAGE names it; PYTHON_IMAGE replaces the Dockerfile's base image.
+VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
+IMAGE ?= bt-gateway:$(VERSION)
+ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
+IMAGE_FLAGS := $(if $(filter podman,$(ENGINE)),--format docker) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
+# `make lock`: pins with hashes from PyPI alone (no local pip config); PIP_CERT for a TLS-inspecting proxy.
+LOCK_ENV := PIP_CONFIG_FILE=/dev/null $(if $(PIP_CERT),PIP_CERT=$(PIP_CERT),$(if $(wildcard /etc/ssl/certs/ca-certificates.crt),PIP_CERT=/etc/ssl/certs/ca-certificates.crt))
+LOCK_FLAGS := --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links
+
+.PHONY: run test lint bench soak clean no-node image lock
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -51,6 +61,14 @@ bench: $(TEST_STAMP)
 		command -v redis-cli >/dev/null && command -v curl >/dev/null || \
 		(apt-get update -q && apt-get install -y -q nginx-light wrk redis-server curl)
 	$(BIN)/python bench/run.py
+
+image:
+	$(ENGINE) build $(IMAGE_FLAGS) -t $(IMAGE) .
+
+lock: $(TEST_STAMP)
+	$(LOCK_ENV) $(BIN)/pip-compile $(LOCK_FLAGS) -o requirements.lock pyproject.toml
+	$(LOCK_ENV) $(BIN)/pip-compile $(LOCK_FLAGS) --only-build-deps --build-deps-for wheel \
+		-o requirements-build.lock pyproject.toml
 
 # A bounded mixed load against the real gateway (127.0.0.1 only, at most 10 minutes): memory and open
 # files must stay flat. Not part of `make test`. SOAK_SECONDS sets the length.

@@ -1,4 +1,4 @@
-"""Command line: `serve`, `check-config`, `--version`.
+"""Command line: `serve`, `check-config`, `probe`, `hash-password`, `--version`.
 
 Config problems exit 2 with one line each and no traceback.
 """
@@ -46,11 +46,13 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"bt-gateway {__version__}")
     commands = parser.add_subparsers(dest="command", required=True)
+    subs = {}
     for name, text in (
         ("serve", "run the gateway"),
         ("check-config", "validate and print the effective config"),
+        ("probe", "health check: ask the admin listener from outside (exit 0 healthy, 1 not)"),
     ):
-        sub = commands.add_parser(name, help=text)
+        subs[name] = sub = commands.add_parser(name, help=text)
         sub.add_argument(
             "-c",
             "--config",
@@ -58,6 +60,7 @@ def _parser() -> argparse.ArgumentParser:
         )
         for option, _, kind in _FLAGS:
             sub.add_argument(option, type=kind, default=None)
+    subs["probe"].add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
     hasher = commands.add_parser("hash-password", help="print a scrypt hash for forward_proxy.auth.users")
     hasher.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     return parser
@@ -105,9 +108,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _config_errors(exc.problems)
     if args.command == "check-config":
         return check_config(loaded)
+    if args.command == "probe":
+        return _probe(loaded, args.ready)
     if loaded.config.workers > 1 and worker_index() is None:
         return _supervise(loaded, list(sys.argv[1:] if argv is None else argv))
     return serve(loaded, _flags(args))
+
+
+def _probe(loaded: LoadedConfig, ready: bool) -> int:
+    """The image's HEALTHCHECK: silent when healthy, one line saying why when not."""
+    from gateway.probe import probe
+
+    problem = probe(loaded.config.admin, "/readyz" if ready else "/healthz")
+    if problem is None:
+        return 0
+    print(f"bt-gateway: {problem}", file=sys.stderr)
+    return 1
 
 
 def _config_errors(problems: list[str]) -> int:
@@ -188,7 +204,8 @@ def serve(loaded: LoadedConfig, flags: tuple[Override, ...] = ()) -> int:
 async def _serve(loaded: LoadedConfig, flags: tuple[Override, ...]) -> int:
     """Serve until a stop signal; SIGHUP reloads the config (re-read with the same flags)."""
     from gateway.generation import BuildError
-    from gateway.server import Gateway, StartupError
+    from gateway.listeners import StartupError
+    from gateway.server import Gateway
 
     log = get_logger("gateway.cli")
     loop = asyncio.get_running_loop()

@@ -21,6 +21,7 @@ from gateway.errors import Code, GatewayError
 from gateway.exchange import Exchange, request_id
 from gateway.generation import BuildError, Generation
 from gateway.handler import ProxyHandler
+from gateway.listeners import listen, warn_if_admin_unreachable
 from gateway.logs import configure, get_logger
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.policy.credentials import digest_of
@@ -31,10 +32,6 @@ from gateway.tunnel import Tunnels, TunnelStats
 log = get_logger("gateway.server")
 SHUTTING_DOWN = GatewayError(Code.SHUTTING_DOWN, "the gateway is shutting down")
 DRAIN_CEILING_S = 24 * 3600.0  # aiohttp's own drain bound; stop() cancels at shutdown_timeout_s instead
-
-
-class StartupError(Exception):
-    """A listener could not be opened; the message names it and says why, in one line."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,33 +96,20 @@ class Gateway:
         )
         runner = web.ServerRunner(proxy, shutdown_timeout=DRAIN_CEILING_S)
         shared = config.workers > 1  # the workers share the listen port; the kernel spreads connections
-        listen, admin = config.listen, config.admin
-        self.ports["listen"] = await self._listen(runner, "listen", listen.host, listen.port, shared)
+        proxy_at, admin = config.listen, config.admin
+        self._runners.append(runner)
+        self.ports["listen"] = await listen(runner, "listen", proxy_at.host, proxy_at.port, shared)
         admin_port = admin.port + self.worker if admin.port else 0
         admin_runner = web.AppRunner(self._admin_app(), access_log=None)
-        self.ports["admin"] = await self._listen(admin_runner, "admin", admin.host, admin_port)
+        self._runners.append(admin_runner)
+        self.ports["admin"] = await listen(admin_runner, "admin", admin.host, admin_port)
+        warn_if_admin_unreachable(admin.host, self.ports["admin"])
         self.ready = self.started = True
         where = {"worker": self.worker, "pid": os.getpid()} if shared else {}
         log.info(
             "gateway_started", listen=self.ports["listen"], admin=self.ports["admin"], config=origin, **where
         )
         _log_warnings(self.generation)
-
-    async def _listen(
-        self, runner: web.BaseRunner, name: str, host: str, port: int, reuse_port: bool = False
-    ) -> int:
-        await runner.setup()
-        self._runners.append(runner)
-        site = web.TCPSite(
-            runner, host, port, backlog=1024, reuse_address=True, reuse_port=reuse_port or None
-        )
-        try:
-            await site.start()
-        except OSError as exc:
-            reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
-            raise StartupError(f"cannot listen on {host}:{port} ({name}): {reason}") from None
-        server: Any = site._server
-        return int(server.sockets[0].getsockname()[1])
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """One request on the current generation, which it holds until it ends; logged and counted once."""

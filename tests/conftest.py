@@ -83,11 +83,11 @@ async def canary() -> AsyncIterator[Canary]:
 
 
 async def _serve(
-    app: web.Application, ssl_context: ssl.SSLContext | None = None
+    app: web.Application, ssl_context: ssl.SSLContext | None = None, host: str = "127.0.0.1"
 ) -> tuple[web.AppRunner, int]:
     runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
     await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0, ssl_context=ssl_context)
+    site = web.TCPSite(runner, host, 0, ssl_context=ssl_context)
     await site.start()
     server: Any = site._server
     return runner, server.sockets[0].getsockname()[1]
@@ -98,6 +98,16 @@ async def upstream(canary: Canary) -> AsyncIterator[Upstream]:
     recorder = Recorder()
     runner, port = await _serve(make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"))
     yield Upstream(url=f"http://127.0.0.1:{port}", port=port, recorder=recorder)
+    recorder.sse_gate.set()
+    await runner.cleanup()
+
+
+@pytest.fixture
+async def host_upstream(canary: Canary) -> AsyncIterator[Upstream]:
+    """The upstream on every host address: containers reach it as `host.containers.internal`."""
+    recorder = Recorder()
+    runner, port = await _serve(make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"), host="0.0.0.0")
+    yield Upstream(url=f"http://host.containers.internal:{port}", port=port, recorder=recorder)
     recorder.sse_gate.set()
     await runner.cleanup()
 

@@ -6,27 +6,18 @@ Redis test would hide a broken shared-limit feature.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import time
 from pathlib import Path
 
-import pytest
-
 from tests.clients import free_port
+from tests.tools import require_binaries
 
 
 class RedisServer:
     def __init__(self, workdir: Path) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            message = "redis-server is not installed"
-            if os.environ.get("CI") == "true":
-                pytest.fail(message + " (required under CI=true)")
-            pytest.skip(message)
-        self.binary = binary
+        self.binary = require_binaries("redis-server")["redis-server"]
         self.workdir = workdir
         self.port = free_port()
         self.proc: subprocess.Popen[bytes] | None = None

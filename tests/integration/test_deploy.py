@@ -1,8 +1,10 @@
-"""The deployment kit: every gateway config it embeds passes the real `check-config`, with the env beside it.
+"""The deployment kit's files agree with each other: configs the gateway accepts, one user everywhere.
 
-No cluster and no Docker engine run here, so the manifests are checked for what can go wrong in them: a
-config the gateway refuses, probes on the wrong port, a grace period shorter than the drain, an image
-default that overrides the mounted config.
+No cluster runs here, so the manifests are checked for what can go wrong in them: a config the gateway
+refuses, probes on the wrong port, a grace period shorter than the drain, a securityContext the image does
+not satisfy, a NetworkPolicy that lets something other than the gateway out, a lock that no longer pins
+what pyproject.toml asks for. The image and the compose file are built and run for real in
+test_container.py.
 """
 
 from __future__ import annotations
@@ -10,11 +12,14 @@ from __future__ import annotations
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -88,28 +93,143 @@ def test_the_replicas_share_one_redis_limit() -> None:
     assert deployment["spec"]["replicas"] > 1
 
 
-def test_compose_runs_the_shipped_config_against_its_redis(tmp_path: Path) -> None:
+def test_compose_runs_the_container_config_against_its_redis(tmp_path: Path) -> None:
     compose = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())
     service = compose["services"]["bt-gateway"]
     [volume] = [v for v in service["volumes"] if v.split(":")[1] == f"{CONFIG_DIR}/gateway.yaml"]
     source = (ROOT / "deploy" / volume.split(":")[0]).resolve()
+    assert source == ROOT / "deploy/gateway.yaml"  # the container config, not the loopback one
     config = check_config(source, dict(service["environment"]))
+    assert (config["listen"]["host"], config["admin"]["host"]) == ("0.0.0.0", "0.0.0.0")
     assert config["rate_limit"]["storage"] == "redis://redis:6379/0"
     assert "redis" in compose["services"]
 
 
-def test_the_image_config_faces_the_container_network_and_stays_overridable(tmp_path: Path) -> None:
-    """The Dockerfile edits its copy of the shipped config (no ENV that would beat a mounted config)."""
+def test_the_image_carries_the_container_config_and_sets_nothing_over_it() -> None:
+    """The image's config is a file (deploy/gateway.yaml), so a config mounted over it decides."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim", dockerfile, re.M)  # pinned tag
+    assert f"COPY deploy/gateway.yaml {CONFIG_DIR}/gateway.yaml" in dockerfile
     assert "BT_GATEWAY_LISTEN_HOST" not in dockerfile and "BT_GATEWAY_ADMIN_HOST" not in dockerfile
-    assert dockerfile.index("--wheel-dir /deps") < dockerfile.index("COPY gateway ")  # deps layer first
-    [script] = re.findall(r"sed -i '([^']+)'", dockerfile)
-    image_config = tmp_path / "gateway.yaml"
-    image_config.write_text((ROOT / "config/gateway.yaml").read_text())
-    subprocess.run(["sed", "-i", script, str(image_config)], check=True)
-    config = check_config(image_config, {})
+    config = check_config(ROOT / "deploy/gateway.yaml", {})
     assert (config["listen"]["host"], config["admin"]["host"]) == ("0.0.0.0", "0.0.0.0")
+    assert (config["listen"]["port"], config["admin"]["port"]) == (8080, 9901)
+    assert "EXPOSE 8080 9901" in dockerfile
+
+
+def image_user() -> tuple[int, int]:
+    [(uid, gid)] = re.findall(r"^USER (\d+):(\d+)$", (ROOT / "Dockerfile").read_text(), re.M)
+    return int(uid), int(gid)
+
+
+@pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
+def test_every_gateway_container_runs_as_the_images_numeric_user_locked_down(manifest: Path) -> None:
+    """The kubelet verifies runAsNonRoot only against a numeric user: the image's, named the same here."""
+    uid, gid = image_user()
+    assert uid != 0 and gid != 0
+    docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
+    for _, container, _ in gateway_pods(docs):
+        assert container["securityContext"] == {
+            "runAsUser": uid,
+            "runAsGroup": gid,
+            "runAsNonRoot": True,
+            "readOnlyRootFilesystem": True,
+            "allowPrivilegeEscalation": False,
+            "capabilities": {"drop": ["ALL"]},
+            "seccompProfile": {"type": "RuntimeDefault"},
+        }
+
+
+def test_compose_runs_the_gateway_as_the_images_user_locked_down() -> None:
+    uid, gid = image_user()
+    service = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())["services"]["bt-gateway"]
+    assert service["user"] == f"{uid}:{gid}"
+    assert service["read_only"] is True and service["cap_drop"] == ["ALL"]
+    assert service["security_opt"] == ["no-new-privileges:true"]
+
+
+def policies(docs: list[dict[str, Any]]) -> dict[str, dict[str, Any]]:
+    return {d["metadata"]["name"]: d["spec"] for d in docs if d["kind"] == "NetworkPolicy"}
+
+
+DNS_PORTS = [{"protocol": "UDP", "port": 53}, {"protocol": "TCP", "port": 53}]
+
+
+def test_in_the_replicas_pattern_only_the_gateway_pods_reach_the_internet() -> None:
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/replicas-redis.yaml").read_text()) if d]
+    specs = policies(docs)
+    [(pod, container, _)] = gateway_pods(docs)
+    [gateway] = [d for d in docs if d["kind"] == "Deployment" and d["spec"]["template"]["spec"] is pod]
+    gateway_labels = gateway["spec"]["template"]["metadata"]["labels"]
+    proxy_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "proxy")
+    # Every pod the kit runs is under an egress policy: nothing it ships has open egress.
+    for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        labels = deployment["spec"]["template"]["metadata"]["labels"]
+        assert any(
+            "Egress" in spec["policyTypes"] and spec["podSelector"]["matchLabels"].items() <= labels.items()
+            for spec in specs.values()
+        ), deployment["metadata"]["name"]
+    # Only a policy selecting the gateway pods opens anything by address, and never the private ranges.
+    for name, spec in specs.items():
+        blocks = [
+            peer["ipBlock"] for rule in spec.get("egress", []) for peer in rule["to"] if "ipBlock" in peer
+        ]
+        if blocks:
+            assert spec["podSelector"]["matchLabels"] == gateway_labels, name
+            assert all("except" in block for block in blocks)
+            assert "10.0.0.0/8" in blocks[0]["except"]
+    # The clients' policy: the gateway's proxy port and DNS, nothing else.
+    [client] = [s for s in specs.values() if s["podSelector"]["matchLabels"] == {"bt-gateway-client": "true"}]
+    assert client["policyTypes"] == ["Egress"]
+    [to_gateway, to_dns] = client["egress"]
+    [peer] = to_gateway["to"]
+    assert peer["podSelector"]["matchLabels"] == gateway_labels
+    namespace = gateway["metadata"]["namespace"]
+    assert peer["namespaceSelector"]["matchLabels"] == {"kubernetes.io/metadata.name": namespace}
+    assert to_gateway["ports"] == [{"protocol": "TCP", "port": proxy_port}]
+    assert to_dns["ports"] == DNS_PORTS and "ipBlock" not in to_dns["to"][0]
+    # The gateway takes proxy traffic from clients only.
+    [gateway_policy] = [s for s in specs.values() if s["podSelector"]["matchLabels"] == gateway_labels]
+    [from_clients] = [
+        r for r in gateway_policy["ingress"] if {"protocol": "TCP", "port": proxy_port} in r["ports"]
+    ]
+    assert [p["podSelector"]["matchLabels"] for p in from_clients["from"]] == [{"bt-gateway-client": "true"}]
+
+
+def lock_pins(path: Path) -> dict[str, tuple[str, str | None, list[str], int]]:
+    """pip-compile's output: name -> (version, marker, the `via` names, hash count)."""
+    pins: dict[str, tuple[str, str | None, list[str], int]] = {}
+    name = ""
+    for line in path.read_text().splitlines():
+        entry = re.match(r"^([A-Za-z0-9_.-]+)==([^ ;\\]+)(?: ; (.+?))? \\$", line)
+        if entry:
+            name = canonicalize_name(entry[1])
+            pins[name] = (entry[2], entry[3], [], 0)
+        elif name and line.strip().startswith("--hash=sha256:"):
+            version, marker, via, hashes = pins[name]
+            pins[name] = (version, marker, via, hashes + 1)
+        elif name and (via := re.match(r"^ {4}#(?: via)? +(\S.*)$", line)):
+            pins[name][2].append(via[1].removeprefix("via ").strip())
+    return pins
+
+
+def test_the_lock_pins_exactly_what_pyproject_asks_for() -> None:
+    """`make lock` after any change to the dependencies: the image installs the lock, not pyproject."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    runtime = lock_pins(ROOT / "requirements.lock")
+    build = lock_pins(ROOT / "requirements-build.lock")
+    for pins, wanted, via in (
+        (runtime, project["project"]["dependencies"], "bt-gateway (pyproject.toml)"),
+        (build, project["build-system"]["requires"], "bt-gateway (pyproject.toml::build-system.requires)"),
+    ):
+        asked = {canonicalize_name(r.name): r for r in map(Requirement, wanted)}
+        direct = {name for name, (_, _, vias, _) in pins.items() if via in vias}
+        assert direct == set(asked), "the lock's direct dependencies differ from pyproject's: run make lock"
+        for name, requirement in asked.items():
+            version, marker, _, _ = pins[name]
+            assert requirement.specifier.contains(version, prereleases=True), f"{name}=={version}"
+            assert marker == (str(requirement.marker) if requirement.marker else None), name
+        assert asked and [name for name, (_, _, _, hashes) in pins.items() if hashes == 0] == []
 
 
 def test_the_license_is_the_one_pyproject_names() -> None:

@@ -1,0 +1,62 @@
+"""Opening the gateway's listening sockets, and saying so when the admin one cannot be reached from outside.
+
+Inside a container, 127.0.0.1 is the container's own loopback: a listener bound there is out of reach of
+published ports and of the kubelet's probes. The proxy port may rightly stay there (a sidecar serves only
+its own pod), but the admin listener exists to be probed, so that case is logged at start-up.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from aiohttp import web
+
+from gateway.logs import get_logger
+
+log = get_logger("gateway.listeners")
+CONTAINER_MARKERS = (Path("/run/.containerenv"), Path("/.dockerenv"))  # podman and CRI-O; docker
+BACKLOG = 1024
+
+
+class StartupError(Exception):
+    """A listener could not be opened; the message names it and says why, in one line."""
+
+
+async def listen(runner: web.BaseRunner, name: str, host: str, port: int, reuse_port: bool = False) -> int:
+    """Set up `runner` and listen on host:port; return the port bound (the one picked when `port` is 0)."""
+    await runner.setup()
+    site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True, reuse_port=reuse_port or None)
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
+        raise StartupError(f"cannot listen on {host}:{port} ({name}): {reason}") from None
+    server: Any = site._server
+    return int(server.sockets[0].getsockname()[1])
+
+
+def in_container(env: Mapping[str, str] = os.environ) -> bool:
+    """A container runtime's marker file, or the variable Kubernetes sets in every pod."""
+    return "KUBERNETES_SERVICE_HOST" in env or any(marker.exists() for marker in CONTAINER_MARKERS)
+
+
+def is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
+def warn_if_admin_unreachable(host: str, port: int) -> None:
+    """The admin listener on loopback inside a container: probes fail and published ports reach nothing."""
+    if is_loopback(host) and in_container():
+        log.warning(
+            "admin_unreachable_from_outside",
+            admin=f"{host}:{port}",
+            detail="inside a container only the container itself reaches loopback: probes and published "
+            "ports cannot; set admin.host (and listen.host, unless this is a sidecar) to 0.0.0.0",
+        )
