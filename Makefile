@@ -77,3 +77,10 @@ soak: $(TEST_STAMP)
 
 clean:
 	rm -rf $(VENV) build *.egg-info $(JS_DIR)/node_modules
+
+# The gateway in front of a stand-in Braintrust (tests/fake_braintrust.py) on 127.0.0.1: no account, no
+# network. Prints the SDK environment; Ctrl-C stops both. TRY_PORT=0 takes any free port.
+TRY_PORT ?= 8080
+.PHONY: try
+try: $(RUN_STAMP)
+	$(BIN)/python -m tests.try_offline --port $(TRY_PORT)

@@ -6,7 +6,8 @@ checked by tests/integration/test_fake_braintrust.py and tests/integration/test_
 control plane (the app URL, `BRAINTRUST_APP_URL`)
     POST /api/apikey/login            -> {"org_info": [{id, name, api_url, proxy_url, realtime_url,
                                           git_metadata, is_universal_api, app_url}]}
-    GET  /app/...                     -> a small HTML page (the webapp; permalinks point here)
+    GET  /app/...                     -> a small HTML page (the webapp; permalinks point here), the one
+                                         path served without the API key, as a browser asks for it
     POST /api/base_experiment/get_id  -> 400 when there is no base experiment (as the real app)
     POST /api/{project,experiment,dataset}/register -> {"project": ..., "<kind>": ...}: how the JS SDK
                                          (and older Python SDKs) create or find objects; an experiment
@@ -370,6 +371,7 @@ class FakeBraintrust:
                 if (
                     keyed
                     and self.api_key is not None
+                    and not request.path.startswith("/app/")
                     and request.headers.get("Authorization") != (f"Bearer {self.api_key}")
                 ):
                     status = 401

@@ -10,15 +10,24 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import yaml
 
 
 class GatewayProcess:
-    """A gateway subprocess; its stdout JSON log lines are collected in `lines`."""
+    """A gateway subprocess; its stdout JSON log lines are collected in `lines` (and copied to `echo`)."""
 
-    def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        tmp_path: Path,
+        env: dict[str, str] | None = None,
+        echo: TextIO | None = None,
+        new_session: bool = False,
+    ) -> None:
+        """`new_session`: a process group of its own, so a Ctrl-C meant for the caller does not reach it
+        too (the caller stops it with one signal; a second one could arrive as it exits, and kill it)."""
         config = {
             "listen": {"host": "127.0.0.1", "port": 0},
             "admin": {"host": "127.0.0.1", "port": 0},
@@ -29,6 +38,7 @@ class GatewayProcess:
         self.lines: list[dict[str, Any]] = []
         self.raw_lines: list[str] = []
         self._started = threading.Event()
+        self._echo = echo
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
             [str(Path(sys.executable).parent / "bt-gateway"), "serve", "-c", str(self.config_path)],
@@ -36,13 +46,14 @@ class GatewayProcess:
             stderr=subprocess.STDOUT,
             env=full_env,
             text=True,
+            start_new_session=new_session,
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
-        if not self._started.wait(30):
+        started = next(iter(self.events("gateway_started")), None) if self._started.wait(30) else None
+        if started is None:
             self.stop()
-            raise RuntimeError(f"gateway did not start: {self.raw_lines}")
-        started = next(line for line in self.lines if line.get("event") == "gateway_started")
+            raise RuntimeError(f"gateway did not start: {''.join(self.raw_lines)}")
         self.port = int(started["listen"])
         self.admin_port = int(started["admin"])
         self.url = f"http://127.0.0.1:{self.port}"
@@ -51,6 +62,9 @@ class GatewayProcess:
         assert self.proc.stdout is not None
         for line in self.proc.stdout:
             self.raw_lines.append(line)
+            if self._echo is not None:
+                self._echo.write(line)
+                self._echo.flush()
             try:
                 event = json.loads(line)
             except ValueError:

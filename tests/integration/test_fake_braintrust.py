@@ -263,7 +263,8 @@ async def test_fake_records_what_it_does_not_understand(fake: FakeBraintrust) ->
             assert resp.status == 404
         async with client.post(f"{fake.data_url}/logs3", data=b"not json") as resp:
             assert resp.status == 400
-        async with client.get(
+    async with aiohttp.ClientSession() as browser:  # the webapp's pages: a browser sends no API key
+        async with browser.get(
             f"{fake.control_url}/app/acme/object?id=1", headers={"Accept": "text/html"}
         ) as resp:
             assert resp.status == 200 and resp.content_type == "text/html"

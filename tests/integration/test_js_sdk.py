@@ -31,7 +31,7 @@ FLOW_LIMIT_S = 120.0
 VIA = "1.1 bt-gateway"
 
 
-def _node() -> str:
+def require_node() -> str:
     node = shutil.which("node")
     missing = None
     if node is None:
@@ -89,7 +89,7 @@ def _templated(plane: PlaneRecord, ids: dict[str, str]) -> set[tuple[str, str]]:
 async def test_js_sdk_through_the_gateway_as_app_url(
     start_gateway: GatewayFactory, fake: FakeBraintrust
 ) -> None:
-    node = _node()
+    node = require_node()
     gw = await start_gateway(public_url=PUBLIC, **fake.gateway_config(rate_limit="off"))
     out = await run_flow(
         node,
