@@ -24,7 +24,7 @@ IMAGE_FLAGS := $(if $(filter podman,$(ENGINE)),--format docker) $(if $(PYTHON_IM
 LOCK_ENV := PIP_CONFIG_FILE=/dev/null $(if $(PIP_CERT),PIP_CERT=$(PIP_CERT),$(if $(wildcard /etc/ssl/certs/ca-certificates.crt),PIP_CERT=/etc/ssl/certs/ca-certificates.crt))
 LOCK_FLAGS := --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links
 
-.PHONY: run test lint bench soak clean no-node image lock
+.PHONY: run test lint bench soak clean no-node image lock try
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -81,6 +81,5 @@ clean:
 # The gateway in front of a stand-in Braintrust (tests/fake_braintrust.py) on 127.0.0.1: no account, no
 # network. Prints the SDK environment; Ctrl-C stops both. TRY_PORT=0 takes any free port.
 TRY_PORT ?= 8080
-.PHONY: try
 try: $(RUN_STAMP)
 	$(BIN)/python -m tests.try_offline --port $(TRY_PORT)

@@ -72,6 +72,9 @@ def test_each_manifest_runs_a_config_the_gateway_accepts(manifest: Path, tmp_pat
         assert ports["admin"] == config["admin"]["port"] and config["admin"]["host"] == "0.0.0.0"
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
         assert container["livenessProbe"]["httpGet"] == {"path": "/healthz", "port": "admin"}
+        # A ConfigMap edit reaches a directory mount (never a subPath one) as a new file: --watch reloads.
+        assert container["args"] == ["serve", "-c", f"{CONFIG_DIR}/gateway.yaml", "--watch"]
+        assert [m for m in container["volumeMounts"] if m["mountPath"] == CONFIG_DIR and "subPath" not in m]
         drain = config["shutdown_delay_s"] + config["shutdown_timeout_s"]
         assert pod["terminationGracePeriodSeconds"] >= drain + 5
         assert config["shutdown_delay_s"] > 0
