@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,17 @@ import yaml
 class GatewayProcess:
     """A gateway subprocess; its stdout JSON log lines are collected in `lines`."""
 
-    def __init__(self, config: dict[str, Any], tmp_path: Path, env: dict[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        config: dict[str, Any],
+        tmp_path: Path,
+        env: dict[str, str] | None = None,
+        args: Sequence[str] = (),
+    ) -> None:
+        """Write `config` to `tmp_path/gateway.yaml` (through it, if it is a symlink) and run `serve` on it.
+
+        `args` are extra `serve` arguments, such as `--watch`.
+        """
         config = {
             "listen": {"host": "127.0.0.1", "port": 0},
             "admin": {"host": "127.0.0.1", "port": 0},
@@ -31,7 +42,7 @@ class GatewayProcess:
         self._started = threading.Event()
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bt-gateway"), "serve", "-c", str(self.config_path)],
+            [str(Path(sys.executable).parent / "bt-gateway"), "serve", "-c", str(self.config_path), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,
