@@ -122,8 +122,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 def _watch_baseline(args: argparse.Namespace) -> bytes | None:
     """For `serve --watch`: the digest of the config file as it is before it is loaded, if readable."""
+    if args.command != "serve" or not args.watch:
+        return None
     path = config_path(args.config, os.environ)
-    if args.command != "serve" or not args.watch or path is None:
+    if path is None:
         return None
     try:
         return file_digest(path)
