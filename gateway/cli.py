@@ -23,6 +23,7 @@ from gateway.config.load import DEFAULT_PATHS, DEFAULTS, ConfigError, LoadedConf
 from gateway.config.overrides import Override, flag
 from gateway.config.redact import redacted
 from gateway.logs import configure, get_logger
+from gateway.watch import ConfigWatch, file_digest
 from gateway.workers import supervise, worker_index
 
 EXIT_CONFIG = 2
@@ -60,6 +61,12 @@ def _parser() -> argparse.ArgumentParser:
         )
         for option, _, kind in _FLAGS:
             sub.add_argument(option, type=kind, default=None)
+        if name == "serve":
+            sub.add_argument(
+                "--watch",
+                action="store_true",
+                help="reload when the config file's content changes (edits, renames, ConfigMap updates)",
+            )
     subs["probe"].add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
     hasher = commands.add_parser("hash-password", help="print a scrypt hash for forward_proxy.auth.users")
     hasher.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
@@ -102,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return _hash_password(args)
+    baseline = _watch_baseline(args)  # before the load: an edit during it is then reloaded
     try:
         loaded = _load(args)
     except ConfigError as exc:
@@ -110,9 +118,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(loaded)
     if args.command == "probe":
         return _probe(loaded, args.ready)
-    if loaded.config.workers > 1 and worker_index() is None:
+    if args.watch and loaded.path is None:
+        return _config_errors([f"--watch: there is no config file to watch ({DEFAULTS} are in use)"])
+    if loaded.config.workers > 1 and worker_index() is None:  # each worker gets --watch with argv
         return _supervise(loaded, list(sys.argv[1:] if argv is None else argv))
-    return serve(loaded, _flags(args))
+    return serve(loaded, _flags(args), watch=args.watch, baseline=baseline)
+
+
+def _watch_baseline(args: argparse.Namespace) -> bytes | None:
+    """For `serve --watch`: the digest of the config file as it is before it is loaded, if readable."""
+    if args.command != "serve" or not args.watch:
+        return None
+    path = config_path(args.config, os.environ)
+    if path is None:
+        return None
+    try:
+        return file_digest(path)
+    except OSError:
+        return None  # the load says why; if it works after all, the first poll reloads it
 
 
 def _probe(loaded: LoadedConfig, ready: bool) -> int:
@@ -193,16 +216,30 @@ def _tune_gc() -> None:
     gc.set_threshold(GC_YOUNG_THRESHOLD, middle, old)
 
 
-def serve(loaded: LoadedConfig, flags: tuple[Override, ...] = ()) -> int:
-    """Run until SIGTERM/SIGINT, then drain (`shutdown_delay_s`, then `shutdown_timeout_s`) and exit 0."""
+def serve(
+    loaded: LoadedConfig,
+    flags: tuple[Override, ...] = (),
+    watch: bool = False,
+    baseline: bytes | None = None,
+) -> int:
+    """Run until SIGTERM/SIGINT, then drain (`shutdown_delay_s`, then `shutdown_timeout_s`) and exit 0.
+
+    `watch`: also reload when the config file's content changes (gateway/watch.py), not only on SIGHUP;
+    `baseline` is the file's digest read before `loaded` was.
+    """
     config = loaded.config
     configure(config.logging.level, config.logging.format)
-    code: int = _event_loop_runner()(_serve(loaded, flags))
+    code: int = _event_loop_runner()(_serve(loaded, flags, watch, baseline))
     return code
 
 
-async def _serve(loaded: LoadedConfig, flags: tuple[Override, ...]) -> int:
-    """Serve until a stop signal; SIGHUP reloads the config (re-read with the same flags)."""
+async def _serve(
+    loaded: LoadedConfig, flags: tuple[Override, ...], watch: bool = False, baseline: bytes | None = None
+) -> int:
+    """Serve until a stop signal; SIGHUP (and with `watch`, a changed file) reloads the config.
+
+    The config is re-read with the same flags. The watcher stops before the drain: no reload starts then.
+    """
     from gateway.generation import BuildError
     from gateway.listeners import StartupError
     from gateway.server import Gateway
@@ -240,8 +277,14 @@ async def _serve(loaded: LoadedConfig, flags: tuple[Override, ...]) -> int:
         await gateway.stop()
         log.error("startup_failed", error=str(exc), config=loaded.origin)
         return 1
+    watcher = None
+    if watch and loaded.path is not None:
+        watcher = ConfigWatch(loaded.path, gateway.reload, on_check=gateway.metrics.watch_checks.inc)
+        watcher.start(baseline)
     _tune_gc()
     await stop.wait()
+    if watcher is not None:
+        await watcher.stop()
     gateway.drain()
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(hurry.wait(), loaded.config.shutdown_delay_s)

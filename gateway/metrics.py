@@ -100,6 +100,11 @@ class Metrics:
         self.reloads = Counter(
             "bt_gateway_config_reloads", "Config reloads, by result.", ("result",), registry=registry
         )
+        self.watch_checks = Counter(
+            "bt_gateway_config_watch_checks",
+            "Polls of the config file by `serve --watch` (each compares its content with the last).",
+            registry=registry,
+        )
         build = Gauge("bt_gateway_build_info", "The running version.", ("version",), registry=registry)
         build.labels(version=__version__).set(1)
         for result in ("success", "failure"):

@@ -1,4 +1,4 @@
-"""The aiohttp wiring: listeners, the live generation (swapped whole on reload), the admin endpoints.
+"""The aiohttp wiring: listeners, the live generation (swapped whole by reload.py), the admin endpoints.
 
 A low-level `web.Server` (no router) is used on purpose: every method, CONNECT included, and every request
 target reaches the handler unaltered, and parser errors get the same JSON errors as the rest.
@@ -9,39 +9,27 @@ from __future__ import annotations
 import asyncio
 import os
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
 
-from gateway.config.load import ConfigError, LoadedConfig
 from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError
 from gateway.exchange import Exchange, request_id
-from gateway.generation import BuildError, Generation
+from gateway.generation import Generation
 from gateway.handler import ProxyHandler
 from gateway.listeners import listen, warn_if_admin_unreachable
 from gateway.logs import configure, get_logger
 from gateway.metrics import CONTENT_TYPE, Metrics
 from gateway.policy.credentials import digest_of
 from gateway.protocol import ClientLimits, GatewayServer
+from gateway.reload import ConfigSource, Reloader, ReloadResult, log_warnings
 from gateway.responses import SERVER
 from gateway.tunnel import Tunnels, TunnelStats
 
 log = get_logger("gateway.server")
 SHUTTING_DOWN = GatewayError(Code.SHUTTING_DOWN, "the gateway is shutting down")
 DRAIN_CEILING_S = 24 * 3600.0  # aiohttp's own drain bound; stop() cancels at shutdown_timeout_s instead
-
-
-@dataclass(frozen=True, slots=True)
-class ReloadResult:
-    ok: bool
-    origin: str
-    problems: tuple[str, ...] = ()
-
-
-ConfigSource = Callable[[], LoadedConfig]
 
 
 class Gateway:
@@ -61,11 +49,10 @@ class Gateway:
         self.started = False
         self.stopping = False
         self.ports: dict[str, int] = {}
-        self._source = source
         self._runners: list[web.BaseRunner] = []
         self._handlers: set[asyncio.Task[Any]] = set()
         self._retired: list[Generation] = []
-        self._reloading = asyncio.Lock()
+        self._reloader = Reloader(self, source, self.metrics)
         self._proxy_server: GatewayServer | None = None
         self._deadline_passed = False  # stop() cancelled what was still running
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
@@ -109,7 +96,7 @@ class Gateway:
         log.info(
             "gateway_started", listen=self.ports["listen"], admin=self.ports["admin"], config=origin, **where
         )
-        _log_warnings(self.generation)
+        log_warnings(self.generation)
 
     async def handle(self, request: web.BaseRequest) -> web.StreamResponse:
         """One request on the current generation, which it holds until it ends; logged and counted once."""
@@ -147,43 +134,24 @@ class Gateway:
             self.handler.finish(exchange, started, generation)
 
     async def reload(self) -> ReloadResult:
-        """Re-read and rebuild the config, exactly as `check-config` would; on any problem keep serving.
+        """Re-read and rebuild the config (gateway/reload.py); on any problem keep serving.
 
-        New requests use the new generation; requests and tunnels in flight finish on the old one.
+        The one entry point for SIGHUP, `POST /reload` and `serve --watch`.
         """
-        async with self._reloading:
-            current = self.generation
-            if self._source is None or current is None or self.stopping:
-                return self._reload_failed("", ["this gateway has no config source to reload from"])
-            try:
-                loaded = self._source()
-            except ConfigError as exc:
-                return self._reload_failed("", exc.problems)
-            problems = _restart_needed(current.config, loaded)
-            if problems:
-                return self._reload_failed(loaded.origin, problems)
-            try:
-                fresh = await Generation.build(loaded.config, current, self.metrics.storage_error)
-            except BuildError as exc:
-                return self._reload_failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
-            self.generation, self.config = fresh, loaded.config
-            self._retired = [g for g in self._retired if not g.is_closed] + [current]
-            current.retire()
-            if self._proxy_server is not None:  # new connections get the new client limits
-                self._proxy_server.limits = _client_limits(fresh.config)
-            if current.config.logging != fresh.config.logging:
-                configure(fresh.config.logging.level, fresh.config.logging.format)
-            self.metrics.reloads.labels(result="success").inc()
-            log.info("config_reloaded", config=loaded.origin, in_flight_on_previous=current.in_flight)
-            _log_warnings(fresh)
-            return ReloadResult(True, loaded.origin)
+        return await self._reloader.reload()
 
-    def _reload_failed(self, origin: str, problems: list[str]) -> ReloadResult:
-        for problem in problems:
-            log.error("config_reload_problem", problem=problem)
-        log.error("config_reload_failed", config=origin or None, problems=len(problems))
-        self.metrics.reloads.labels(result="failure").inc()
-        return ReloadResult(False, origin, tuple(problems))
+    def swap(self, fresh: Generation) -> Generation:
+        """Serve new requests on `fresh`; requests and tunnels in flight finish on the one it returns."""
+        current = self.generation
+        assert current is not None  # the reloader only swaps a running gateway
+        self.generation, self.config = fresh, fresh.config
+        self._retired = [g for g in self._retired if not g.is_closed] + [current]
+        current.retire()
+        if self._proxy_server is not None:  # new connections get the new client limits
+            self._proxy_server.limits = _client_limits(fresh.config)
+        if current.config.logging != fresh.config.logging:
+            configure(fresh.config.logging.level, fresh.config.logging.format)
+        return current
 
     def reopen_logs(self) -> None:
         """After a log rotation (SIGHUP): the audit file is opened again under its configured name."""
@@ -265,32 +233,3 @@ class Gateway:
 
 def _client_limits(config: GatewayConfig) -> ClientLimits:
     return ClientLimits(config.limits.header_timeout_s, config.limits.max_client_connections)
-
-
-def _log_warnings(generation: Generation) -> None:
-    for event, fields in generation.warnings():
-        log.warning(event, **fields)
-
-
-def _restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
-    """Listener addresses are bound once: a reload that moves one is refused, saying so."""
-    problems = []
-    if running.workers != loaded.config.workers:
-        problems.append(
-            loaded.problem(
-                ("workers",),
-                f"changing it needs a restart (running {running.workers}, asked for "
-                f"{loaded.config.workers}); nothing was reloaded",
-            )
-        )
-    for key in ("listen", "admin"):
-        before, after = getattr(running, key), getattr(loaded.config, key)
-        if before != after:
-            problems.append(
-                loaded.problem(
-                    (key,),
-                    f"changing it needs a restart (running on {before.host}:{before.port}, "
-                    f"asked for {after.host}:{after.port}); nothing was reloaded",
-                )
-            )
-    return problems

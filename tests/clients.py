@@ -11,8 +11,11 @@ import contextlib
 import json
 import os
 import socket
+import subprocess
+import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import aiohttp
@@ -41,6 +44,15 @@ async def scrape(admin_url: str) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     """One sample's value; a labelled counter that never counted reads 0."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+def run_cli(
+    *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """`bt-gateway <args>` run to its end (this interpreter's `python -m gateway`), output captured."""
+    return subprocess.run(
+        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60, env=env, cwd=cwd
+    )
 
 
 def free_port() -> int:

@@ -9,6 +9,7 @@ import signal
 import subprocess
 import sys
 import threading
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -25,9 +26,13 @@ class GatewayProcess:
         env: dict[str, str] | None = None,
         echo: TextIO | None = None,
         new_session: bool = False,
+        args: Sequence[str] = (),
     ) -> None:
-        """`new_session`: a process group of its own, so a Ctrl-C meant for the caller does not reach it
-        too (the caller stops it with one signal; a second one could arrive as it exits, and kill it)."""
+        """Write `config` to `tmp_path/gateway.yaml` (through it, if it is a symlink) and run `serve` on it.
+
+        `args` are extra `serve` arguments, such as `--watch`. `new_session`: a process group of its own,
+        so a Ctrl-C meant for the caller does not reach it too (the caller stops it with one signal).
+        """
         config = {
             "listen": {"host": "127.0.0.1", "port": 0},
             "admin": {"host": "127.0.0.1", "port": 0},
@@ -41,7 +46,7 @@ class GatewayProcess:
         self._echo = echo
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bt-gateway"), "serve", "-c", str(self.config_path)],
+            [str(Path(sys.executable).parent / "bt-gateway"), "serve", "-c", str(self.config_path), *args],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,

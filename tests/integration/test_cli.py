@@ -3,14 +3,13 @@
 from __future__ import annotations
 
 import asyncio
-import subprocess
-import sys
 from pathlib import Path
 
 import aiohttp
 import pytest
 import yaml
 
+from tests.clients import run_cli
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
 
@@ -19,12 +18,6 @@ allowlist: [www.braintrust.dev, braintrust.dev]
 routes:
   - {name: app, prefix: /, upstream: https://www.braintrust.dev}
 """
-
-
-def run_cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gateway", *args], capture_output=True, text=True, timeout=60, env=env
-    )
 
 
 def write(tmp_path: Path, text: str) -> str:
@@ -135,14 +128,7 @@ def test_yaml_off_and_false_turn_a_limit_off(tmp_path: Path) -> None:
 
 def test_check_config_says_when_it_used_built_in_defaults(tmp_path: Path) -> None:
     env = {"PATH": "/usr/bin:/bin"}
-    result = subprocess.run(
-        [sys.executable, "-m", "gateway", "check-config"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=env,
-        cwd=tmp_path,  # no config/gateway.yaml here
-    )
+    result = run_cli("check-config", env=env, cwd=tmp_path)  # no config/gateway.yaml here
     assert result.returncode == 0, result.stderr
     assert result.stderr.startswith("config ok: built-in defaults (no -c FILE or $BT_GATEWAY_CONFIG")
 
@@ -186,6 +172,12 @@ def test_missing_config_file_is_exit_2(tmp_path: Path) -> None:
     result = run_cli("serve", "-c", str(path))
     assert result.returncode == 2
     assert result.stderr == f"{path}: config: cannot read the file: No such file or directory\n"
+
+
+def test_serve_watch_without_a_config_file_is_exit_2(tmp_path: Path) -> None:
+    result = run_cli("serve", "--watch", env={"PATH": "/usr/bin:/bin"}, cwd=tmp_path)  # no file anywhere
+    assert result.returncode == 2
+    assert result.stderr == "--watch: there is no config file to watch (built-in defaults are in use)\n"
 
 
 async def test_serve_subprocess_forwards_and_drains_on_sigterm(tmp_path: Path, upstream: Upstream) -> None:

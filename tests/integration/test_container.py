@@ -77,7 +77,7 @@ def run_args(config: Path) -> tuple[str, ...]:
     )
 
 
-SERVE = ("serve", "-c", "/etc/bt-gateway/gateway.yaml")  # the manifests' args
+SERVE = ("serve", "-c", "/etc/bt-gateway/gateway.yaml", "--watch")  # the manifests' args
 
 
 async def status_of(client: aiohttp.ClientSession, url: str) -> int:

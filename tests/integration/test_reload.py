@@ -1,4 +1,4 @@
-"""Live reload through the real CLI: SIGHUP or POST /reload re-reads the YAML file the operator edited.
+"""Live reload through the real CLI: SIGHUP, POST /reload or `serve --watch` re-reads the YAML file edited.
 
 A good file swaps the whole generation for new requests while requests in flight finish on the old one;
 a bad file changes nothing, and says why exactly as `check-config` would.
@@ -6,6 +6,8 @@ a bad file changes nothing, and says why exactly as `check-config` would.
 
 from __future__ import annotations
 
+import asyncio
+import os
 import signal
 from pathlib import Path
 from typing import Any
@@ -13,7 +15,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.clients import free_port, scrape, value
+from tests.clients import free_port, run_cli, scrape, value
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
@@ -91,7 +93,7 @@ async def test_a_bad_file_changes_nothing_and_says_why_like_check_config(
         line = body["problems"][0]
         assert line.endswith("rate_limit.max_request: unknown key; did you mean 'max_requests'?")
         assert line.startswith(f"{gw.config_path}:")
-        await gw.event("config_reload_problem")  # the log line can trail the HTTP answer through the pipe
+        await gw.event("config_reload_failed")  # logged after its problems; the log reader may lag the reply
         assert [e["problem"] for e in gw.events("config_reload_problem")] == [line]
         assert await statuses(gw, "/still", 3) == [200, 200, 200]  # the old generation serves on
         assert await reload_counts(gw) == {"success": 0, "failure": 1}
@@ -181,3 +183,89 @@ async def test_a_download_in_flight_finishes_intact_on_the_old_generation(
         assert gw.stop() == 0
     download = [a for a in gw.events("access") if a["path"].startswith("/download/")]
     assert [(a["status"], a["bytes_out"]) for a in download] == [(200, size)]
+
+
+async def watch_checks(gw: GatewayProcess) -> float:
+    samples = await scrape(f"http://127.0.0.1:{gw.admin_port}")
+    return value(samples, "bt_gateway_config_watch_checks_total")
+
+
+async def polled(gw: GatewayProcess, count: int, since: float) -> float:
+    """Wait until the watcher polled `count` more times since `since` (a hang guard, not a timing check)."""
+    async with asyncio.timeout(30):
+        while (checks := await watch_checks(gw)) < since + count:
+            await asyncio.sleep(0.05)
+    return checks
+
+
+async def test_watch_applies_an_in_place_edit_without_a_signal(tmp_path: Path, upstream: Upstream) -> None:
+    config = base_config(upstream, rate_limit={"max_requests": 2})
+    gw = GatewayProcess(config, tmp_path, args=["--watch"])
+    try:
+        inode = gw.config_path.stat().st_ino
+        assert await statuses(gw, "/x", 3) == [200, 200, 429]
+        edit(gw, {**config, "rate_limit": {"max_requests": 4}})  # rewritten in place: same inode
+        assert gw.config_path.stat().st_ino == inode
+        reloaded = await gw.event("config_reloaded")
+        assert reloaded["config"] == str(gw.config_path)
+        assert await statuses(gw, "/x", 5) == [200] * 4 + [429]  # a new limit counts afresh
+        assert await reload_counts(gw) == {"success": 1, "failure": 0}
+    finally:
+        assert gw.stop() == 0
+    # The watcher stopped cleanly: no error event, no traceback, no task destroyed while pending.
+    assert gw.events("config_watch_error") == []
+    assert [line for line in gw.raw_lines if not line.startswith("{")] == []
+
+
+def configmap_version(directory: Path, stamp: str, config: dict[str, Any]) -> None:
+    """What the kubelet does on a ConfigMap update: a new `..<stamp>/` dir, then `..data` swapped to it."""
+    version = directory / f"..{stamp}"
+    version.mkdir()
+    (version / "gateway.yaml").write_text(yaml.safe_dump(config))
+    (directory / "..data_tmp").symlink_to(version.name)
+    os.replace(directory / "..data_tmp", directory / "..data")  # atomic: readers see old or new
+
+
+async def test_watch_applies_a_configmap_update(tmp_path: Path, upstream: Upstream) -> None:
+    config = base_config(upstream)
+    configmap_version(tmp_path, "2026_12_06_19_00_00.000000001", {})
+    (tmp_path / "gateway.yaml").symlink_to("..data/gateway.yaml")
+    gw = GatewayProcess(config, tmp_path, args=["--watch"])  # writes `config` through the symlinks
+    try:
+        assert await statuses(gw, "/x", 1) == [200]
+        moved = {**config, "routes": [{"name": "app", "prefix": "/", "upstream": upstream.url + "/v2"}]}
+        configmap_version(tmp_path, "2026_12_06_19_05_00.000000002", moved)
+        reloaded = await gw.event("config_reloaded")
+        assert reloaded["config"] == str(tmp_path / "gateway.yaml")
+        assert await statuses(gw, "/x", 1) == [200]
+    finally:
+        assert gw.stop() == 0
+    assert upstream.recorder.started == ["/x", "/v2/x"]  # the second request went to the new upstream
+
+
+async def test_watch_logs_a_bad_file_once_like_check_config_then_applies_the_fix(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    config = base_config(upstream)
+    gw = GatewayProcess(config, tmp_path, args=["--watch"])
+    try:
+        edit(gw, {**config, "rate_limit": {"max_request": 1}})
+        checked = run_cli("check-config", "-c", str(gw.config_path))
+        assert checked.returncode == 2
+        [line] = checked.stderr.splitlines()
+        assert line.endswith("rate_limit.max_request: unknown key; did you mean 'max_requests'?")
+        failed = await gw.event("config_reload_failed")
+        assert failed["problems"] == 1
+        await polled(gw, 5, since=await watch_checks(gw))  # five more polls of the same bad file
+        assert [e["problem"] for e in gw.events("config_reload_problem")] == [line]  # logged once
+        assert len(gw.events("config_reload_failed")) == 1
+        assert await statuses(gw, "/x", 2) == [200, 200]  # the old generation serves on, no limit
+        assert await reload_counts(gw) == {"success": 0, "failure": 1}
+        edit(gw, {**config, "rate_limit": {"max_requests": 1}})  # the fix
+        await gw.event("config_reloaded")
+        assert await statuses(gw, "/x", 2) == [200, 429]
+        assert await reload_counts(gw) == {"success": 1, "failure": 1}
+    finally:
+        assert gw.stop() == 0
+    assert [e["problem"] for e in gw.events("config_reload_problem")] == [line]  # all output read now
+    assert gw.events("config_watch_error") == []

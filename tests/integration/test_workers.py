@@ -7,9 +7,11 @@ import os
 import signal
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import aiohttp
 import pytest
+import yaml
 
 from tests.clients import free_port, scrape
 from tests.conftest import Upstream, route_to
@@ -26,17 +28,22 @@ def redis(tmp_path: Path) -> Iterator[RedisServer]:
     server.stop()
 
 
-async def two_workers(tmp_path: Path, upstream: Upstream, redis: RedisServer) -> GatewayProcess:
-    """The supervisor with two workers on a fixed port, both started."""
-    gw = GatewayProcess(
-        {
-            **route_to(upstream),
-            "listen": {"host": "127.0.0.1", "port": free_port()},
-            "workers": 2,
-            "rate_limit": {"max_requests": 5, "storage": redis.url},
-        },
-        tmp_path,
-    )
+def two_workers_config(upstream: Upstream, redis: RedisServer) -> dict[str, Any]:
+    return {
+        **route_to(upstream),
+        "listen": {"host": "127.0.0.1", "port": free_port()},
+        "admin": {"host": "127.0.0.1", "port": 0},
+        "workers": 2,
+        "rate_limit": {"max_requests": 5, "storage": redis.url},
+    }
+
+
+async def two_workers(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer, config: dict[str, Any] | None = None
+) -> GatewayProcess:
+    """The supervisor with two workers on a fixed port, both started; `serve --watch` for a `config`."""
+    args = ["--watch"] if config is not None else []
+    gw = GatewayProcess(config or two_workers_config(upstream, redis), tmp_path, args=args)
     async with asyncio.timeout(30):
         while len(gw.events("gateway_started")) < 2:
             await asyncio.sleep(0.02)
@@ -88,3 +95,19 @@ async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
     (exited,) = gw.events("worker_exited")
     assert (exited["pid"], exited["exit_code"]) == (victim["pid"], -9)
     assert len(gw.events("gateway_stopped")) == 1  # the survivor was stopped, and drained
+
+
+async def test_with_watch_each_worker_watches_and_reloads_the_edited_file(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer
+) -> None:
+    config = two_workers_config(upstream, redis)
+    gw = await two_workers(tmp_path, upstream, redis, config)
+    try:
+        gw.config_path.write_text(yaml.safe_dump({**config, "deny_paths": ["/secret/**"]}))
+        async with asyncio.timeout(30):
+            while len(gw.events("config_reloaded")) < 2 and not gw.events("config_reload_failed"):
+                await asyncio.sleep(0.02)
+        assert len(gw.events("config_watch_started")) == 2  # the supervisor passed --watch to both
+    finally:
+        assert gw.stop() == 0
+    assert (len(gw.events("config_reloaded")), gw.events("config_reload_problem")) == (2, [])
