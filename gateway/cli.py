@@ -230,6 +230,7 @@ def serve(
     config = loaded.config
     configure(config.logging.level, config.logging.format)
     code: int = _event_loop_runner()(_serve(loaded, flags, watch, baseline))
+    _ignore_late_signals()  # again: closing asyncio's own loop (not uvloop) restored the defaults
     return code
 
 
@@ -265,9 +266,8 @@ async def _serve(
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    for sig in (signal.SIGTERM, signal.SIGINT):
-        loop.add_signal_handler(sig, on_stop)
-    loop.add_signal_handler(signal.SIGHUP, on_reload)
+    for sig in STOP_SIGNALS:
+        loop.add_signal_handler(sig, on_reload if sig == signal.SIGHUP else on_stop)
     try:
         await gateway.start(loaded.origin)
     except BuildError as exc:
@@ -289,7 +289,20 @@ async def _serve(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(hurry.wait(), loaded.config.shutdown_delay_s)
     await gateway.stop()
+    _ignore_late_signals()
     return 0
+
+
+STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+def _ignore_late_signals() -> None:
+    """Stopped: a late signal (a second Ctrl-C to the process group, an orchestrator's repeat) must not
+    turn exit 0 into a death by signal. Ignored from here on; the loop's handlers are left registered,
+    since removing one restores the default action (death) first, and uvloop leaves them alone on close.
+    Python's own clean-up restores defaults only for handlers written in Python, never for SIG_IGN."""
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

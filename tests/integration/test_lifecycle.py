@@ -12,6 +12,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import aiohttp
@@ -131,3 +132,24 @@ async def test_open_tunnels_are_cut_at_the_shutdown_deadline(tmp_path: Path, ups
     assert (access["path"], access["error_code"]) == (target, "shutting_down")
     names = [line.get("event") for line in gw.lines]
     assert names.index("gateway_stopping") < names.index("tunnel") < names.index("gateway_stopped")
+
+
+def test_signals_that_keep_coming_while_it_exits_do_not_change_its_exit_code(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """A terminal's Ctrl-C reaches a whole process group, an orchestrator may repeat itself: SIGTERMs sent
+    without pause until the process is gone still end in exit 0, never in a death by signal."""
+    gw = GatewayProcess(config_for(upstream), tmp_path)
+
+    def barrage() -> None:
+        while gw.proc.returncode is None:
+            gw.proc.send_signal(signal.SIGTERM)  # polls first: never a reaped (reusable) pid
+
+    sender = threading.Thread(target=barrage)
+    sender.start()
+    try:
+        assert gw.wait() == 0
+    finally:
+        sender.join(30)
+        gw.stop()
+    assert gw.events("gateway_stopped")
