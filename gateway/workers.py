@@ -34,10 +34,18 @@ def supervise(count: int, argv: Sequence[str]) -> int:
     log = get_logger("gateway.workers")  # here, not at import: the CLI has configured logging by now
     stopping = False
     workers: list[subprocess.Popen[bytes]] = []
+    stops = 0
 
     def forward(signum: int, _: FrameType | None) -> None:
-        nonlocal stopping
-        stopping = stopping or signum != signal.SIGHUP
+        nonlocal stopping, stops
+        if signum != signal.SIGHUP:
+            stops += 1
+            if stops > 2:  # a worker acts on two (drain, then end the delay); more, arriving faster than
+                return  # they are forwarded, would re-enter this handler without end
+            stopping = True
+            if stops == 2:
+                for sig in (signal.SIGTERM, signal.SIGINT):
+                    signal.signal(sig, signal.SIG_IGN)
         for worker in workers:
             if worker.poll() is None:
                 worker.send_signal(signum)
@@ -64,4 +72,6 @@ def supervise(count: int, argv: Sequence[str]) -> int:
                 other.send_signal(signal.SIGTERM)
         elif code == 0 and exit_code != 0:
             code = exit_code if exit_code > 0 else 1
+    for sig in FORWARDED:  # a late signal must not kill the supervisor on its way out (see cli.py)
+        signal.signal(sig, signal.SIG_IGN)
     return code

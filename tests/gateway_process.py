@@ -100,6 +100,21 @@ class GatewayProcess:
         self._reader.join(5)
         return code
 
+    def signal_until_exit(self, sig: int) -> int:
+        """Send `sig` without pause until the process is gone (a terminal's Ctrl-C reaches a whole process
+        group; an orchestrator may repeat itself); its exit code."""
+
+        def barrage() -> None:
+            while self.proc.returncode is None:
+                self.proc.send_signal(sig)  # polls first: never a reaped (reusable) pid
+
+        sender = threading.Thread(target=barrage)
+        sender.start()
+        try:
+            return self.wait()
+        finally:
+            sender.join(30)
+
     def stop(self) -> int:
         if self.proc.poll() is None:
             self.terminate()

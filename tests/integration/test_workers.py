@@ -111,3 +111,15 @@ async def test_with_watch_each_worker_watches_and_reloads_the_edited_file(
     finally:
         assert gw.stop() == 0
     assert (len(gw.events("config_reloaded")), gw.events("config_reload_problem")) == (2, [])
+
+
+async def test_the_supervisor_exits_0_however_many_signals_come(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer
+) -> None:
+    """Each signal is forwarded to the workers while they run; the ones after they stopped are ignored."""
+    gw = await two_workers(tmp_path, upstream, redis)
+    try:
+        assert await asyncio.to_thread(gw.signal_until_exit, signal.SIGTERM) == 0
+    finally:
+        gw.stop()
+    assert len(gw.events("gateway_stopped")) == 2
