@@ -34,7 +34,7 @@ RUN pip --python /opt/bt-gateway/bin/python install --no-cache-dir --no-index --
     && rm -rf /app && pip --python /opt/bt-gateway/bin/python check
 # The container config: both listeners face the container's network, so published ports and probes
 # reach them. A file, not an environment variable, so a config mounted over it still decides.
-COPY deploy/gateway.yaml /etc/bt-gateway/gateway.yaml
+COPY deploy/config/gateway.yaml /etc/bt-gateway/gateway.yaml
 ENV PATH=/opt/bt-gateway/bin:$PATH \
     BT_GATEWAY_CONFIG=/etc/bt-gateway/gateway.yaml \
     PYTHONUNBUFFERED=1 \

@@ -19,7 +19,7 @@ JS_DEPS := $(if $(HAVE_NODE),$(JS_STAMP),no-node)
 VERSION := $(shell sed -n 's/^__version__ = "\(.*\)"/\1/p' gateway/__init__.py)
 IMAGE ?= bt-gateway:$(VERSION)
 ENGINE ?= $(shell docker info >/dev/null 2>&1 && echo docker || echo podman)
-IMAGE_FLAGS := $(if $(filter podman,$(ENGINE)),--format docker) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
+IMAGE_FLAGS = $(if $(filter podman,$(ENGINE)),--format docker) $(if $(PYTHON_IMAGE),--build-arg PYTHON_IMAGE=$(PYTHON_IMAGE))
 # `make lock`: pins with hashes from PyPI alone (no local pip config); PIP_CERT for a TLS-inspecting proxy.
 LOCK_ENV := PIP_CONFIG_FILE=/dev/null $(if $(PIP_CERT),PIP_CERT=$(PIP_CERT),$(if $(wildcard /etc/ssl/certs/ca-certificates.crt),PIP_CERT=/etc/ssl/certs/ca-certificates.crt))
 LOCK_FLAGS := --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links

@@ -18,8 +18,15 @@ WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
 
 def own_address() -> str:
-    """The address this host's name resolves to: the container's (or pod's) address on its network."""
-    return socket.gethostbyname(socket.gethostname())
+    """This host's address as others reach it: what its name resolves to (the container's or the pod's
+    address, by the runtime's /etc/hosts), else, where the name is loopback (host networking, a Debian
+    127.0.1.1), the source address of the default route (a UDP connect sends no packet)."""
+    address = socket.gethostbyname(socket.gethostname())
+    if not is_loopback(address):
+        return address
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as udp:
+        udp.connect(("192.0.2.1", 9))  # TEST-NET-1: any routable address will do
+        return str(udp.getsockname()[0])
 
 
 def probe(admin: Admin, path: str, timeout_s: float = TIMEOUT_S) -> str | None:

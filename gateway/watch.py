@@ -6,7 +6,8 @@ Kubernetes delivers a ConfigMap edit as a new file and sends no SIGHUP: the kube
 mtime second) or by renaming a new file over the old. Every case is caught by one rule: read the
 configured path, following symlinks, and compare a sha256 of its bytes with the last one seen. Polling
 once a second is enough (the kubelet takes up to a minute to propagate) and needs no dependency. A new
-content is reloaded once two polls in a row read it, so a file caught half-written is never loaded.
+content is reloaded once two polls in a row read it, so a file that one poll catches half-written is not
+loaded (a writer stalled for longer than a poll is not told apart; a ConfigMap swap is atomic).
 
 A changed file goes through `Gateway.reload()`, the same rules as SIGHUP. The digest is then remembered
 whatever the result, so a bad file is logged once (by the reload) and not once per poll; the next change,

@@ -111,11 +111,9 @@ def _rootfs(podman: Podman) -> str:
         subprocess.run(
             ["debootstrap", *DEBOOTSTRAP, str(rootfs)], check=True, capture_output=True, timeout=900
         )
-        tar = subprocess.Popen(["tar", "-C", str(rootfs), "-c", "."], stdout=subprocess.PIPE)
-        subprocess.run(
-            ["podman", "import", "-", tag], stdin=tar.stdout, env=podman.env, check=True, capture_output=True
-        )
-        assert tar.wait(60) == 0
+        archive = Path(tmp) / "rootfs.tar"
+        subprocess.run(["tar", "-C", str(rootfs), "-cf", str(archive), "."], check=True, timeout=300)
+        podman("import", str(archive), tag, timeout=300)
     return tag
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import os
 import signal
@@ -104,9 +105,12 @@ class GatewayProcess:
         """Send `sig` without pause until the process is gone (a terminal's Ctrl-C reaches a whole process
         group; an orchestrator may repeat itself); its exit code."""
 
+        process = os.pidfd_open(self.proc.pid)  # this process, even once its pid is reaped and reused
+
         def barrage() -> None:
-            while self.proc.returncode is None:
-                self.proc.send_signal(sig)  # polls first: never a reaped (reusable) pid
+            with contextlib.suppress(ProcessLookupError):  # it is gone
+                while self.proc.returncode is None:
+                    signal.pidfd_send_signal(process, sig)
 
         sender = threading.Thread(target=barrage)
         sender.start()
@@ -114,6 +118,7 @@ class GatewayProcess:
             return self.wait()
         finally:
             sender.join(30)
+            os.close(process)
 
     def stop(self) -> int:
         if self.proc.poll() is None:

@@ -99,9 +99,12 @@ def test_the_replicas_share_one_redis_limit() -> None:
 def test_compose_runs_the_container_config_against_its_redis(tmp_path: Path) -> None:
     compose = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())
     service = compose["services"]["bt-gateway"]
-    [volume] = [v for v in service["volumes"] if v.split(":")[1] == f"{CONFIG_DIR}/gateway.yaml"]
-    source = (ROOT / "deploy" / volume.split(":")[0]).resolve()
-    assert source == ROOT / "deploy/gateway.yaml"  # the container config, not the loopback one
+    # The directory is mounted, not the file: an edit saved by rename reaches the container, --watch sees it.
+    [volume] = [v for v in service["volumes"] if v.split(":")[1] == CONFIG_DIR]
+    assert service["command"] == ["serve", "-c", f"{CONFIG_DIR}/gateway.yaml", "--watch"]
+    source = (ROOT / "deploy" / volume.split(":")[0] / "gateway.yaml").resolve()
+    assert source == ROOT / "deploy/config/gateway.yaml"  # the container config, not the loopback one
+    assert [p.name for p in source.parent.iterdir()] == ["gateway.yaml"]  # nothing else is exposed
     config = check_config(source, dict(service["environment"]))
     assert (config["listen"]["host"], config["admin"]["host"]) == ("0.0.0.0", "0.0.0.0")
     assert config["rate_limit"]["storage"] == "redis://redis:6379/0"
@@ -109,12 +112,12 @@ def test_compose_runs_the_container_config_against_its_redis(tmp_path: Path) -> 
 
 
 def test_the_image_carries_the_container_config_and_sets_nothing_over_it() -> None:
-    """The image's config is a file (deploy/gateway.yaml), so a config mounted over it decides."""
+    """The image's config is a file (deploy/config/gateway.yaml), so a config mounted over it decides."""
     dockerfile = (ROOT / "Dockerfile").read_text()
     assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim", dockerfile, re.M)  # pinned tag
-    assert f"COPY deploy/gateway.yaml {CONFIG_DIR}/gateway.yaml" in dockerfile
+    assert f"COPY deploy/config/gateway.yaml {CONFIG_DIR}/gateway.yaml" in dockerfile
     assert "BT_GATEWAY_LISTEN_HOST" not in dockerfile and "BT_GATEWAY_ADMIN_HOST" not in dockerfile
-    config = check_config(ROOT / "deploy/gateway.yaml", {})
+    config = check_config(ROOT / "deploy/config/gateway.yaml", {})
     assert (config["listen"]["host"], config["admin"]["host"]) == ("0.0.0.0", "0.0.0.0")
     assert (config["listen"]["port"], config["admin"]["port"]) == (8080, 9901)
     assert "EXPOSE 8080 9901" in dockerfile
@@ -165,8 +168,9 @@ def test_in_the_replicas_pattern_only_the_gateway_pods_reach_the_internet() -> N
     [gateway] = [d for d in docs if d["kind"] == "Deployment" and d["spec"]["template"]["spec"] is pod]
     gateway_labels = gateway["spec"]["template"]["metadata"]["labels"]
     proxy_port = next(p["containerPort"] for p in container["ports"] if p["name"] == "proxy")
-    # Every pod the kit runs is under an egress policy: nothing it ships has open egress.
+    # Every pod the kit runs is under an egress policy, and none holds an API token it never uses.
     for deployment in (d for d in docs if d["kind"] == "Deployment"):
+        assert deployment["spec"]["template"]["spec"]["automountServiceAccountToken"] is False
         labels = deployment["spec"]["template"]["metadata"]["labels"]
         assert any(
             "Egress" in spec["policyTypes"] and spec["podSelector"]["matchLabels"].items() <= labels.items()
@@ -179,11 +183,15 @@ def test_in_the_replicas_pattern_only_the_gateway_pods_reach_the_internet() -> N
         ]
         if blocks:
             assert spec["podSelector"]["matchLabels"] == gateway_labels, name
-            assert all("except" in block for block in blocks)
-            assert "10.0.0.0/8" in blocks[0]["except"]
-    # The clients' policy: the gateway's proxy port and DNS, nothing else.
-    [client] = [s for s in specs.values() if s["podSelector"]["matchLabels"] == {"bt-gateway-client": "true"}]
-    assert client["policyTypes"] == ["Egress"]
+            assert [block["cidr"] for block in blocks] == ["0.0.0.0/0", "::/0"]
+            assert {"10.0.0.0/8", "169.254.0.0/16"} <= set(blocks[0]["except"])
+            assert {"fc00::/7", "::ffff:0:0/96"} <= set(blocks[1]["except"])
+    # In an application namespace, every pod (not only labelled ones) reaches the proxy port and DNS only.
+    app_policy = ROOT / "deploy/kubernetes/app-namespace/egress-through-bt-gateway.yaml"
+    [app] = [d for d in yaml.safe_load_all(app_policy.read_text()) if d]
+    client = app["spec"]
+    assert "namespace" not in app["metadata"]  # `kubectl apply -n <namespace>` places it
+    assert client["podSelector"] == {} and client["policyTypes"] == ["Egress"]
     [to_gateway, to_dns] = client["egress"]
     [peer] = to_gateway["to"]
     assert peer["podSelector"]["matchLabels"] == gateway_labels

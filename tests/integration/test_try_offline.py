@@ -54,7 +54,7 @@ def recipe(port: int) -> list[str]:
 class Demo:
     proc: asyncio.subprocess.Process
     env: dict[str, str]  # what the export lines say
-    gateway_pid: int
+    gateway: int  # a pidfd: the gateway process itself, whatever later takes its pid
     log: Path  # the launcher's stderr: the gateway's log
 
     @property
@@ -100,7 +100,7 @@ class Demo:
     def assert_nothing_left(self) -> None:
         """No gateway and nothing else of the demo's still runs (the launcher reaped what it started)."""
         with pytest.raises(ProcessLookupError):
-            os.kill(self.gateway_pid, 0)
+            signal.pidfd_send_signal(self.gateway, 0)
         with pytest.raises(ProcessLookupError):
             os.killpg(self.proc.pid, 0)
 
@@ -128,7 +128,7 @@ async def demo(tmp_path: Path, env: dict[str, str] | None = None) -> AsyncIterat
             stderr=stderr,
             start_new_session=True,
         )
-    gateway_pid = None
+    gateway = None
     try:
         assert proc.stdout is not None
         exports = {}
@@ -139,7 +139,8 @@ async def demo(tmp_path: Path, env: dict[str, str] | None = None) -> AsyncIterat
                 assert match is not None and match[1] == name, (line, log.read_text())
                 exports[name] = match[2]
         (gateway_pid,) = children(proc.pid)
-        yield Demo(proc, exports, gateway_pid, log)
+        gateway = os.pidfd_open(gateway_pid)
+        yield Demo(proc, exports, gateway, log)
     finally:
         if proc.returncode is None:  # a failed test: stop it the usual way, else for good
             proc.terminate()
@@ -148,9 +149,10 @@ async def demo(tmp_path: Path, env: dict[str, str] | None = None) -> AsyncIterat
             except TimeoutError:
                 proc.kill()
                 await proc.wait()
-        if gateway_pid is not None:
+        if gateway is not None:
             with contextlib.suppress(ProcessLookupError):
-                os.kill(gateway_pid, signal.SIGKILL)
+                signal.pidfd_send_signal(gateway, signal.SIGKILL)
+            os.close(gateway)
 
 
 @pytest.mark.sdk
