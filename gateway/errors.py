@@ -97,6 +97,7 @@ class Reason(StrEnum):
     BAD_RESPONSE = "bad_response"
     DECOMPRESSION_LIMIT = "decompression_limit"  # a body decoding past rewrite.max_decoded_mb or the ratio
     PROXY_REFUSED = "proxy_refused"  # the corporate proxy (upstream.proxy) refused a CONNECT
+    USE_REVERSE_MODE = "use_reverse_mode"  # a tunnel to a host a rate-limited route serves
 
 
 @dataclass(frozen=True, slots=True)
@@ -104,7 +105,8 @@ class GatewayError:
     """A refusal or failure, as a value: what went wrong (`code`) and a human sentence (`detail`).
 
     `headers` carries the few response headers an error must set (Retry-After, Proxy-Authenticate).
-    `reason` and `context` (key/value pairs such as the upstream address) go to the log only.
+    `reason` and `context` (key/value pairs such as the upstream address) go to the log only. `phrase`
+    replaces the status line's reason phrase where that line is all a client shows (a refused CONNECT).
     """
 
     code: Code
@@ -112,6 +114,7 @@ class GatewayError:
     headers: tuple[tuple[str, str], ...] = ()
     reason: Reason | None = None
     context: tuple[tuple[str, str], ...] = ()
+    phrase: str | None = None
 
     @property
     def status(self) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 
 from yarl import URL
 
+from gateway.bypass import Bypass
 from gateway.errors import Code, GatewayError, Reason
 from gateway.policy.credentials import FINGERPRINT_HEX, token_digest
 from gateway.policy.forward_proxy import ConnectTarget
@@ -75,6 +76,12 @@ class Exchange:
     error: GatewayError | None = None
     audit: dict[str, str] | None = None  # the upstream's x-bt-audit-* headers, when audit is on
     decisions: list[str] = field(default_factory=list)
+    bypasses: tuple[Bypass, ...] = ()  # ways around the gateway this request revealed (gateway/bypass.py)
+
+    def bypassed(self, bypass: Bypass) -> None:
+        """Note a way around the gateway; the handler warns once per host and counts it."""
+        self.bypasses += (bypass,)
+        self.decisions.append(f"bypass:{bypass.event}")
 
     @property
     def path(self) -> str:

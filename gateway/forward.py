@@ -248,7 +248,7 @@ class Forwarder:
             return None
         content_type = upstream.headers.get("Content-Type")
         encoding = upstream.headers.get("Content-Encoding")
-        body = self.rewrite.body(exchange, rules, external, content_type, encoding)
+        body = self.rewrite.body(exchange, rules, external, content_type, encoding, path=body_path)
         if body is None:
             exchange.decisions.append("rewrite:passthrough")
             return None

@@ -20,7 +20,7 @@ from yarl import URL
 from gateway.audit import Audit, AuditSink
 from gateway.chain import Chain, connect_chain, http_chain, path_deny_lists
 from gateway.config.model import GatewayConfig
-from gateway.config.overrides import KeyPath
+from gateway.config.overrides import APP_ROUTE, KeyPath
 from gateway.dial import TunnelDialer, UpstreamProxy
 from gateway.errors import Code, GatewayError, Reason
 from gateway.forward import Forwarder
@@ -136,18 +136,24 @@ def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
 
 
 def _reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
-    """With `tunnel_to_limited_hosts: deny`, the 403 each limited host's tunnel gets, naming the way in."""
+    """With `tunnel_to_limited_hosts: deny`, the 403 each limited host's tunnel gets, naming the way in.
+
+    Tunnel clients show the user the status line only (`Tunnel connection failed: 403 ...`), so the
+    way in is its reason phrase too: `403 Use BRAINTRUST_APP_URL=<the gateway's app route>`.
+    """
     if config.forward_proxy.tunnel_to_limited_hosts == "allow":
         return {}
+    app = config.route(APP_ROUTE)
     gateway = config.advertise_url or f"http://{config.listen.host}:{config.listen.port}"
+    url = gateway + (app.prefix.rstrip("/") if app is not None else "")
     refusals = {}
-    for host, (name, prefix) in limited_hosts(config).items():
-        url = gateway + prefix.rstrip("/")
+    for host, (name, _) in limited_hosts(config).items():
         refusals[host] = GatewayError(
             Code.USE_REVERSE_MODE,
             f"{host} is served by the rate-limited route {name!r}: set BRAINTRUST_APP_URL={url} "
             "instead of tunnelling through HTTPS_PROXY",
-            reason=Reason.HOST_NOT_ALLOWED,
+            reason=Reason.USE_REVERSE_MODE,
+            phrase=f"Use BRAINTRUST_APP_URL={url}",
         )
     return refusals
 

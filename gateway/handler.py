@@ -10,6 +10,7 @@ import time
 
 from aiohttp import web
 
+from gateway.bypass import BypassLog
 from gateway.errors import Code, GatewayError, GatewayFailure
 from gateway.exchange import CLIENT_GONE, Exchange
 from gateway.generation import Generation
@@ -31,6 +32,7 @@ class ProxyHandler:
     def __init__(self, tunnels: Tunnels, metrics: Metrics | None = None) -> None:
         self.tunnels = tunnels
         self._metrics = metrics
+        self._bypasses = BypassLog()
 
     async def serve(
         self, request: web.BaseRequest, generation: Generation, exchange: Exchange
@@ -92,6 +94,8 @@ class ProxyHandler:
     def finish(self, exchange: Exchange, started: float, generation: Generation | None) -> None:
         """The request is over: one access event, one count, and its audit event when audit is on."""
         error = exchange.error
+        for bypass in exchange.bypasses:
+            self._bypasses.report(bypass, exchange.request_id)
         if info_enabled():
             self._log_access(exchange, started, error)
         if self._metrics is not None:

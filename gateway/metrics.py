@@ -37,6 +37,7 @@ class RequestCounts(Collector):
         self.refusals: defaultdict[str, int] = defaultdict(int)  # error code
         self.bytes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (route, in|out)
         self.durations: dict[str, list[float]] = {}  # route -> [count per bucket..., +Inf, sum]
+        self.bypasses: defaultdict[str, int] = defaultdict(int)  # bypass event
 
     def observe(self, route: str, seconds: float) -> None:
         counts = self.durations.get(route)
@@ -76,7 +77,15 @@ class RequestCounts(Collector):
                 cumulative += in_bucket
                 buckets.append((bound, cumulative))
             durations.add_metric((route,), buckets, counts[-1])
-        yield from (requests, refusals, relayed, durations)
+        bypasses = CounterMetricFamily(
+            "bt_gateway_bypass",
+            "Ways around the gateway seen in traffic: data_plane_not_routed, relay_host_not_allowed, "
+            "use_reverse_mode.",
+            labels=("event",),
+        )
+        for event, count in self.bypasses.items():
+            bypasses.add_metric((event,), count)
+        yield from (requests, refusals, relayed, durations, bypasses)
 
 
 class Metrics:
@@ -123,6 +132,8 @@ class Metrics:
             counts.bytes[route, "in"] += exchange.bytes_in
         if exchange.bytes_out:
             counts.bytes[route, "out"] += exchange.bytes_out
+        for bypass in exchange.bypasses:
+            counts.bypasses[bypass.event] += 1
 
     def storage_error(self) -> None:
         self.storage_errors.inc()

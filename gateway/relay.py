@@ -21,7 +21,7 @@ import hmac
 import json
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -29,7 +29,6 @@ from typing import Any
 from yarl import URL
 
 from gateway.errors import Code, GatewayError, Reason
-from gateway.logs import get_logger
 from gateway.policy.allowlist import Allowlist
 
 PREFIX = "/_relay/"
@@ -37,7 +36,6 @@ URL_KEYS = {"signedUrl": "up", "downloadUrl": "down"}  # where the SDKs read sig
 METHODS = {"up": frozenset({"PUT", "POST"}), "down": frozenset({"GET", "HEAD"})}
 DENIED = GatewayError(Code.RELAY_DENIED, "this relay link is not valid", reason=Reason.RELAY_TOKEN)
 _PROCESS_SECRET = secrets.token_bytes(32)  # when relay.secret is unset: this process only
-log = get_logger("gateway.relay")
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,7 +87,6 @@ class Relay:
         self._secret = secret or _PROCESS_SECRET
         self._max_ttl_s = max_ttl_s
         self._clock = clock
-        self._told: set[str] = set()  # hosts already logged as not allowed: once each
 
     def link(self, url: str, use: str, route: str, gateway_url: str) -> str | None:
         """The relay link for a signed URL, or None when its host is not one to relay."""
@@ -97,12 +94,9 @@ class Relay:
             parsed = URL(url)
         except ValueError:
             return None
-        host = parsed.raw_host
-        if parsed.scheme not in ("http", "https") or not self._hosts.allows(host, parsed.port or 0):
-            shown = (host or "")[:255]
-            if shown and shown not in self._told:
-                self._told.add(shown)
-                log.warning("relay_host_not_allowed", host=shown, detail="add it to relay.allow_hosts")
+        if parsed.scheme not in ("http", "https"):
+            return None
+        if not self._hosts.allows(parsed.raw_host, parsed.port or 0):
             return None
         now = self._clock()
         expiry = min(signed_url_expiry(parsed) or now + self._max_ttl_s, now + self._max_ttl_s)
@@ -123,24 +117,20 @@ class Relay:
             return DENIED
         return RelayGrant(url=url, route=str(route))
 
-    def rewrite(self, doc: Any, route: str, gateway_url: str) -> bool:
-        """Replace, in place, every relayable URL under `URL_KEYS` in a parsed JSON document."""
-        changed = False
-        stack = [doc]
-        while stack:
-            node = stack.pop()
-            if isinstance(node, list):
-                stack.extend(node)
-            elif isinstance(node, dict):
-                for key, value in node.items():
-                    if isinstance(value, str) and key in URL_KEYS:
-                        link = self.link(value, URL_KEYS[key], route, gateway_url)
-                        if link is not None:
-                            node[key] = link
-                            changed = True
-                    elif isinstance(value, dict | list):
-                        stack.append(value)
-        return changed
-
     def _mac(self, payload: str) -> str:
         return _b64(hmac.new(self._secret, payload.encode(), hashlib.sha256).digest())
+
+
+def signed_urls(doc: Any) -> Iterator[tuple[dict[str, Any], str]]:
+    """Every (object, key) of a parsed JSON document whose string value is a signed URL (`URL_KEYS`)."""
+    stack = [doc]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, list):
+            stack.extend(node)
+        elif isinstance(node, dict):
+            for key, value in node.items():
+                if isinstance(value, str) and key in URL_KEYS:
+                    yield node, key
+                elif isinstance(value, dict | list):
+                    stack.append(value)

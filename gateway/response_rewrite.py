@@ -2,8 +2,9 @@
 
 User data is never rewritten: a body is rewritten only on `rewrite.body_paths`, the endpoints that hand out
 URLs (login, upload slots, attachments); every other body passes byte for byte. URL headers (`Location`,
-`Link`, ...) are rewritten on every response. A JSON body of an advertised route is read whole (it is a
-small control document) so its signed URLs can be turned into relay links; anything else streams.
+`Link`, ...) are rewritten on every response. A JSON body on one of those endpoints is read whole (it is a
+small control document) so its signed URLs can be turned into relay links and every URL still pointing
+around the gateway can be said (gateway/control_docs.py); anything else streams.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
+from gateway import control_docs
+from gateway.config.model import DEFAULT_BODY_PATHS
 from gateway.exchange import Exchange
 from gateway.policy.codec import Codec, open_codec, parse_content_encoding
 from gateway.policy.external_url import ExternalUrl
@@ -30,16 +33,17 @@ JSON_BODY_LIMIT = 2**20  # a control document read whole: past this it passes un
 
 
 class JsonBodyRewriter:
-    """Reads a JSON body whole (bounded), applies the URL rules and the relay links, encodes it again."""
+    """Reads a control document whole (bounded), applies the URL rules and the relay links, notes on the
+    exchange what still routes around the gateway, and encodes it again."""
 
     __slots__ = (
         "_codec",
         "_decoded",
+        "_exchange",
         "_gateway_url",
         "_limits",
         "_raw",
         "_relay",
-        "_route",
         "_rules",
         "skipped",
     )
@@ -50,15 +54,16 @@ class JsonBodyRewriter:
         codec: Codec,
         limits: RewriteLimits,
         *,
-        relay: Relay,
-        route: str,
+        exchange: Exchange,
+        relay: Relay | None,
         gateway_url: str,
     ) -> None:
+        """`relay`: None where no relay links are made (no relay configured, or a route not advertised)."""
         self._rules = rules
         self._codec = codec
         self._limits = limits
+        self._exchange = exchange
         self._relay = relay
-        self._route = route
         self._gateway_url = gateway_url
         self._raw = 0
         self._decoded = bytearray()
@@ -86,8 +91,13 @@ class JsonBodyRewriter:
             doc = json.loads(text)
         except ValueError:
             doc = None
-        if doc is not None and self._relay.rewrite(doc, self._route, self._gateway_url):
-            text = json.dumps(doc).encode()
+        if doc is not None:
+            exchange = self._exchange
+            changed, found = control_docs.inspect(doc, self._gateway_url, self._relay, exchange.route or "")
+            for bypass in found:
+                exchange.bypassed(bypass)
+            if changed:
+                text = json.dumps(doc).encode()
         return codec.encode(text) + codec.encode_end()
 
 
@@ -110,6 +120,7 @@ class ResponseRewrite:
         self._body_paths = body_paths
         self._advertised = advertised  # route names whose responses may carry relay links
         self._relay = relay
+        self._control = PathGlobs(DEFAULT_BODY_PATHS)  # where the SDKs read the URLs they call next
 
     def external_url(self, exchange: Exchange) -> str | None:
         """The gateway's URL as this client reached it; absolute-form requests know none but advertise_url."""
@@ -122,13 +133,14 @@ class ResponseRewrite:
             forwarded_host=headers.get("X-Forwarded-Host"),
         )
 
-    def body_path(self, exchange: Exchange) -> bool:
-        """Whether this response's body may be rewritten at all: its path is on `rewrite.body_paths`."""
+    def body_path(self, exchange: Exchange) -> str | None:
+        """The upstream path when this response's body may be rewritten at all (it is on
+        `rewrite.body_paths`), else None."""
         target = exchange.target
         if target is None:
-            return False
+            return None
         path = normalize_path(target.route.relative_path(target.url))
-        return path is not None and self._body_paths.matches(path)
+        return path if path is not None and self._body_paths.matches(path) else None
 
     def body(
         self,
@@ -137,10 +149,13 @@ class ResponseRewrite:
         external: str | None,
         content_type: str | None,
         content_encoding: str | None,
+        *,
+        path: str,
     ) -> BodyTransform | None:
         """How a body on `body_paths` is rewritten, or None when it passes byte for byte anyway.
 
-        `rules` are `policy.rules_for(external)`, `external` is `external_url(exchange)`.
+        `rules` are `policy.rules_for(external)`, `external` is `external_url(exchange)`, `path` is
+        `body_path(exchange)`.
         """
         if not rewritable(content_type):
             return None
@@ -149,11 +164,10 @@ class ResponseRewrite:
             return None
         mime = (content_type or "").split(";", 1)[0].strip().lower()
         json_body = mime == "application/json" or mime.endswith("+json")
-        relay = self._relay
-        if relay is not None and json_body and exchange.route in self._advertised and external is not None:
-            assert exchange.route is not None
+        if json_body and external is not None and self._control.matches(path):
+            relay = self._relay if exchange.route in self._advertised else None
             codec = open_codec(encoding)
             return JsonBodyRewriter(
-                rules, codec, self.policy.limits, relay=relay, route=exchange.route, gateway_url=external
+                rules, codec, self.policy.limits, exchange=exchange, relay=relay, gateway_url=external
             )
         return self.policy.body(rules, content_type, content_encoding)

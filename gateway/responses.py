@@ -39,6 +39,7 @@ def error_response(error: GatewayError, request_id: str, *, close: bool = False)
     body = {"error": {"code": str(error.code), "message": error.detail, "request_id": request_id}}
     response = web.Response(
         status=error.status,
+        reason=error.phrase,
         body=json.dumps(body).encode(),
         content_type="application/json",
         headers={"X-Request-Id": request_id, "Server": SERVER, **dict(error.headers)},

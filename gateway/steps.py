@@ -13,6 +13,7 @@ from typing import Protocol
 
 from yarl import URL
 
+from gateway.bypass import USE_REVERSE_MODE, Bypass
 from gateway.errors import Code, GatewayError, Reason
 from gateway.exchange import BAD_TARGET, FORWARD_PROXY_ROUTE, TUNNEL_ROUTE, Exchange, Target
 from gateway.policy.allowlist import Allowlist, canonical_host
@@ -338,7 +339,9 @@ class ConnectAllowed:
         if self._policy is None:
             denied = self._allowlist.check(target.host, target.port)
             return Decision("disabled", denied or CONNECT_DISABLED)
-        denied = self._policy.check_target(target) or self._reverse_only.get(target.host)
+        denied = self._policy.check_target(target)
+        if denied is None and (denied := self._reverse_only.get(target.host)) is not None:
+            exchange.bypassed(Bypass(USE_REVERSE_MODE, target.host, denied.detail))
         return ALLOW if denied is None else Decision("deny", denied)
 
 

@@ -324,7 +324,7 @@ def _resolve_address(value: str) -> str:
         raise ValueError(f"{value!r} is not an IP address") from None
 
 
-def _default_routes() -> tuple[Route, ...]:
+def default_routes() -> tuple[Route, ...]:
     """Braintrust's hosted planes: the app (control plane) and the data plane, advertised back through
     the gateway and shaped rather than refused (a refused upload is a lost batch)."""
     return (
@@ -346,7 +346,7 @@ class GatewayConfig(Section):
     admin: Admin = Admin()
     public_url: str = "https://www.braintrust.dev"
     allowlist: tuple[AllowEntryText, ...] = ("www.braintrust.dev", "braintrust.dev", "api.braintrust.dev")
-    routes: tuple[Route, ...] = Field(default_factory=_default_routes)
+    routes: tuple[Route, ...] = Field(default_factory=default_routes)
     upstream: UpstreamSettings = UpstreamSettings()
     limits: Limits = Limits()
     logging: Logging = Logging()

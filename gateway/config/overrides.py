@@ -10,8 +10,11 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from typing import Any
 
+from gateway.config.model import default_routes
+
 KeyPath = tuple[str | int, ...]
 APP_ROUTE = "app"
+DATA_ROUTE = "data"
 
 
 @dataclass(frozen=True, slots=True)
@@ -36,6 +39,9 @@ def _env(name: str, *key: str, split: bool = False) -> tuple[str, Override]:
 ENV_OVERRIDES: dict[str, Override] = dict(
     [
         _env("BRAINTRUST_APP_URL", "routes", APP_ROUTE, "upstream"),
+        # A self-hosted data plane from the environment alone: the login's api_url then comes back through
+        # the gateway (an env-only deployment would otherwise send every /v1 and /logs3 call around it).
+        _env("BT_GATEWAY_DATA_PLANE_URL", "routes", DATA_ROUTE, "upstream"),
         _env("BRAINTRUST_APP_PUBLIC_URL", "public_url"),
         _env("OUTBOUND_RATE_LIMIT_MAX_REQUESTS", "rate_limit", "max_requests"),
         _env("OUTBOUND_RATE_LIMIT_WINDOW_MINUTES", "rate_limit", "window_minutes"),
@@ -88,11 +94,16 @@ def apply_override(data: dict[str, Any], override: Override) -> KeyPath:
     return override.key
 
 
+def _builtin_routes() -> list[dict[str, Any]]:
+    return [r.model_dump(exclude_defaults=True) for r in default_routes()]
+
+
 def _apply_route(data: dict[str, Any], override: Override) -> KeyPath:
+    """Set a key of the route named `routes.<name>`. A file without routes starts from the built-in ones
+    (`app` and the advertised `data`), so an env-only deployment keeps its data plane on the gateway; a
+    file with routes must name the route itself."""
     _, name, key = override.key
-    if "routes" not in data:
-        data["routes"] = [{"name": APP_ROUTE, "prefix": "/", "upstream": "https://www.braintrust.dev"}]
-    routes = data["routes"]
+    routes = data.setdefault("routes", _builtin_routes())
     if isinstance(routes, list):
         for index, route in enumerate(routes):
             if isinstance(route, dict) and route.get("name") == name:

@@ -249,8 +249,9 @@ async def test_the_compose_file_works_from_the_host(
                 "services": {
                     "bt-gateway": {
                         "build": {"context": str(ROOT), "args": {"PYTHON_IMAGE": standin_python(podman)}},
-                        "environment": {
+                        "environment": {  # an env-only deployment: both planes on the host upstream
                             "BRAINTRUST_APP_URL": host_upstream.url,
+                            "BT_GATEWAY_DATA_PLANE_URL": host_upstream.url,
                             "BT_GATEWAY_ALLOWLIST": host_port,
                         },
                     },
