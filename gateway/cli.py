@@ -166,9 +166,11 @@ def _event_loop_runner() -> Any:
 
 def check_config(loaded: LoadedConfig) -> int:
     """Build everything `serve` would (but the listeners), print the effective config, say what was read."""
-    problems = _event_loop_runner()(_build_and_close(loaded))
+    problems, warnings = _event_loop_runner()(_build_and_close(loaded))
     if problems:
         return _config_errors(problems)
+    for warning in warnings:
+        print(warning, file=sys.stderr)
     print(yaml.safe_dump(redacted(loaded.config), sort_keys=False), end="")
     if loaded.path is None:
         looked = " or ".join(str(p) for p in DEFAULT_PATHS)
@@ -181,21 +183,24 @@ def check_config(loaded: LoadedConfig) -> int:
     return 0
 
 
-async def _build_and_close(loaded: LoadedConfig) -> list[str]:
+async def _build_and_close(loaded: LoadedConfig) -> tuple[list[str], list[str]]:
+    """(problems, warnings): the generation `serve` would build, and the warnings it would log, as the
+    lines check-config prints (`warning: WHERE: key: message`)."""
     from gateway.generation import BuildError, Generation
 
     try:
         generation = await Generation.build(loaded.config)
     except BuildError as exc:
-        return [loaded.problem(exc.key, exc.message)]
+        return [loaded.problem(exc.key, exc.message)], []
+    warnings = [f"warning: {loaded.problem(n.key, n.message)}" for n in generation.warnings()]
     await generation.close()
-    return []
+    return [], warnings
 
 
 def _supervise(loaded: LoadedConfig, argv: list[str]) -> int:
     """`workers: N`: check the config once here (one error, not N), then run N `serve` processes."""
     configure(loaded.config.logging.level, loaded.config.logging.format)
-    problems = _event_loop_runner()(_build_and_close(loaded))
+    problems, _ = _event_loop_runner()(_build_and_close(loaded))  # each worker logs the warnings
     if problems:
         return _config_errors(problems)
     return supervise(loaded.config.workers, argv)

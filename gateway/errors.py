@@ -39,6 +39,10 @@ class Code(StrEnum):
     UPSTREAM_BUSY = "upstream_busy"
     TOO_MANY_CONNECTIONS = "too_many_connections"
     SHUTTING_DOWN = "shutting_down"
+    ADMIN_HOST_DENIED = "admin_host_denied"  # a Host header naming someone else: DNS rebinding
+    CROSS_SITE_DENIED = "cross_site_denied"  # a browser's cross-site request or form post to the admin port
+    ADMIN_TOKEN_INVALID = "admin_token_invalid"  # missing or wrong `Authorization: Bearer` for admin.token
+    ADMIN_TOKEN_NOT_SET = "admin_token_not_set"  # a non-loopback admin listener with no admin.token
     CLIENT_DISCONNECTED = "client_disconnected"
     INTERNAL = "internal_error"
 
@@ -70,6 +74,10 @@ STATUS: dict[Code, int] = {
     Code.UPSTREAM_BUSY: 503,
     Code.TOO_MANY_CONNECTIONS: 503,
     Code.SHUTTING_DOWN: 503,
+    Code.ADMIN_HOST_DENIED: 403,
+    Code.CROSS_SITE_DENIED: 403,
+    Code.ADMIN_TOKEN_INVALID: 401,
+    Code.ADMIN_TOKEN_NOT_SET: 403,
     Code.CLIENT_DISCONNECTED: 499,  # nginx's number: logged only, the client is no longer there to see it
     Code.INTERNAL: 500,
 }

@@ -23,6 +23,7 @@ from gateway.config.model import GatewayConfig
 from gateway.config.overrides import APP_ROUTE, KeyPath
 from gateway.dial import TunnelDialer, UpstreamProxy
 from gateway.errors import Code, GatewayError, Reason
+from gateway.exposure import Notice, exposure_notices
 from gateway.forward import Forwarder
 from gateway.http_client import ClientSettings, HttpClient
 from gateway.logs import get_logger
@@ -331,19 +332,21 @@ class Generation:
             proxy_auth=proxy_auth,
         )
 
-    def warnings(self) -> list[tuple[str, dict[str, object]]]:
-        """What an operator should know about this config, logged at start and at each reload."""
+    def warnings(self) -> list[Notice]:
+        """What an operator should know about this config: logged at start and at each reload by `serve`,
+        printed by `check-config`."""
         config = self.config
+        notices = exposure_notices(config)
         fp = config.forward_proxy
-        if not fp.enabled or fp.tunnel_to_limited_hosts != "allow":
-            return []
         hosts = sorted(limited_hosts(config))
-        if not hosts:
-            return []
-        detail = (
-            "tunnels to these hosts are not counted per token (tunnel_to_limited_hosts: deny refuses them)"
-        )
-        return [("tunnels_bypass_rate_limit", {"hosts": hosts, "detail": detail})]
+        if fp.enabled and fp.tunnel_to_limited_hosts == "allow" and hosts:
+            detail = (
+                "tunnels to these hosts are not counted per token (tunnel_to_limited_hosts: deny refuses "
+                f"them): {', '.join(hosts)}"
+            )
+            key = ("forward_proxy", "tunnel_to_limited_hosts")
+            notices.append(Notice("tunnels_bypass_rate_limit", key, detail, {"hosts": hosts}))
+        return notices
 
     @property
     def in_flight(self) -> int:

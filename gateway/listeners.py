@@ -7,7 +7,6 @@ its own pod), but the admin listener exists to be probed, so that case is logged
 
 from __future__ import annotations
 
-import ipaddress
 import os
 from collections.abc import Mapping
 from pathlib import Path
@@ -16,6 +15,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.logs import get_logger
+from gateway.policy.addresses import is_loopback
 
 log = get_logger("gateway.listeners")
 CONTAINER_MARKERS = (Path("/run/.containerenv"), Path("/.dockerenv"))  # podman and CRI-O; docker
@@ -42,13 +42,6 @@ async def listen(runner: web.BaseRunner, name: str, host: str, port: int, reuse_
 def in_container(env: Mapping[str, str] = os.environ) -> bool:
     """A container runtime's marker file, or the variable Kubernetes sets in every pod."""
     return "KUBERNETES_SERVICE_HOST" in env or any(marker.exists() for marker in CONTAINER_MARKERS)
-
-
-def is_loopback(host: str) -> bool:
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return host == "localhost"
 
 
 def warn_if_admin_unreachable(host: str, port: int) -> None:

@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
-from gateway.config.load import ConfigError, LoadedConfig
+from gateway.config.load import ConfigError, LoadedConfig, format_key
 from gateway.config.model import GatewayConfig
 from gateway.generation import BuildError, Generation
 from gateway.logs import get_logger
@@ -90,8 +90,8 @@ class Reloader:
 
 def log_warnings(generation: Generation) -> None:
     """What an operator should know about a config, logged when it starts serving (start or reload)."""
-    for event, fields in generation.warnings():
-        log.warning(event, **fields)
+    for notice in generation.warnings():
+        log.warning(notice.event, key=format_key(notice.key), detail=notice.message, **notice.fields)
 
 
 def restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
@@ -107,7 +107,7 @@ def restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
         )
     for key in ("listen", "admin"):
         before, after = getattr(running, key), getattr(loaded.config, key)
-        if before != after:
+        if (before.host, before.port) != (after.host, after.port):  # admin.token may change: it applies
             problems.append(
                 loaded.problem(
                     (key,),

@@ -1,4 +1,4 @@
-"""The aiohttp wiring: listeners, the live generation (swapped whole by reload.py), the admin endpoints.
+"""The aiohttp wiring: listeners and the live generation (swapped whole by reload.py); admin.py serves admin.
 
 A low-level `web.Server` (no router) is used on purpose: every method, CONNECT included, and every request
 target reaches the handler unaltered, and parser errors get the same JSON errors as the rest.
@@ -8,23 +8,25 @@ from __future__ import annotations
 
 import asyncio
 import os
+import socket
 import time
 from typing import Any
 
 from aiohttp import web
 
-from gateway.config.model import GatewayConfig
+from gateway.admin import admin_app
+from gateway.config.model import Admin, GatewayConfig
 from gateway.errors import Code, GatewayError
 from gateway.exchange import Exchange, request_id
 from gateway.generation import Generation
 from gateway.handler import ProxyHandler
 from gateway.listeners import listen, warn_if_admin_unreachable
 from gateway.logs import configure, get_logger
-from gateway.metrics import CONTENT_TYPE, Metrics
+from gateway.metrics import Metrics
+from gateway.policy.admin_access import AdminAccess
 from gateway.policy.credentials import digest_of
 from gateway.protocol import ClientLimits, GatewayServer
 from gateway.reload import ConfigSource, Reloader, ReloadResult, log_warnings
-from gateway.responses import SERVER
 from gateway.tunnel import Tunnels, TunnelStats
 
 log = get_logger("gateway.server")
@@ -56,6 +58,7 @@ class Gateway:
         self._proxy_server: GatewayServer | None = None
         self._deadline_passed = False  # stop() cancelled what was still running
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
+        self._admin_access = admin_access(config.admin)
 
     @property
     def tunnels(self) -> TunnelStats:
@@ -87,7 +90,8 @@ class Gateway:
         self._runners.append(runner)
         self.ports["listen"] = await listen(runner, "listen", proxy_at.host, proxy_at.port, shared)
         admin_port = admin.port + self.worker if admin.port else 0
-        admin_runner = web.AppRunner(self._admin_app(), access_log=None)
+        app = admin_app(self._not_ready, self.metrics.render, self.reload, lambda: self._admin_access)
+        admin_runner = web.AppRunner(app, access_log=None)
         self._runners.append(admin_runner)
         self.ports["admin"] = await listen(admin_runner, "admin", admin.host, admin_port)
         warn_if_admin_unreachable(admin.host, self.ports["admin"])
@@ -145,6 +149,7 @@ class Gateway:
         current = self.generation
         assert current is not None  # the reloader only swaps a running gateway
         self.generation, self.config = fresh, fresh.config
+        self._admin_access = admin_access(fresh.config.admin)  # a rotated admin.token applies at once
         self._retired = [g for g in self._retired if not g.is_closed] + [current]
         current.retire()
         if self._proxy_server is not None:  # new connections get the new client limits
@@ -197,39 +202,20 @@ class Gateway:
         for task in self._handlers:
             task.cancel()
 
-    def _admin_app(self) -> web.Application:
-        async def healthz(_: web.Request) -> web.Response:
-            return web.json_response({"status": "ok"})
-
-        async def readyz(_: web.Request) -> web.Response:
-            generation = self.generation
-            if not self.ready or generation is None:
-                return web.json_response({"status": "draining"}, status=503)
-            if not await generation.limiter.ready():
-                return web.json_response({"status": "rate_limit_storage_unavailable"}, status=503)
-            return web.json_response({"status": "ready"})
-
-        async def metrics(_: web.Request) -> web.Response:
-            return web.Response(body=self.metrics.render(), headers={"Content-Type": CONTENT_TYPE})
-
-        async def reload(_: web.Request) -> web.Response:
-            result = await self.reload()
-            body: dict[str, Any] = {"status": "reloaded" if result.ok else "failed", "config": result.origin}
-            if not result.ok:
-                body["problems"] = list(result.problems)
-            return web.json_response(body, status=200 if result.ok else 422)
-
-        async def server_header(_: web.Request, response: web.StreamResponse) -> None:
-            response.headers["Server"] = SERVER
-
-        app = web.Application()
-        app.on_response_prepare.append(server_header)
-        app.router.add_get("/healthz", healthz)
-        app.router.add_get("/readyz", readyz)
-        app.router.add_get("/metrics", metrics)
-        app.router.add_post("/reload", reload)
-        return app
+    async def _not_ready(self) -> str | None:
+        """`/readyz`: None when ready, else why (draining, or the rate-limit storage is unreachable)."""
+        generation = self.generation
+        if not self.ready or generation is None:
+            return "draining"
+        if not await generation.limiter.ready():
+            return "rate_limit_storage_unavailable"
+        return None
 
 
 def _client_limits(config: GatewayConfig) -> ClientLimits:
     return ClientLimits(config.limits.header_timeout_s, config.limits.max_client_connections)
+
+
+def admin_access(admin: Admin) -> AdminAccess:
+    """The admin listener's rules; this host's own name (a pod's name, a container's id) is one of its."""
+    return AdminAccess.build(admin.host, admin.token, admin.allowed_hosts, (socket.gethostname(),))

@@ -31,7 +31,11 @@ from tests.tools import require_binaries
 ROOT = Path(__file__).resolve().parents[1]
 SUITE = "bookworm"
 CA_BUNDLE = Path("/etc/ssl/certs/ca-certificates.crt")
-IMAGE = "localhost/bt-gateway:test"
+# Names of this checkout's own, so that two checkouts testing at once never use each other's image or
+# compose project; fixed per checkout, so each run replaces the last one's instead of piling up.
+CHECKOUT = hashlib.sha256(str(ROOT).encode()).hexdigest()[:8]
+IMAGE = f"localhost/bt-gateway:test-{CHECKOUT}"
+COMPOSE_PROJECT = f"bt-gateway-test-{CHECKOUT}"
 CONTAINERS_CONF = """\
 [containers]
 default_ulimits = ["nofile=4096:4096", "nproc=4096:4096"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ipaddress
 import re
+from pathlib import Path
 from typing import Annotated, Literal
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -18,6 +19,7 @@ from gateway.policy.paths import compile_glob
 from gateway.policy.proxyauth import ScryptHash
 
 Port = Annotated[int, Field(ge=0, le=65535)]
+_TOKEN = re.compile(r"[\x21-\x7e]{16,}")
 Seconds = Annotated[float, Field(gt=0)]
 
 
@@ -68,8 +70,44 @@ class Listen(Section):
 
 
 class Admin(Section):
+    """The admin listener. `token` guards its state-changing endpoints (POST /reload); it is never printed.
+
+    `token_file` (a mounted Kubernetes Secret) is read at load and at each reload, so rotating the Secret
+    and reloading applies it; `allowed_hosts` are extra names a request's Host may give (a Service name).
+    """
+
     host: str = "127.0.0.1"
     port: Port = 9901
+    token: str | None = None  # env BT_GATEWAY_ADMIN_TOKEN
+    token_file: str | None = None  # env BT_GATEWAY_ADMIN_TOKEN_FILE; set this or token, not both
+    allowed_hosts: tuple[str, ...] = ()
+
+    @model_validator(mode="before")
+    @classmethod
+    def _read_token_file(cls, data: object) -> object:
+        """The file's content (surrounding whitespace stripped) becomes `token`; a problem names the key."""
+        if not isinstance(data, dict) or not data.get("token_file"):
+            return data
+        if data.get("token") is not None:
+            raise KeyedError(("admin", "token_file"), "set admin.token or admin.token_file, not both")
+        path = str(data["token_file"])
+        try:
+            token = Path(path).read_text(encoding="utf-8").strip()
+        except (OSError, UnicodeDecodeError) as exc:
+            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            raise KeyedError(("admin", "token_file"), f"cannot read {path}: {reason.lower()}") from None
+        return {**data, "token": token}
+
+    @field_validator("token")
+    @classmethod
+    def _token(cls, value: str | None) -> str | None:
+        """Checked without echoing it: a token must never reach an error line or a log."""
+        if value is not None and not _TOKEN.fullmatch(value):
+            raise KeyedError(
+                ("admin", "token"),
+                "must be at least 16 printable characters without spaces (e.g. openssl rand -hex 32)",
+            )
+        return value
 
 
 def _whole_seconds(minutes: float) -> float:

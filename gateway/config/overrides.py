@@ -53,6 +53,8 @@ ENV_OVERRIDES: dict[str, Override] = dict(
         _env("BT_GATEWAY_LISTEN_PORT", "listen", "port"),
         _env("BT_GATEWAY_ADMIN_HOST", "admin", "host"),
         _env("BT_GATEWAY_ADMIN_PORT", "admin", "port"),
+        _env("BT_GATEWAY_ADMIN_TOKEN", "admin", "token"),
+        _env("BT_GATEWAY_ADMIN_TOKEN_FILE", "admin", "token_file"),
         _env("BT_GATEWAY_ALLOWLIST", "allowlist", split=True),
         _env("BT_GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", "upstream", "connect_timeout_s"),
         _env("BT_GATEWAY_UPSTREAM_READ_TIMEOUT_S", "upstream", "read_timeout_s"),

@@ -27,6 +27,8 @@ def redacted(config: GatewayConfig) -> dict[str, Any]:
     if upstream.get("proxy"):
         upstream["proxy"] = _redact_url(upstream["proxy"])
     data["rate_limit"]["storage"] = _redact_url(data["rate_limit"]["storage"])
+    if data["admin"]["token"] is not None:
+        data["admin"]["token"] = MASK
     if data["forward_proxy"]["auth"]:
         data["forward_proxy"]["auth"]["users"] = dict.fromkeys(data["forward_proxy"]["auth"]["users"], MASK)
     return data

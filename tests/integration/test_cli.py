@@ -130,7 +130,9 @@ def test_check_config_says_when_it_used_built_in_defaults(tmp_path: Path) -> Non
     env = {"PATH": "/usr/bin:/bin"}
     result = run_cli("check-config", env=env, cwd=tmp_path)  # no config/gateway.yaml here
     assert result.returncode == 0, result.stderr
-    assert result.stderr.startswith("config ok: built-in defaults (no -c FILE or $BT_GATEWAY_CONFIG")
+    assert result.stderr.splitlines()[-1].startswith(
+        "config ok: built-in defaults (no -c FILE or $BT_GATEWAY_CONFIG"
+    )
 
 
 def test_check_config_env_errors_name_the_variable(tmp_path: Path) -> None:

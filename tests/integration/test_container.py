@@ -24,6 +24,7 @@ import yaml
 from tests.clients import free_port
 from tests.conftest import Upstream
 from tests.containers import (
+    COMPOSE_PROJECT,
     LOCKED_DOWN,
     ROOT,
     Built,
@@ -39,7 +40,6 @@ from tests.tools import unavailable
 
 pytestmark = pytest.mark.timeout(900)  # the first test builds the stand-in base (debootstrap) and the image
 VIA = "1.1 bt-gateway"
-COMPOSE_PROJECT = "bt-gateway-test"  # fixed: the image compose builds keeps one name, replaced each run
 
 
 @pytest.fixture(scope="session")

@@ -24,10 +24,14 @@ from packaging.utils import canonicalize_name
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 CONFIG_DIR = "/etc/bt-gateway"
+# The image's own config serves both modes to anyone its ports reach, as a quick start; it says so.
+CONTAINER_WARNINGS = ("admin.token", "forward_proxy.auth", "forward_proxy.tunnel_to_limited_hosts")
+SECRET_STAND_IN = "stand-in-for-the-secret-0123456789"  # a secretKeyRef has no value in a manifest
 
 
-def check_config(path: Path, env: dict[str, str]) -> dict[str, Any]:
-    """Run the real CLI; return the effective config it printed."""
+def check_config(path: Path, env: dict[str, str], warnings: tuple[str, ...] = ()) -> dict[str, Any]:
+    """Run the real CLI; return the effective config it printed. `warnings`: the keys of the warning lines
+    (`warning: FILE:LINE: key: message`) it must print before `config ok`, in order."""
     script = str(Path(sys.executable).parent / "bt-gateway")
     result = subprocess.run(
         [script, "check-config", "-c", str(path)],
@@ -37,9 +41,23 @@ def check_config(path: Path, env: dict[str, str]) -> dict[str, Any]:
         env={"PATH": "/usr/bin:/bin", **env},
     )
     assert result.returncode == 0, result.stderr
-    assert result.stderr == f"config ok: {path}\n"
+    *warned, ok = result.stderr.splitlines()
+    assert ok == f"config ok: {path}"
+    assert [line.split(": ")[2] for line in warned] == list(warnings), result.stderr
+    assert [line for line in warned if line.startswith(f"warning: {path}:")] == warned
     effective: dict[str, Any] = yaml.safe_load(result.stdout)
     return effective
+
+
+def container_env(container: dict[str, Any]) -> dict[str, str]:
+    """The container's environment: literal values, and a stand-in for each value read from a Secret."""
+    env = {}
+    for entry in container.get("env", []):
+        if "value" in entry:
+            env[entry["name"]] = entry["value"]
+        elif "secretKeyRef" in entry.get("valueFrom", {}):
+            env[entry["name"]] = SECRET_STAND_IN
+    return env
 
 
 def gateway_pods(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[str, Any], dict[str, Any]]]:
@@ -66,8 +84,10 @@ def test_each_manifest_runs_a_config_the_gateway_accepts(manifest: Path, tmp_pat
     for pod, container, config_map in pods:
         path = tmp_path / "gateway.yaml"
         path.write_text(config_map["data"]["gateway.yaml"])
-        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
-        config = check_config(path, env)
+        # Only a container without a token from a Secret serves POST /reload nowhere (it says so).
+        env = container_env(container)
+        warned = () if "BT_GATEWAY_ADMIN_TOKEN" in env else ("admin.token",)
+        config = check_config(path, env, warned)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
         assert ports["admin"] == config["admin"]["port"] and config["admin"]["host"] == "0.0.0.0"
         assert container["readinessProbe"]["httpGet"] == {"path": "/readyz", "port": "admin"}
@@ -82,6 +102,26 @@ def test_each_manifest_runs_a_config_the_gateway_accepts(manifest: Path, tmp_pat
             app_env = {e["name"]: e.get("value") for c in pod["containers"] for e in c.get("env", [])}
             assert app_env["BRAINTRUST_APP_URL"] == f"http://127.0.0.1:{config['listen']['port']}"
             assert config["listen"]["host"] == "127.0.0.1"  # nothing outside the pod reaches the proxy
+
+
+def test_the_shared_service_is_reverse_mode_only_and_its_reload_needs_a_token(tmp_path: Path) -> None:
+    """Anyone reaching the proxy port of a forward proxy without auth tunnels to the allow-listed hosts:
+    the shared service is reverse-only. The admin token comes from a Secret; without the Secret the pods
+    still start (probes, metrics, --watch) and check-config says POST /reload is off."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/replicas-redis.yaml").read_text()) if d]
+    [(_, container, config_map)] = gateway_pods(docs)
+    path = tmp_path / "gateway.yaml"
+    path.write_text(config_map["data"]["gateway.yaml"])
+    assert container["env"] == [
+        {
+            "name": "BT_GATEWAY_ADMIN_TOKEN",
+            "valueFrom": {"secretKeyRef": {"name": "bt-gateway-admin", "key": "token", "optional": True}},
+        }
+    ]
+    config = check_config(path, container_env(container))  # the Secret exists: no warning at all
+    assert config["forward_proxy"]["enabled"] is False
+    assert config["admin"]["token"] == "***"
+    check_config(path, {}, ("admin.token",))  # no Secret: reload is off, and said to be
 
 
 def test_the_replicas_share_one_redis_limit() -> None:
@@ -105,7 +145,7 @@ def test_compose_runs_the_container_config_against_its_redis(tmp_path: Path) -> 
     source = (ROOT / "deploy" / volume.split(":")[0] / "gateway.yaml").resolve()
     assert source == ROOT / "deploy/config/gateway.yaml"  # the container config, not the loopback one
     assert [p.name for p in source.parent.iterdir()] == ["gateway.yaml"]  # nothing else is exposed
-    config = check_config(source, dict(service["environment"]))
+    config = check_config(source, dict(service["environment"]), CONTAINER_WARNINGS)
     assert (config["listen"]["host"], config["admin"]["host"]) == ("0.0.0.0", "0.0.0.0")
     assert config["rate_limit"]["storage"] == "redis://redis:6379/0"
     assert "redis" in compose["services"]
@@ -117,7 +157,7 @@ def test_the_image_carries_the_container_config_and_sets_nothing_over_it() -> No
     assert re.search(r"^ARG PYTHON_IMAGE=python:\d+\.\d+\.\d+-slim", dockerfile, re.M)  # pinned tag
     assert f"COPY deploy/config/gateway.yaml {CONFIG_DIR}/gateway.yaml" in dockerfile
     assert "BT_GATEWAY_LISTEN_HOST" not in dockerfile and "BT_GATEWAY_ADMIN_HOST" not in dockerfile
-    config = check_config(ROOT / "deploy/config/gateway.yaml", {})
+    config = check_config(ROOT / "deploy/config/gateway.yaml", {}, CONTAINER_WARNINGS)
     assert (config["listen"]["host"], config["admin"]["host"]) == ("0.0.0.0", "0.0.0.0")
     assert (config["listen"]["port"], config["admin"]["port"]) == (8080, 9901)
     assert "EXPOSE 8080 9901" in dockerfile

@@ -1,0 +1,51 @@
+"""Start-up warnings about who can reach what: said by `serve` (a log line) and `check-config` (stderr).
+
+A `Notice` is one thing an operator should know about a config that is valid but exposes something. Both
+commands render the same list (gateway/generation.py `warnings()`), so they never disagree.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from gateway.config.model import GatewayConfig
+from gateway.config.overrides import KeyPath
+from gateway.policy.addresses import is_loopback
+
+
+@dataclass(frozen=True, slots=True)
+class Notice:
+    """`event` names the log line; `key` the config key to change; `message` is the one line shown."""
+
+    event: str
+    key: KeyPath
+    message: str
+    fields: Mapping[str, object] = field(default_factory=dict)  # extra log fields (hosts, ...)
+
+
+def exposure_notices(config: GatewayConfig) -> list[Notice]:
+    """A forward proxy anyone can use, an admin listener whose POST /reload is shut for want of a token."""
+    notices = []
+    admin, listen, proxy = config.admin, config.listen, config.forward_proxy
+    if admin.token is None and not is_loopback(admin.host):
+        notices.append(
+            Notice(
+                "admin_reload_disabled",
+                ("admin", "token"),
+                f"admin.host {admin.host} is not loopback and no admin.token is set: POST /reload answers "
+                "403 (SIGHUP and serve --watch still reload); set admin.token (env BT_GATEWAY_ADMIN_TOKEN) "
+                "or admin.token_file to enable it",
+            )
+        )
+    if proxy.enabled and proxy.auth is None and not is_loopback(listen.host):
+        notices.append(
+            Notice(
+                "forward_proxy_open",
+                ("forward_proxy", "auth"),
+                f"forward_proxy is enabled on listen.host {listen.host} without auth: anyone who reaches "
+                f"port {listen.port} can tunnel to the allow-listed hosts; set forward_proxy.auth, or "
+                "forward_proxy.enabled: false, or listen.host: 127.0.0.1",
+            )
+        )
+    return notices
