@@ -24,6 +24,12 @@ RUN pip wheel --no-cache-dir --no-deps --no-build-isolation --wheel-dir /app .
 # Runtime stage: no build tools, no pip cache, no source tree; the dependencies' venv is a layer of its
 # own (the same path as where it was built, so its scripts and bytecode point where they are).
 FROM ${PYTHON_IMAGE}
+# iptables (nft backend) for `bt-gateway egress-lock`, the sidecar pattern's init container that keeps
+# every other UID of the pod off the network (deploy/kubernetes/sidecar.yaml). Only that container runs
+# it, as root with NET_ADMIN; the gateway itself never does.
+RUN apt-get update \
+    && DEBIAN_FRONTEND=noninteractive apt-get install -y --no-install-recommends iptables \
+    && apt-get clean && rm -rf /var/lib/apt/lists/*
 # A numeric user and group: Kubernetes' runAsNonRoot can only verify a numeric USER (the manifests in
 # deploy/ name the same 10001:10001; tests/integration/test_deploy.py keeps them in step).
 RUN groupadd --gid 10001 bt-gateway \

@@ -1,4 +1,4 @@
-"""Command line: `serve`, `check-config`, `probe`, `hash-password`, `--version`.
+"""Command line: `serve`, `check-config`, `probe`, `hash-password`, `egress-lock`, `--version`.
 
 Config problems exit 2 with one line each and no traceback.
 """
@@ -70,7 +70,71 @@ def _parser() -> argparse.ArgumentParser:
     subs["probe"].add_argument("--ready", action="store_true", help="ask /readyz instead of /healthz")
     hasher = commands.add_parser("hash-password", help="print a scrypt hash for forward_proxy.auth.users")
     hasher.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    _egress_lock_parser(commands)
     return parser
+
+
+LOCK_HELP = """\
+Install iptables and ip6tables rules in this network namespace (the pod's: run it in an init container
+with CAP_NET_ADMIN, before the gateway) so that only the gateway's UID reaches the outside. Always open:
+loopback, packets of established connections (replies to what the pod serves), IPv6 neighbour discovery,
+and the --allow destinations. Every other packet is rejected (TCP reset, ICMP port unreachable). The rules
+live in one chain, BT-GATEWAY-EGRESS, jumped to first from OUTPUT; running it again replaces them.
+
+--allow (repeatable, IPv4 and IPv6; a port opens TCP and UDP, no port opens everything):
+  10.0.0.0/8            a network          10.96.0.10:53  a host and port (DNS)
+  10.96.0.0/12:443      a network and port fd00::/8       an IPv6 network
+  [fd00:10:96::a]:53    IPv6 with a port goes in brackets
+"""
+
+
+def _egress_lock_parser(commands: Any) -> None:
+    lock = commands.add_parser(
+        "egress-lock",
+        help="pod firewall: only the gateway's UID may leave the pod (init container, needs NET_ADMIN)",
+        description=LOCK_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    lock.add_argument(
+        "--gateway-uid",
+        type=int,
+        default=10001,
+        help="the UID the gateway runs as (default: 10001, the image's USER)",
+    )
+    lock.add_argument(
+        "--allow",
+        action="append",
+        default=[],
+        metavar="CIDR[:PORT]",
+        help="a destination the app may reach directly",
+    )
+    lock.add_argument("--dry-run", action="store_true", help="print the rules instead of installing them")
+
+
+def _egress_lock(args: argparse.Namespace) -> int:
+    """Usage errors exit 2, a lock that cannot be installed exits 1: each with one line saying why."""
+    from gateway.egress_apply import LockError, dry_run, install
+    from gateway.egress_lock import LockSpec, parse_allow, summary
+
+    if not 0 < args.gateway_uid < 2**32 - 1:
+        uid = args.gateway_uid
+        return _config_errors(
+            [f"bt-gateway egress-lock: --gateway-uid {uid}: a UID from 1 up (0 would exempt root)"]
+        )
+    try:
+        spec = LockSpec(args.gateway_uid, tuple(parse_allow(text) for text in args.allow))
+    except ValueError as exc:
+        return _config_errors([f"bt-gateway egress-lock: --allow {exc}"])
+    if args.dry_run:
+        print(dry_run(spec), end="")
+        return 0
+    try:
+        counts = install(spec)
+    except LockError as exc:
+        print(f"bt-gateway egress-lock: {exc}", file=sys.stderr)
+        return 1
+    print(summary(spec, counts))
+    return 0
 
 
 def _hash_password(args: argparse.Namespace) -> int:
@@ -109,6 +173,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "hash-password":
         return _hash_password(args)
+    if args.command == "egress-lock":
+        return _egress_lock(args)
     baseline = _watch_baseline(args)  # before the load: an edit during it is then reloaded
     try:
         loaded = _load(args)

@@ -28,11 +28,14 @@ class GatewayProcess:
         echo: TextIO | None = None,
         new_session: bool = False,
         args: Sequence[str] = (),
+        prefix: Sequence[str] = (),
     ) -> None:
         """Write `config` to `tmp_path/gateway.yaml` (through it, if it is a symlink) and run `serve` on it.
 
-        `args` are extra `serve` arguments, such as `--watch`. `new_session`: a process group of its own,
-        so a Ctrl-C meant for the caller does not reach it too (the caller stops it with one signal).
+        `args` are extra `serve` arguments, such as `--watch`. `prefix` runs it under commands that exec it
+        (`ip netns exec NS setpriv --reuid UID`), so the pid is still the gateway's. `new_session`: a process
+        group of its own, so a Ctrl-C meant for the caller does not reach it too (the caller stops it with
+        one signal).
         """
         config = {
             "listen": {"host": "127.0.0.1", "port": 0},
@@ -47,7 +50,14 @@ class GatewayProcess:
         self._echo = echo
         full_env = {**os.environ, **(env or {})}
         self.proc = subprocess.Popen(
-            [str(Path(sys.executable).parent / "bt-gateway"), "serve", "-c", str(self.config_path), *args],
+            [
+                *prefix,
+                str(Path(sys.executable).parent / "bt-gateway"),
+                "serve",
+                "-c",
+                str(self.config_path),
+                *args,
+            ],
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             env=full_env,

@@ -84,10 +84,10 @@ def parse_entry(text: str) -> AllowEntry:
         if rest:
             if not rest.startswith(":"):
                 raise ValueError(f"{text!r} is not host[:port]")
-            port = _parse_port(rest[1:], text)
+            port = parse_port(rest[1:], text)
     elif raw.count(":") == 1:
         host_part, port_text = raw.split(":")
-        port = _parse_port(port_text, text)
+        port = parse_port(port_text, text)
     wildcard = host_part.startswith("*.")
     if wildcard:
         host_part = host_part[2:]
@@ -103,7 +103,8 @@ def parse_entry(text: str) -> AllowEntry:
     return AllowEntry(host=canonical, wildcard=wildcard, port=port)
 
 
-def _parse_port(text: str, entry: str) -> int:
+def parse_port(text: str, entry: str) -> int:
+    """A port from 1 to 65535, or ValueError naming `entry`, the value it came from."""
     if not (text.isascii() and text.isdigit()) or not 0 < int(text) < 65536:
         raise ValueError(f"{entry!r}: port must be a number from 1 to 65535")
     return int(text)

@@ -202,6 +202,48 @@ async def test_a_config_that_binds_loopback_in_a_container_is_unhealthy_not_sile
                 await status_of(client, f"http://127.0.0.1:{container.port(9901)}/healthz")
 
 
+# The sidecar manifest's placeholders, filled in with what an operator would write.
+LOCK_VALUES = {
+    "<POD_CIDR>": "10.244.0.0/16",
+    "<SERVICE_CIDR>": "10.96.0.0/12",
+    "<DNS_SERVICE_IP>": "10.96.0.10",
+}
+# sidecar.yaml's egress-lock securityContext in podman's words: root, a read-only root filesystem with
+# nothing writable (no tmpfs on /run for an xtables lock file), every capability dropped but NET_ADMIN.
+LOCK_CONTEXT = (*LOCKED_DOWN, "--user=0:0", "--cap-add=NET_ADMIN", "--network=none")
+SHOW_RULES = 'bt-gateway "$@" && iptables-save -t filter && ip6tables-save -t filter'
+
+
+def sidecar_lock_args() -> list[str]:
+    docs = yaml.safe_load_all((ROOT / "deploy/kubernetes/sidecar.yaml").read_text())
+    [pod] = [d["spec"]["template"]["spec"] for d in docs if d and d["kind"] == "Deployment"]
+    [lock] = [c for c in pod["initContainers"] if c["args"][0] == "egress-lock"]
+    args: list[str] = lock["args"]
+    for placeholder, value in LOCK_VALUES.items():
+        args = [arg.replace(placeholder, value) for arg in args]
+    return args
+
+
+def test_the_image_installs_the_egress_lock_as_the_sidecar_init_container_runs_it(
+    podman: Podman, image: Built
+) -> None:
+    """The image carries iptables, and the init container's securityContext is enough: NET_ADMIN alone
+    (no NET_RAW) and a read-only root filesystem (the nft backend writes no lock file)."""
+    args = sidecar_lock_args()
+    done = podman("run", "--rm", *LOCK_CONTEXT, "--entrypoint=sh", image.image, "-c", SHOW_RULES, "sh", *args)
+    summary, *saved = done.stdout.splitlines()
+    assert summary.startswith("egress-lock: chain BT-GATEWAY-EGRESS installed (IPv4 9 rules, IPv6 9 rules)")
+    assert saved.count("-A OUTPUT -j BT-GATEWAY-EGRESS") == 2  # IPv4 and IPv6
+    assert "-A BT-GATEWAY-EGRESS -m owner --uid-owner 10001 -j RETURN" in saved
+    assert "-A BT-GATEWAY-EGRESS -d 10.96.0.10/32 -p udp -m udp --dport 53 -j RETURN" in saved
+    # As the image's own user (the gateway's securityContext) it cannot: one line, exit 1.
+    refused = podman("run", "--rm", *LOCKED_DOWN, "--network=none", image.image, *args, check=False)
+    assert refused.returncode == 1 and refused.stdout == ""
+    [line] = [line for line in refused.stderr.splitlines() if not line.startswith("time=")]  # podman's own
+    assert line.startswith("bt-gateway egress-lock: iptables-save failed with exit code 4: ")
+    assert line.endswith("(needs root with CAP_NET_ADMIN in the pod's network namespace)")
+
+
 def test_the_build_context_holds_only_what_the_image_needs(podman: Podman, tmp_path: Path) -> None:
     """.dockerignore keeps the venv, node_modules, tests and caches out of what `build` sends."""
     (tmp_path / "Containerfile").write_text(

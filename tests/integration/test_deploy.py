@@ -186,6 +186,47 @@ def test_every_gateway_container_runs_as_the_images_numeric_user_locked_down(man
         }
 
 
+LOCK_PLACEHOLDERS = ["<POD_CIDR>", "<SERVICE_CIDR>", "<DNS_SERVICE_IP>:53"]
+
+
+def egress_lock(pod: dict[str, Any]) -> tuple[int, dict[str, Any]]:
+    """The pod's one `egress-lock` init container, and its index among the init containers."""
+    inits = pod.get("initContainers", [])
+    [(index, lock)] = [(i, c) for i, c in enumerate(inits) if c.get("args", [None])[0] == "egress-lock"]
+    return index, lock
+
+
+def test_in_the_sidecar_pattern_an_init_container_locks_the_pod_to_the_gateways_uid() -> None:
+    """Before the gateway starts, `egress-lock` names the gateway's UID, the image's USER; it runs as
+    root with NET_ADMIN alone (nothing writable), and the app cannot undo it or slip under it."""
+    uid, _ = image_user()
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/sidecar.yaml").read_text()) if d]
+    [(pod, gateway, _)] = gateway_pods(docs)
+    index, lock = egress_lock(pod)
+    assert index < pod["initContainers"].index(gateway) and "restartPolicy" not in lock  # runs to completion
+    assert lock["image"] == gateway["image"]
+    assert lock["args"] == [
+        "egress-lock",
+        f"--gateway-uid={uid}",
+        *(f"--allow={p}" for p in LOCK_PLACEHOLDERS),
+    ]
+    assert gateway["securityContext"]["runAsUser"] == uid
+    assert lock["securityContext"] == {
+        "runAsUser": 0,
+        "runAsGroup": 0,
+        "runAsNonRoot": False,
+        "readOnlyRootFilesystem": True,
+        "allowPrivilegeEscalation": False,
+        "capabilities": {"add": ["NET_ADMIN"], "drop": ["ALL"]},
+        "seccompProfile": {"type": "RuntimeDefault"},
+    }
+    assert "volumeMounts" not in lock  # iptables' nft backend needs no writable /run (test_container.py)
+    for app in pod["containers"]:  # NET_ADMIN would undo the lock, NET_RAW's packet sockets skip it
+        context = app["securityContext"]
+        assert context["capabilities"] == {"drop": ["ALL"]} and context["allowPrivilegeEscalation"] is False
+        assert context.get("runAsUser") != uid
+
+
 def test_compose_runs_the_gateway_as_the_images_user_locked_down() -> None:
     uid, gid = image_user()
     service = yaml.safe_load((ROOT / "deploy/compose.yaml").read_text())["services"]["bt-gateway"]
