@@ -96,10 +96,13 @@ def _parse_network(net: str, allow: str) -> Network:
     if slash and not (length.isascii() and length.isdigit() and int(length) <= ip.max_prefixlen):
         raise ValueError(f"{allow!r}: prefix length must be a number from 0 to {ip.max_prefixlen}")
     try:
-        return ipaddress.ip_network(net, strict=True)
+        network = ipaddress.ip_network(net, strict=True)
     except ValueError:
         loose = ipaddress.ip_network(net, strict=False)
         raise ValueError(f"{allow!r}: host bits are set after the prefix; the network is {loose}") from None
+    if network.prefixlen == 0:
+        raise ValueError(f"{allow!r}: that is every address: the lock would let every UID out")
+    return network
 
 
 def chain_rules(spec: LockSpec, family: Family) -> list[str]:

@@ -126,6 +126,8 @@ def test_allow_values(text: str, expected: Allow) -> None:
         ("[10.0.0.1]:53", "'[10.0.0.1]:53': brackets are for IPv6 only; write an IPv4 port as 10.0.0.0/8:53"),
         ("[fd00::/129]:53", "'[fd00::/129]:53': prefix length must be a number from 0 to 128"),
         ("fe80::1%eth0", "'fe80::1%eth0': a zone id names a local interface, not a destination"),
+        ("0.0.0.0/0", "'0.0.0.0/0': that is every address: the lock would let every UID out"),
+        ("[::/0]:443", "'[::/0]:443': that is every address: the lock would let every UID out"),
     ],
 )
 def test_bad_allow_values_are_refused_saying_why(text: str, message: str) -> None:
