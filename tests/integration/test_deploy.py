@@ -17,13 +17,17 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
+from tests.tls_files import CERT, KEY, issue, leaf_pems
+
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 CONFIG_DIR = "/etc/bt-gateway"
+TLS_SECRET = "bt-gateway-tls"
 
 
 def check_config(path: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -58,14 +62,37 @@ def gateway_pods(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[
     return found
 
 
+def secret_mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """{mount path: Secret name} for every Secret volume the container mounts."""
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    return {m["mountPath"]: secrets[m["name"]] for m in container["volumeMounts"] if m["name"] in secrets}
+
+
+def with_secrets_in(text: str, mounts: dict[str, str], ca: trustme.CA, tmp_path: Path) -> str:
+    """The config with each mounted Secret's directory replaced by a temporary one holding what a
+    `kubernetes.io/tls` Secret holds (a throwaway certificate from the test CA as tls.crt and tls.key):
+    the real `check-config` then loads a real pair at the manifest's file names."""
+    for index, mount in enumerate(mounts):
+        directory = tmp_path / f"secret-{index}"
+        directory.mkdir()
+        cert, key = leaf_pems(issue(ca))
+        (directory / CERT).write_bytes(cert)
+        (directory / KEY).write_bytes(key)
+        text = text.replace(f"{mount}/", f"{directory}/")
+    return text
+
+
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
-def test_each_manifest_runs_a_config_the_gateway_accepts(manifest: Path, tmp_path: Path) -> None:
+def test_each_manifest_runs_a_config_the_gateway_accepts(
+    manifest: Path, tmp_path: Path, test_ca: trustme.CA
+) -> None:
     docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
     pods = gateway_pods(docs)
     assert pods, "no container runs `bt-gateway serve`"
     for pod, container, config_map in pods:
         path = tmp_path / "gateway.yaml"
-        path.write_text(config_map["data"]["gateway.yaml"])
+        mounts = secret_mounts(pod, container)
+        path.write_text(with_secrets_in(config_map["data"]["gateway.yaml"], mounts, test_ca, tmp_path))
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
         config = check_config(path, env)
         ports = {p["name"]: p["containerPort"] for p in container["ports"]}
@@ -82,6 +109,25 @@ def test_each_manifest_runs_a_config_the_gateway_accepts(manifest: Path, tmp_pat
             app_env = {e["name"]: e.get("value") for c in pod["containers"] for e in c.get("env", [])}
             assert app_env["BRAINTRUST_APP_URL"] == f"http://127.0.0.1:{config['listen']['port']}"
             assert config["listen"]["host"] == "127.0.0.1"  # nothing outside the pod reaches the proxy
+
+
+def test_the_replicas_speak_tls_with_the_certificate_of_a_mounted_secret() -> None:
+    """The shared service carries every app's API key across the cluster network: only over TLS."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/replicas-redis.yaml").read_text()) if d]
+    [(pod, container, config_map)] = gateway_pods(docs)
+    config = yaml.safe_load(config_map["data"]["gateway.yaml"])
+    tls = config["listen"]["tls"]
+    [(mount, secret)] = secret_mounts(pod, container).items()
+    assert secret == TLS_SECRET
+    # The Secret's own key names, in a directory mount (a subPath mount never sees a renewal).
+    assert (tls["cert_file"], tls["key_file"]) == (f"{mount}/{CERT}", f"{mount}/{KEY}")
+    assert [m for m in container["volumeMounts"] if m["mountPath"] == mount and "subPath" not in m]
+    assert not mount.startswith(CONFIG_DIR + "/")  # no mount point inside the read-only ConfigMap volume
+    assert config["advertise_url"] == "https://bt-gateway.egress.svc:8080"
+    # The files are readable by the gateway's group only.
+    [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == TLS_SECRET]
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == container["securityContext"]["runAsGroup"]
 
 
 def test_the_replicas_share_one_redis_limit() -> None:
