@@ -219,7 +219,8 @@ class Limits(Section):
     max_body_mb: Annotated[float, Field(gt=0)] = 512
     max_header_kb: Annotated[int, Field(ge=1, le=1024)] = 64
     max_connections: Annotated[int, Field(ge=1)] = 1024  # pooled upstream connections
-    header_timeout_s: Seconds = 10  # a complete request head within this, else 408 and close
+    header_timeout_s: Seconds = 10  # a complete request head within this, else 408 and close; with
+    # listen.tls also the bound on the handshake before it (the value at start: asyncio fixes it per listener)
     body_timeout_s: Seconds = 60  # no request body byte for this long: 408
     keepalive_timeout_s: Seconds = 75  # an idle client connection is closed after this
     max_client_connections: Annotated[int, Field(ge=1)] = 4096  # beyond: new connections get 503

@@ -28,7 +28,7 @@ from tests.gateway_process import GatewayProcess
 from tests.integration.test_forward_proxy import proxy_config, requests_get
 from tests.integration.test_js_sdk import require_node, run_flow
 from tests.sdk_flow import run_in_subprocess
-from tests.tls_files import issue, leaf_pems, peer_serial, serial_of, tls_config, write_secret
+from tests.tls_files import client_context, issue, leaf_pems, peer_serial, serial_of, tls_config, write_secret
 
 API_KEY = "sk-tls-test-key-0123456789"
 PUBLIC = "https://public.example.com"
@@ -183,6 +183,21 @@ async def test_requests_through_the_gateway_as_an_https_proxy(
 
 
 # --- what is not TLS, and what never finishes it ---------------------------------------------------
+
+
+async def test_the_listener_negotiates_http11_only(
+    start_gateway: GatewayFactory, secret: tuple[Path, trustme.LeafCert], ca_file: Path
+) -> None:
+    """A client offering h2 first still gets HTTP/1.1: the gateway speaks no HTTP/2. (The TLS 1.2 floor
+    is the context's, tests/unit/test_certs.py; a TLS 1.1 client is refused by its own OpenSSL first.)"""
+    gw = await start_gateway(**https_listener(secret[0]))
+    context = client_context(ca_file)
+    context.set_alpn_protocols(["h2", "http/1.1"])
+    async with asyncio.timeout(HANG_GUARD_S):
+        _, writer = await asyncio.open_connection("127.0.0.1", gw.gateway.ports["listen"], ssl=context)
+    assert writer.get_extra_info("ssl_object").selected_alpn_protocol() == "http/1.1"
+    assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
+    writer.close()
 
 
 async def test_cleartext_http_to_the_tls_port_gets_no_http_answer(
