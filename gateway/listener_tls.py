@@ -46,6 +46,7 @@ class ListenerTls:
             load_pair(self.context, *copies, _names(settings))
         self._watch: ConfigWatch | None = None
         self._lock = asyncio.Lock()
+        self._closed = False
 
     def watch(self) -> None:
         """Reload the pair whenever its files' content changes, until `close()`."""
@@ -58,14 +59,20 @@ class ListenerTls:
     async def use(self, settings: ListenTls) -> bool:
         """A config reload: read the (maybe other) files again and watch them from now; False if kept old."""
         async with self._lock:  # SIGHUP and POST /reload may overlap
-            await self.close()
+            await self._stop_watching()
             self.settings = settings
             self._baseline = _digest(settings)
             loaded = self.reload()
-            self.watch()
+            if not self._closed:  # the gateway may have begun to stop meanwhile: no watcher left behind
+                self.watch()
             return loaded
 
     async def close(self) -> None:
+        """Stop watching for good (the gateway is stopping)."""
+        self._closed = True
+        await self._stop_watching()
+
+    async def _stop_watching(self) -> None:
         if self._watch is not None:
             await self._watch.stop()
             self._watch = None

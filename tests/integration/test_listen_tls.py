@@ -64,6 +64,7 @@ def https_url(port: int) -> str:
 # --- reverse mode with the real SDKs ------------------------------------------------------------
 
 
+@pytest.mark.sdk
 async def test_python_sdk_over_https_to_the_gateway(
     start_gateway: GatewayFactory,
     planes: FakeBraintrust,
@@ -93,6 +94,7 @@ async def test_python_sdk_over_https_to_the_gateway(
             assert request.headers.get("X-Forwarded-Proto") == "https", request.path
 
 
+@pytest.mark.sdk
 async def test_js_sdk_over_https_to_the_gateway(
     start_gateway: GatewayFactory,
     planes: FakeBraintrust,
