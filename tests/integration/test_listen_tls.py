@@ -22,10 +22,10 @@ import pytest
 import trustme
 
 from tests.clients import curl
-from tests.conftest import NAME, GatewayFactory, Logs, NamedUpstream
+from tests.conftest import NAME, GatewayFactory, Logs, NamedUpstream, Upstream
 from tests.fake_braintrust import FakeBraintrust
 from tests.gateway_process import GatewayProcess
-from tests.integration.test_forward_proxy import proxy_config, requests_get
+from tests.integration.test_forward_proxy import PLAIN, absolute_config, proxy_config, requests_get
 from tests.integration.test_js_sdk import require_node, run_flow
 from tests.sdk_flow import run_in_subprocess
 from tests.tls_files import client_context, issue, leaf_pems, peer_serial, serial_of, tls_config, write_secret
@@ -182,6 +182,23 @@ async def test_requests_through_the_gateway_as_an_https_proxy(
     assert resp.json()["raw_path"] == "/v1/x"
     assert named_tls.recorder.requests[-1].raw_path == "/v1/x"
     assert gw.gateway.tunnels.opened == 1
+
+
+async def test_absolute_form_through_the_gateway_as_an_https_proxy(
+    start_gateway: GatewayFactory,
+    upstream: Upstream,
+    secret: tuple[Path, trustme.LeafCert],
+    ca_file: Path,
+) -> None:
+    """A plain http:// URL through an https:// proxy: TLS to the proxy, an absolute-form request inside."""
+    gw = await start_gateway(**absolute_config(upstream), **https_listener(secret[0]))
+    proxy = https_url(gw.gateway.ports["listen"])
+    url = f"http://{PLAIN}:{upstream.port}/plain?a=1"
+    code, out, err = await curl("--proxy", proxy, "--proxy-cacert", str(ca_file), url)
+    assert code == 0, err
+    assert json.loads(out)["raw_path"] == "/plain?a=1"
+    assert upstream.recorder.requests[-1].raw_path == "/plain?a=1"
+    assert gw.gateway.tunnels.opened == 0
 
 
 # --- what is not TLS, and what never finishes it ---------------------------------------------------
