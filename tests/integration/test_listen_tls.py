@@ -304,11 +304,25 @@ async def test_a_reload_reads_the_certificate_again_and_tls_on_off_needs_a_resta
         gw.signal(signal.SIGHUP)
         await _presents(gw.port, ca_file, serial_of(second))
 
-        gw.config_path.write_text(listeners)  # TLS off
-        async with aiohttp.ClientSession() as admin:
-            async with admin.post(f"http://127.0.0.1:{gw.admin_port}/reload") as resp:
-                assert resp.status == 422
-                body = await resp.json()
-        expected = f"{gw.config_path}:2: listen.tls: turning TLS off needs a restart; nothing was reloaded"
-        assert body["problems"] == [expected]
+        # A pair that does not load: the reload is refused with the check-config line, the old one serves.
+        (other / "tls.key").unlink()
+        (other / "tls.key").write_bytes(leaf_pems(issue(test_ca))[1])
+        assert await _reload(gw) == [
+            f"{gw.config_path}:5: listen.tls.key_file: '{other / 'tls.key'}' is not the key of the "
+            "certificate in cert_file"
+        ]
         assert await peer_serial(gw.port, ca_file) == serial_of(second)
+
+        gw.config_path.write_text(listeners)  # TLS off
+        expected = f"{gw.config_path}:2: listen.tls: turning TLS off needs a restart; nothing was reloaded"
+        assert await _reload(gw) == [expected]
+        assert await peer_serial(gw.port, ca_file) == serial_of(second)
+
+
+async def _reload(gw: GatewayProcess) -> list[str]:
+    """POST /reload, which must be refused: the problem lines it answers."""
+    async with aiohttp.ClientSession() as admin:
+        async with admin.post(f"http://127.0.0.1:{gw.admin_port}/reload") as resp:
+            assert resp.status == 422
+            problems: list[str] = (await resp.json())["problems"]
+    return problems
