@@ -21,6 +21,7 @@ import aiohttp
 import pytest
 import trustme
 
+from gateway.config.model import GatewayConfig
 from tests.clients import curl
 from tests.conftest import NAME, GatewayFactory, Logs, NamedUpstream, Upstream
 from tests.fake_braintrust import FakeBraintrust
@@ -199,6 +200,28 @@ async def test_absolute_form_through_the_gateway_as_an_https_proxy(
     assert json.loads(out)["raw_path"] == "/plain?a=1"
     assert upstream.recorder.requests[-1].raw_path == "/plain?a=1"
     assert gw.gateway.tunnels.opened == 0
+
+
+async def test_a_tls_client_gone_before_its_tunnel_opens_is_no_half_close(
+    start_gateway: GatewayFactory,
+    secret: tuple[Path, trustme.LeafCert],
+    ca_file: Path,
+    caplog: pytest.LogCaptureFixture,
+    logs: Logs,
+) -> None:
+    """TLS has no half-close: a client closing right after its CONNECT ends the connection (asyncio warns
+    when a protocol asks to keep an SSL transport open, as the plain-TCP path does for the tunnel's FIN)."""
+    allow = [*GatewayConfig().allowlist, "slow.test"]
+    gw = await start_gateway(allowlist=allow, resolve={"slow.test": "192.0.2.1"}, **https_listener(secret[0]))
+    async with asyncio.timeout(HANG_GUARD_S):
+        _, writer = await asyncio.open_connection(
+            "127.0.0.1", gw.gateway.ports["listen"], ssl=client_context(ca_file)
+        )
+        writer.write(b"CONNECT slow.test:443 HTTP/1.1\r\nHost: slow.test:443\r\n\r\n")
+        writer.close()  # close_notify right behind the request: the dial (to TEST-NET) is still pending
+        while not logs.named("access"):  # the CONNECT ended (the client left)
+            await asyncio.sleep(0.02)
+    assert [r.getMessage() for r in caplog.records if r.name == "asyncio"] == []
 
 
 # --- what is not TLS, and what never finishes it ---------------------------------------------------
