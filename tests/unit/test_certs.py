@@ -83,7 +83,8 @@ def test_a_tls_listener_advertises_itself_over_https(tmp_path: Path, pair: tuple
     assert loads(tmp_path, https).advertise_url == "https://bt-gateway.egress.svc:8080"
 
 
-def test_the_server_context_is_tls12_plus_and_http11_only() -> None:
+def test_the_server_context_is_tls12_plus_and_asks_for_no_client_certificate() -> None:
+    """ALPN (http/1.1 only) is checked on a real handshake: tests/integration/test_listen_tls.py."""
     context = server_context()
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_NONE  # no client certificates asked for
