@@ -3,11 +3,18 @@
 Inside a container, 127.0.0.1 is the container's own loopback: a listener bound there is out of reach of
 published ports and of the kubelet's probes. The proxy port may rightly stay there (a sidecar serves only
 its own pod), but the admin listener exists to be probed, so that case is logged at start-up.
+
+A TLS listener bounds its handshakes: asyncio hands a connection to the HTTP protocol only once its
+handshake is done, so the protocol's head timeout starts after it and cannot see a client that connects and
+never finishes (or never starts) one. aiohttp's `TCPSite` does not pass asyncio's `ssl_handshake_timeout`
+(default 60 s); `_TlsSite` does, and a stalled handshake is closed by the event loop when it expires.
 """
 
 from __future__ import annotations
 
+import asyncio
 import os
+import ssl
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -26,10 +33,54 @@ class StartupError(Exception):
     """A listener could not be opened; the message names it and says why, in one line."""
 
 
-async def listen(runner: web.BaseRunner, name: str, host: str, port: int, reuse_port: bool = False) -> int:
-    """Set up `runner` and listen on host:port; return the port bound (the one picked when `port` is 0)."""
+class _TlsSite(web.TCPSite):
+    """aiohttp's TCP site, passing asyncio a bound on each TLS handshake (aiohttp passes none)."""
+
+    __slots__ = ("_handshake_timeout_s",)
+
+    def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self._handshake_timeout_s = handshake_timeout_s
+
+    async def start(self) -> None:
+        await web.BaseSite.start(self)  # registers the site with its runner, as TCPSite.start does first
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=self._handshake_timeout_s,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+
+
+async def listen(
+    runner: web.BaseRunner,
+    name: str,
+    host: str,
+    port: int,
+    reuse_port: bool = False,
+    *,
+    tls: tuple[ssl.SSLContext, float] | None = None,
+) -> int:
+    """Set up `runner` and listen on host:port; return the port bound (the one picked when `port` is 0).
+
+    `tls`: serve HTTPS with this context, each handshake bounded to this many seconds.
+    """
     await runner.setup()
-    site = web.TCPSite(runner, host, port, backlog=BACKLOG, reuse_address=True, reuse_port=reuse_port or None)
+    options: dict[str, Any] = {"backlog": BACKLOG, "reuse_address": True, "reuse_port": reuse_port or None}
+    site: web.TCPSite
+    if tls is None:
+        site = web.TCPSite(runner, host, port, **options)
+    else:
+        context, handshake_timeout_s = tls
+        site = _TlsSite(
+            runner, host, port, ssl_context=context, handshake_timeout_s=handshake_timeout_s, **options
+        )
     try:
         await site.start()
     except OSError as exc:

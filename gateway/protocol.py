@@ -65,10 +65,15 @@ class GatewayProtocol(RequestHandler):
             self._arm()  # the first bytes of the next request on a kept-alive connection
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
-        """Keep a CONNECT's transport open on the client's FIN: the tunnel passes the FIN on."""
+        """Keep a CONNECT's transport open on the client's FIN: the tunnel passes the FIN on.
+
+        Over TLS there is no half-close (the SSL transport closes whatever this returns, and warns when
+        asked to keep it open), so there the end of the client's stream ends the connection.
+        """
         if self._upgraded:  # aiohttp's parser marks CONNECT (and Upgrade) requests this way
             self.client_eof = True
-            return True
+            transport = self.transport
+            return transport is None or transport.get_extra_info("sslcontext") is None
         return None
 
     def _arm(self) -> None:

@@ -95,7 +95,8 @@ def log_warnings(generation: Generation) -> None:
 
 
 def restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
-    """Listener addresses are bound once: a reload that moves one is refused, saying so."""
+    """Listener addresses are bound once, and so is TLS on or off: a reload that changes one is refused,
+    saying so. Other `listen.tls` changes (other files) are reloaded: gateway/listener_tls.py."""
     problems = []
     if running.workers != loaded.config.workers:
         problems.append(
@@ -103,6 +104,14 @@ def restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
                 ("workers",),
                 f"changing it needs a restart (running {running.workers}, asked for "
                 f"{loaded.config.workers}); nothing was reloaded",
+            )
+        )
+    tls_before, tls_after = running.listen.tls is not None, loaded.config.listen.tls is not None
+    if tls_before != tls_after:
+        problems.append(
+            loaded.problem(
+                ("listen", "tls"),
+                f"turning TLS {'on' if tls_after else 'off'} needs a restart; nothing was reloaded",
             )
         )
     for key in ("listen", "admin"):

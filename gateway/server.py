@@ -9,17 +9,20 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import ssl
 import time
 from typing import Any
 
 from aiohttp import web
 
 from gateway.admin import admin_app
+from gateway.config.certs import CertProblem
 from gateway.config.model import Admin, GatewayConfig
 from gateway.errors import Code, GatewayError
 from gateway.exchange import Exchange, request_id
-from gateway.generation import Generation
+from gateway.generation import BuildError, Generation
 from gateway.handler import ProxyHandler
+from gateway.listener_tls import ListenerTls
 from gateway.listeners import listen, warn_if_admin_unreachable
 from gateway.logs import configure, get_logger
 from gateway.metrics import Metrics
@@ -56,6 +59,7 @@ class Gateway:
         self._retired: list[Generation] = []
         self._reloader = Reloader(self, source, self.metrics)
         self._proxy_server: GatewayServer | None = None
+        self._tls: ListenerTls | None = None  # the proxy listener's, with `listen.tls`
         self._deadline_passed = False  # stop() cancelled what was still running
         self._loop: asyncio.AbstractEventLoop | None = None  # set by start()
         self._admin_access = admin_access(config.admin)
@@ -88,7 +92,10 @@ class Gateway:
         shared = config.workers > 1  # the workers share the listen port; the kernel spreads connections
         proxy_at, admin = config.listen, config.admin
         self._runners.append(runner)
-        self.ports["listen"] = await listen(runner, "listen", proxy_at.host, proxy_at.port, shared)
+        tls = self._listener_tls(config)
+        self.ports["listen"] = await listen(runner, "listen", proxy_at.host, proxy_at.port, shared, tls=tls)
+        if self._tls is not None:
+            self._tls.watch()
         admin_port = admin.port + self.worker if admin.port else 0
         app = admin_app(self._not_ready, self.metrics.render, self.reload, lambda: self._admin_access)
         admin_runner = web.AppRunner(app, access_log=None)
@@ -98,7 +105,12 @@ class Gateway:
         self.ready = self.started = True
         where = {"worker": self.worker, "pid": os.getpid()} if shared else {}
         log.info(
-            "gateway_started", listen=self.ports["listen"], admin=self.ports["admin"], config=origin, **where
+            "gateway_started",
+            listen=self.ports["listen"],
+            admin=self.ports["admin"],
+            config=origin,
+            tls=self._tls is not None,
+            **where,
         )
         log_warnings(self.generation)
 
@@ -140,9 +152,13 @@ class Gateway:
     async def reload(self) -> ReloadResult:
         """Re-read and rebuild the config (gateway/reload.py); on any problem keep serving.
 
-        The one entry point for SIGHUP, `POST /reload` and `serve --watch`.
+        The one entry point for SIGHUP, `POST /reload` and `serve --watch`. With TLS, the certificate
+        and key are read again too (the config check has just loaded them).
         """
-        return await self._reloader.reload()
+        result = await self._reloader.reload()
+        if result.ok and self._tls is not None and self.config.listen.tls is not None:
+            await self._tls.use(self.config.listen.tls)
+        return result
 
     def swap(self, fresh: Generation) -> Generation:
         """Serve new requests on `fresh`; requests and tunnels in flight finish on the one it returns."""
@@ -177,6 +193,8 @@ class Gateway:
         """
         self.drain()
         self.stopping = True
+        if self._tls is not None:
+            await self._tls.close()
         timeout = self.config.shutdown_timeout_s
         if self.started:
             log.info("gateway_stopping", shutdown_timeout_s=timeout, in_flight=len(self._handlers))
@@ -196,6 +214,17 @@ class Gateway:
             self.generation = None
         if self.started:
             log.info("gateway_stopped")
+
+    def _listener_tls(self, config: GatewayConfig) -> tuple[ssl.SSLContext, float] | None:
+        """With `listen.tls`: the live context and the handshake bound, `limits.header_timeout_s` as at
+        start (the head's own bound starts after the handshake; see gateway/listeners.py)."""
+        if config.listen.tls is None:
+            return None
+        try:
+            self._tls = ListenerTls(config.listen.tls)
+        except CertProblem as exc:  # the files changed since the config was checked
+            raise BuildError(("listen", "tls", exc.key), exc.message) from None
+        return self._tls.context, config.limits.header_timeout_s
 
     def _cancel_handlers(self) -> None:
         self._deadline_passed = True

@@ -5,6 +5,11 @@ way aiohttp's own WebSocket support does it (`set_parser` to collect bytes alrea
 `transport.set_protocol`), so half-close and back-pressure are plain asyncio streams. At the end the
 transport is handed back to aiohttp's protocol before it closes, so aiohttp's bookkeeping sees the
 connection go. This leans on aiohttp internals: the aiohttp minor version is pinned and tests cover it.
+
+The client connection may be TLS (`listen.tls`: an https:// proxy, CONNECT inside TLS). asyncio's (and
+uvloop's) SSL transport is taken over the same way, but TLS has no half-close: the client's close_notify
+closes the whole connection, so what the upstream still sends after it has nowhere to go. That is the
+ordinary end of such a tunnel (reason `closed`), not a reset.
 """
 
 from __future__ import annotations
@@ -154,6 +159,7 @@ async def relay(
     if not transport.is_reading():
         transport.resume_reading()
     client_writer = asyncio.StreamWriter(transport, stream_protocol, client_reader, loop)
+    client_tls = transport.get_extra_info("sslcontext") is not None
     up_reader, up_writer = upstream
     activity = [loop.time()]
     try:
@@ -165,6 +171,7 @@ async def relay(
             result=result,
             activity=activity,
             idle_timeout=idle_timeout,
+            client_tls=client_tls,
         )
     finally:
         up_writer.close()
@@ -186,6 +193,7 @@ async def _pump_both(
     result: TunnelResult,
     activity: list[float],
     idle_timeout: float,
+    client_tls: bool,
 ) -> CloseReason:
     async def pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, up: bool) -> None:
         while data := await src.read(CHUNK):
@@ -194,8 +202,13 @@ async def _pump_both(
                 result.bytes_up += len(data)
             else:
                 result.bytes_down += len(data)
-            dst.write(data)
-            await dst.drain()
+            try:
+                dst.write(data)
+                await dst.drain()
+            except ConnectionError:
+                if up or not (client_tls and client_reader.at_eof()):
+                    raise
+                return  # the TLS client closed (no half-close in TLS): the tunnel is over
         if dst.can_write_eof():
             dst.write_eof()  # half-close: pass the FIN on, keep the other direction open
 

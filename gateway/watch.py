@@ -15,6 +15,10 @@ the fix, is reloaded. A file that cannot be read (gone between an unlink and a c
 not a change: nothing is reloaded, the last digest is kept, and `config_watch_unreadable` is logged once
 only if it is still unreadable on the next poll too. Under `workers: N` each worker process runs its own
 watcher on the same file (the supervisor passes `--watch` on with the rest of argv).
+
+The same watcher serves the TLS listener's certificate and key (gateway/listener_tls.py): a set of files
+whose digest is taken together, so a Secret swapping both at once is one change; its events are named
+`tls_watch_*` instead of `config_watch_*`.
 """
 
 from __future__ import annotations
@@ -33,7 +37,7 @@ UNREADABLE_POLLS = 2  # consecutive failed reads before one warning: a swap in p
 
 
 class ConfigWatch:
-    """Polls one config file and calls `reload` when its content changed since the last poll."""
+    """Polls one config file (and `also` these) and calls `reload` when their content changed since."""
 
     def __init__(
         self,
@@ -41,9 +45,17 @@ class ConfigWatch:
         reload: Callable[[], Awaitable[object]],
         on_check: Callable[[], None] = lambda: None,
         interval_s: float = POLL_INTERVAL_S,
+        *,
+        also: tuple[Path, ...] = (),
+        topic: str = "config",
     ) -> None:
-        """`on_check` runs after each poll (a metric), so that tests and operators can see it polling."""
+        """`on_check` runs after each poll (a metric), so that tests and operators can see it polling.
+
+        `topic` names the log events (`<topic>_watch_started`, ...) and their file field.
+        """
         self.path = path
+        self._paths = (path, *also)
+        self._topic = topic
         self._reload = reload
         self._on_check = on_check
         self._interval_s = interval_s
@@ -60,8 +72,8 @@ class ConfigWatch:
         and is reloaded, where a digest read after the start would take the edit as already served.
         """
         self._digest = baseline
-        self._task = asyncio.get_running_loop().create_task(self._run(), name="config-watch")
-        _log().info("config_watch_started", config=str(self.path), interval_s=self._interval_s)
+        self._task = asyncio.get_running_loop().create_task(self._run(), name=f"{self._topic}-watch")
+        self._log("info", "started", interval_s=self._interval_s)
 
     async def stop(self) -> None:
         """End the polling; a check under way (a reload, say) finishes first, so nothing is cut midway."""
@@ -79,7 +91,7 @@ class ConfigWatch:
             try:
                 await self.check()
             except Exception as exc:  # a bug must not end the watching silently
-                _log().exception("config_watch_error", error=repr(exc))
+                self._log("exception", "error", error=repr(exc))
 
     async def check(self) -> bool:
         """One poll: reload if the content changed and stayed so since the last poll; True if it did.
@@ -102,20 +114,22 @@ class ConfigWatch:
             self._on_check()
 
     async def _read_digest(self) -> bytes | None:
-        """The sha256 of the file's bytes (symlinks followed), or None when it cannot be read now."""
+        """The sha256 of the files' bytes (symlinks followed), or None when one cannot be read now."""
         try:
-            digest = await asyncio.to_thread(file_digest, self.path)
+            digest = await asyncio.to_thread(files_digest, self._paths)
         except OSError as exc:
             self._unreadable += 1
             if self._unreadable == UNREADABLE_POLLS:
-                _log().warning(
-                    "config_watch_unreadable", config=str(self.path), error=exc.strerror or str(exc)
-                )
+                self._log("warning", "unreadable", error=exc.strerror or str(exc))
             return None
         if self._unreadable >= UNREADABLE_POLLS:
-            _log().info("config_watch_readable", config=str(self.path))
+            self._log("info", "readable")
         self._unreadable = 0
         return digest
+
+    def _log(self, level: str, what: str, **fields: object) -> None:
+        """`<topic>_watch_<what>`, naming the file watched (the first one: the config, or the certificate)."""
+        getattr(_log(), level)(f"{self._topic}_watch_{what}", **{self._topic: str(self.path)}, **fields)
 
 
 def _log() -> Any:
@@ -126,3 +140,10 @@ def _log() -> Any:
 def file_digest(path: Path) -> bytes:
     """The sha256 of a file's bytes, symlinks followed (a ConfigMap's `..data` swap changes it)."""
     return hashlib.sha256(path.read_bytes()).digest()
+
+
+def files_digest(paths: tuple[Path, ...]) -> bytes:
+    """One sha256 over several files' digests: any of them changing changes it."""
+    if len(paths) == 1:
+        return file_digest(paths[0])
+    return hashlib.sha256(b"".join(file_digest(path) for path in paths)).digest()

@@ -14,6 +14,7 @@ from typing import Annotated, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 from yarl import URL
 
+from gateway.config.certs import CertProblem, check_pair
 from gateway.policy.allowlist import Allowlist, canonical_host, parse_entry
 from gateway.policy.paths import compile_glob
 from gateway.policy.proxyauth import ScryptHash
@@ -64,9 +65,28 @@ def parse_http_url(value: str, *, allow_path: bool) -> URL:
     return url
 
 
+class ListenTls(Section):
+    """HTTPS on the proxy listener: a PEM certificate chain and its unencrypted key, checked at load.
+
+    The files are read again on every reload and whenever they change on disk (gateway/listener_tls.py).
+    """
+
+    cert_file: str
+    key_file: str
+
+    @model_validator(mode="after")
+    def _loads(self) -> ListenTls:
+        try:
+            check_pair(self.cert_file, self.key_file)
+        except CertProblem as exc:
+            raise KeyedError(("listen", "tls", exc.key), exc.message) from None
+        return self
+
+
 class Listen(Section):
     host: str = "127.0.0.1"
     port: Port = 8080
+    tls: ListenTls | None = None  # null: plain HTTP
 
 
 class Admin(Section):
@@ -237,7 +257,8 @@ class Limits(Section):
     max_body_mb: Annotated[float, Field(gt=0)] = 512
     max_header_kb: Annotated[int, Field(ge=1, le=1024)] = 64
     max_connections: Annotated[int, Field(ge=1)] = 1024  # pooled upstream connections
-    header_timeout_s: Seconds = 10  # a complete request head within this, else 408 and close
+    header_timeout_s: Seconds = 10  # a complete request head within this, else 408 and close; with
+    # listen.tls also the bound on the handshake before it (the value at start: asyncio fixes it per listener)
     body_timeout_s: Seconds = 60  # no request body byte for this long: 408
     keepalive_timeout_s: Seconds = 75  # an idle client connection is closed after this
     max_client_connections: Annotated[int, Field(ge=1)] = 4096  # beyond: new connections get 503
@@ -452,6 +473,17 @@ class GatewayConfig(Section):
             url = route.upstream_url
             if not allow.allows(url.host, url.port or 0):
                 raise RouteError(index, "upstream", f"host {url.host!r} is not on the allowlist")
+        return self
+
+    @model_validator(mode="after")
+    def _advertised_over_tls(self) -> GatewayConfig:
+        """A TLS listener must not send SDKs back to itself in cleartext: they would fail, or fall back."""
+        if (
+            self.listen.tls is not None
+            and self.advertise_url
+            and not self.advertise_url.startswith("https://")
+        ):
+            raise KeyedError(("advertise_url",), "must be an https:// URL when listen.tls is set")
         return self
 
     @model_validator(mode="after")

@@ -76,6 +76,11 @@ def write(tmp_path: Path, text: str) -> str:
             "F:4: workers: more than 1 needs a fixed listen.port (0 picks one per worker)",
         ),
         (
+            GOOD
+            + "listen:\n  tls:\n    cert_file: /nonexistent/tls.crt\n    key_file: /nonexistent/tls.key\n",
+            "F:6: listen.tls.cert_file: cannot read '/nonexistent/tls.crt': No such file or directory",
+        ),
+        (
             GOOD + "upstream: {ca_bundle: /nonexistent/ca.pem}\n",
             "F:4: upstream.ca_bundle: cannot read '/nonexistent/ca.pem': No such file or directory",
         ),

@@ -17,9 +17,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 import yaml
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
+
+from tests.tls_files import CERT, KEY, issue, leaf_pems
 
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
@@ -27,6 +30,7 @@ CONFIG_DIR = "/etc/bt-gateway"
 # The image's own config serves both modes to anyone its ports reach, as a quick start; it says so.
 CONTAINER_WARNINGS = ("admin.token", "forward_proxy.auth", "forward_proxy.tunnel_to_limited_hosts")
 SECRET_STAND_IN = "stand-in-for-the-secret-0123456789"  # a secretKeyRef has no value in a manifest
+TLS_SECRET = "bt-gateway-tls"
 
 
 def check_config(path: Path, env: dict[str, str], warnings: tuple[str, ...] = ()) -> dict[str, Any]:
@@ -76,14 +80,37 @@ def gateway_pods(docs: list[dict[str, Any]]) -> list[tuple[dict[str, Any], dict[
     return found
 
 
+def secret_mounts(pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+    """{mount path: Secret name} for every Secret volume the container mounts."""
+    secrets = {v["name"]: v["secret"]["secretName"] for v in pod["volumes"] if "secret" in v}
+    return {m["mountPath"]: secrets[m["name"]] for m in container["volumeMounts"] if m["name"] in secrets}
+
+
+def with_secrets_in(text: str, mounts: dict[str, str], ca: trustme.CA, tmp_path: Path) -> str:
+    """The config with each mounted Secret's directory replaced by a temporary one holding what a
+    `kubernetes.io/tls` Secret holds (a throwaway certificate from the test CA as tls.crt and tls.key):
+    the real `check-config` then loads a real pair at the manifest's file names."""
+    for index, mount in enumerate(mounts):
+        directory = tmp_path / f"secret-{index}"
+        directory.mkdir()
+        cert, key = leaf_pems(issue(ca))
+        (directory / CERT).write_bytes(cert)
+        (directory / KEY).write_bytes(key)
+        text = text.replace(f"{mount}/", f"{directory}/")
+    return text
+
+
 @pytest.mark.parametrize("manifest", MANIFESTS, ids=lambda p: p.name)
-def test_each_manifest_runs_a_config_the_gateway_accepts(manifest: Path, tmp_path: Path) -> None:
+def test_each_manifest_runs_a_config_the_gateway_accepts(
+    manifest: Path, tmp_path: Path, test_ca: trustme.CA
+) -> None:
     docs = [d for d in yaml.safe_load_all(manifest.read_text()) if d]
     pods = gateway_pods(docs)
     assert pods, "no container runs `bt-gateway serve`"
     for pod, container, config_map in pods:
         path = tmp_path / "gateway.yaml"
-        path.write_text(config_map["data"]["gateway.yaml"])
+        mounts = secret_mounts(pod, container)
+        path.write_text(with_secrets_in(config_map["data"]["gateway.yaml"], mounts, test_ca, tmp_path))
         # Only a container without a token from a Secret serves POST /reload nowhere (it says so).
         env = container_env(container)
         warned = () if "BT_GATEWAY_ADMIN_TOKEN" in env else ("admin.token",)
@@ -104,14 +131,17 @@ def test_each_manifest_runs_a_config_the_gateway_accepts(manifest: Path, tmp_pat
             assert config["listen"]["host"] == "127.0.0.1"  # nothing outside the pod reaches the proxy
 
 
-def test_the_shared_service_is_reverse_mode_only_and_its_reload_needs_a_token(tmp_path: Path) -> None:
+def test_the_shared_service_is_reverse_mode_only_and_its_reload_needs_a_token(
+    tmp_path: Path, test_ca: trustme.CA
+) -> None:
     """Anyone reaching the proxy port of a forward proxy without auth tunnels to the allow-listed hosts:
     the shared service is reverse-only. The admin token comes from a Secret; without the Secret the pods
     still start (probes, metrics, --watch) and check-config says POST /reload is off."""
     docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/replicas-redis.yaml").read_text()) if d]
-    [(_, container, config_map)] = gateway_pods(docs)
+    [(pod, container, config_map)] = gateway_pods(docs)
     path = tmp_path / "gateway.yaml"
-    path.write_text(config_map["data"]["gateway.yaml"])
+    mounts = secret_mounts(pod, container)
+    path.write_text(with_secrets_in(config_map["data"]["gateway.yaml"], mounts, test_ca, tmp_path))
     assert container["env"] == [
         {
             "name": "BT_GATEWAY_ADMIN_TOKEN",
@@ -122,6 +152,25 @@ def test_the_shared_service_is_reverse_mode_only_and_its_reload_needs_a_token(tm
     assert config["forward_proxy"]["enabled"] is False
     assert config["admin"]["token"] == "***"
     check_config(path, {}, ("admin.token",))  # no Secret: reload is off, and said to be
+
+
+def test_the_replicas_speak_tls_with_the_certificate_of_a_mounted_secret() -> None:
+    """The shared service carries every app's API key across the cluster network: only over TLS."""
+    docs = [d for d in yaml.safe_load_all((ROOT / "deploy/kubernetes/replicas-redis.yaml").read_text()) if d]
+    [(pod, container, config_map)] = gateway_pods(docs)
+    config = yaml.safe_load(config_map["data"]["gateway.yaml"])
+    tls = config["listen"]["tls"]
+    [(mount, secret)] = secret_mounts(pod, container).items()
+    assert secret == TLS_SECRET
+    # The Secret's own key names, in a directory mount (a subPath mount never sees a renewal).
+    assert (tls["cert_file"], tls["key_file"]) == (f"{mount}/{CERT}", f"{mount}/{KEY}")
+    assert [m for m in container["volumeMounts"] if m["mountPath"] == mount and "subPath" not in m]
+    assert not mount.startswith(CONFIG_DIR + "/")  # no mount point inside the read-only ConfigMap volume
+    assert config["advertise_url"] == "https://bt-gateway.egress.svc:8080"
+    # The files are readable by the gateway's group only.
+    [volume] = [v for v in pod["volumes"] if v.get("secret", {}).get("secretName") == TLS_SECRET]
+    assert volume["secret"]["defaultMode"] == 0o440
+    assert pod["securityContext"]["fsGroup"] == container["securityContext"]["runAsGroup"]
 
 
 def test_the_replicas_share_one_redis_limit() -> None:

@@ -188,7 +188,7 @@ def test_repeated_keys_name_the_key_and_both_lines(tmp_path: Path) -> None:
                 "F:2: routes[0].upstrem: unknown key; did you mean 'upstream'?",
             ],
         ),
-        ("listen: {zzz: 1}\n", ["F:1: listen.zzz: unknown key; valid keys here: host, port"]),
+        ("listen: {zzz: 1}\n", ["F:1: listen.zzz: unknown key; valid keys here: host, port, tls"]),
         (
             "rewrite: {rules: [{form: 'https://a.example', to: 'https://b.example'}]}\n",
             [

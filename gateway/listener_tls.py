@@ -1,0 +1,127 @@
+"""The proxy listener's TLS: one SSLContext for the listener's life, its certificate loaded again on rotation.
+
+Each new connection copies the context's certificate and key when it is accepted, so `load_cert_chain` on
+the live context makes new handshakes present the new certificate while open connections keep theirs: no
+restart, no second listener. The files are read again
+
+- on every config reload (SIGHUP, `POST /reload`, `serve --watch`): `Gateway.reload` calls `use()`, which
+  also follows a change of `cert_file`/`key_file`;
+- when their content changes on disk (cert-manager renewing a mounted Secret swaps its `..data` symlink,
+  as the kubelet does for a ConfigMap): a watcher (gateway/watch.py) over the two files, always on while
+  TLS is, whether or not `--watch` is given: a renewal touches no config, and an unnoticed one turns into
+  an outage when the old certificate expires.
+
+A pair is read once into memory and loaded from that copy twice: into a scratch context (does it load?),
+then into the live one. A pair that does not load (half-written, key of another certificate) changes
+nothing: the old certificate keeps serving and one `tls_reload_failed` line says why. Loading from the
+copy means a swap between the two loads cannot leave the live context with a certificate and no key.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+from gateway.config.certs import CertProblem, check_pair, load_pair, server_context
+from gateway.config.model import ListenTls
+from gateway.logs import get_logger
+from gateway.watch import POLL_INTERVAL_S, ConfigWatch, files_digest
+
+log = get_logger("gateway.listener_tls")
+
+
+class ListenerTls:
+    """The live server context, the settings it was loaded from, and the watcher of their files."""
+
+    def __init__(self, settings: ListenTls, interval_s: float = POLL_INTERVAL_S) -> None:
+        """Load the pair now; CertProblem if it does not load (the caller reports it as a config error)."""
+        self.context = server_context()
+        self.settings = settings
+        self._interval_s = interval_s
+        self._baseline = _digest(settings)  # before the load: a change during it is then noticed
+        with _snapshot(settings) as copies:
+            load_pair(self.context, *copies, _names(settings))
+        self._watch: ConfigWatch | None = None
+        self._lock = asyncio.Lock()
+        self._closed = False
+
+    def watch(self) -> None:
+        """Reload the pair whenever its files' content changes, until `close()`."""
+        paths = (Path(self.settings.cert_file), Path(self.settings.key_file))
+        self._watch = ConfigWatch(
+            paths[0], self._files_changed, interval_s=self._interval_s, also=paths[1:], topic="tls"
+        )
+        self._watch.start(self._baseline)
+
+    async def use(self, settings: ListenTls) -> bool:
+        """A config reload: read the (maybe other) files again and watch them from now; False if kept old."""
+        async with self._lock:  # SIGHUP and POST /reload may overlap
+            await self._stop_watching()
+            self.settings = settings
+            self._baseline = _digest(settings)
+            loaded = self.reload()
+            if not self._closed:  # the gateway may have begun to stop meanwhile: no watcher left behind
+                self.watch()
+            return loaded
+
+    async def close(self) -> None:
+        """Stop watching for good (the gateway is stopping)."""
+        self._closed = True
+        await self._stop_watching()
+
+    async def _stop_watching(self) -> None:
+        if self._watch is not None:
+            await self._watch.stop()
+            self._watch = None
+
+    def reload(self) -> bool:
+        """Load the current files into the live context if they load at all; else keep the old pair."""
+        settings = self.settings
+        try:
+            with _snapshot(settings) as copies:
+                check_pair(*copies, _names(settings))
+                load_pair(self.context, *copies, _names(settings))
+        except CertProblem as exc:
+            log.error("tls_reload_failed", problem=f"listen.tls.{exc.key}: {exc.message}")
+            return False
+        log.info("tls_reloaded", cert_file=settings.cert_file, key_file=settings.key_file)
+        return True
+
+    async def _files_changed(self) -> None:
+        self.reload()
+
+
+def _names(settings: ListenTls) -> tuple[str, str]:
+    return settings.cert_file, settings.key_file
+
+
+def _digest(settings: ListenTls) -> bytes | None:
+    try:
+        return files_digest((Path(settings.cert_file), Path(settings.key_file)))
+    except OSError:
+        return None
+
+
+@contextlib.contextmanager
+def _snapshot(settings: ListenTls) -> Iterator[tuple[str, str]]:
+    """Paths to an in-memory copy of the two files (Linux memfd: works on a read-only root filesystem);
+    elsewhere the files themselves. A file that cannot be read is left to `load_pair` to report."""
+    if not hasattr(os, "memfd_create"):
+        yield settings.cert_file, settings.key_file
+        return
+    with contextlib.ExitStack() as stack:
+        paths = []
+        for path in (settings.cert_file, settings.key_file):
+            try:
+                data = Path(path).read_bytes()
+            except OSError:
+                paths.append(path)
+                continue
+            copy = stack.enter_context(open(os.memfd_create("bt-gateway-tls", os.MFD_CLOEXEC), "wb"))
+            copy.write(data)
+            copy.flush()
+            paths.append(f"/proc/self/fd/{copy.fileno()}")
+        yield paths[0], paths[1]
