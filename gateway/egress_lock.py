@@ -132,13 +132,12 @@ def restore_input(spec: LockSpec, family: Family, jumps: int) -> str:
     """The whole `iptables-restore --noflush` input: one atomic transaction on the filter table.
 
     The chain is declared (created if missing) and flushed, then rebuilt, so a second run replaces the
-    first. `jumps` is how many `-A OUTPUT -j CHAIN` rules exist now (`count_jumps`): the transaction
-    leaves exactly one, first in OUTPUT.
+    first. `jumps` is how many `-A OUTPUT -j CHAIN` rules exist now (`count_jumps`): each is deleted and
+    one is inserted first in OUTPUT, so a rule put ahead of it since the last run does not stay ahead.
     """
     lines = ["*filter", f":{CHAIN} - [0:0]", f"-F {CHAIN}", *chain_rules(spec, family)]
-    if jumps == 0:
-        lines.append(f"-I OUTPUT 1 -j {CHAIN}")
-    lines += [f"-D OUTPUT -j {CHAIN}"] * max(jumps - 1, 0)
+    lines += [f"-D OUTPUT -j {CHAIN}"] * jumps
+    lines.append(f"-I OUTPUT 1 -j {CHAIN}")
     return "\n".join([*lines, "COMMIT", ""])
 
 

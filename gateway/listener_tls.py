@@ -1,7 +1,10 @@
-"""The proxy listener's TLS: one SSLContext for the listener's life, its certificate loaded again on rotation.
+"""The proxy listener's TLS: one listener context for its life, a fresh context for each certificate pair.
 
-Each new connection copies the context's certificate and key when it is accepted, so `load_cert_chain` on
-the live context makes new handshakes present the new certificate while open connections keep theirs: no
+The listener's context only picks, at each handshake (its SNI callback, which runs with or without a
+server name), the context of the pair loaded last, and the handshake goes on with that one. A rotation
+builds a new context rather than loading into the serving one: OpenSSL keeps one certificate per key type
+in a context, so loading an ECDSA pair over an RSA one would leave the old RSA key in service for clients
+that ask for it. New handshakes present the new certificate while open connections keep theirs: no
 restart, no second listener. The files are read again
 
 - on every config reload (SIGHUP, `POST /reload`, `serve --watch`): `Gateway.reload` calls `use()`, which
@@ -11,10 +14,9 @@ restart, no second listener. The files are read again
   TLS is, whether or not `--watch` is given: a renewal touches no config, and an unnoticed one turns into
   an outage when the old certificate expires.
 
-A pair is read once into memory and loaded from that copy twice: into a scratch context (does it load?),
-then into the live one. A pair that does not load (half-written, key of another certificate) changes
-nothing: the old certificate keeps serving and one `tls_reload_failed` line says why. Loading from the
-copy means a swap between the two loads cannot leave the live context with a certificate and no key.
+A pair is read once into memory and loaded from that copy into its new context, which is put in service
+only once it loaded. A pair that does not load (half-written, key of another certificate) changes
+nothing: the old certificate keeps serving and one `tls_reload_failed` line says why.
 """
 
 from __future__ import annotations
@@ -22,10 +24,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 
-from gateway.config.certs import CertProblem, check_pair, load_pair, server_context
+from gateway.config.certs import CertProblem, load_pair, server_context
 from gateway.config.model import ListenTls
 from gateway.logs import get_logger
 from gateway.watch import POLL_INTERVAL_S, ConfigWatch, files_digest
@@ -38,12 +41,12 @@ class ListenerTls:
 
     def __init__(self, settings: ListenTls, interval_s: float = POLL_INTERVAL_S) -> None:
         """Load the pair now; CertProblem if it does not load (the caller reports it as a config error)."""
-        self.context = server_context()
         self.settings = settings
         self._interval_s = interval_s
         self._baseline = _digest(settings)  # before the load: a change during it is then noticed
-        with _snapshot(settings) as copies:
-            load_pair(self.context, *copies, _names(settings))
+        self._serving = _loaded(settings)
+        self.context = _loaded(settings)  # what the listener holds; every handshake moves to `_serving`
+        self.context.sni_callback = self._select
         self._watch: ConfigWatch | None = None
         self._lock = asyncio.Lock()
         self._closed = False
@@ -77,13 +80,17 @@ class ListenerTls:
             await self._watch.stop()
             self._watch = None
 
+    def _select(
+        self, connection: ssl.SSLObject | ssl.SSLSocket, _name: str | None, _: ssl.SSLContext
+    ) -> None:
+        """The SNI callback: this handshake goes on with the context of the pair loaded last."""
+        connection.context = self._serving
+
     def reload(self) -> bool:
-        """Load the current files into the live context if they load at all; else keep the old pair."""
+        """Serve the current files from a context of their own if they load at all; else keep the old."""
         settings = self.settings
         try:
-            with _snapshot(settings) as copies:
-                check_pair(*copies, _names(settings))
-                load_pair(self.context, *copies, _names(settings))
+            self._serving = _loaded(settings)
         except CertProblem as exc:
             log.error("tls_reload_failed", problem=f"listen.tls.{exc.key}: {exc.message}")
             return False
@@ -92,6 +99,17 @@ class ListenerTls:
 
     async def _files_changed(self) -> None:
         self.reload()
+
+
+def _loaded(settings: ListenTls) -> ssl.SSLContext:
+    """A new server context holding the pair the settings name; CertProblem if it does not load."""
+    context = server_context()
+    try:
+        with _snapshot(settings) as copies:
+            load_pair(context, *copies, _names(settings))
+    except OSError as exc:  # the in-memory copy itself (no memory, no file descriptors)
+        raise CertProblem("cert_file", f"cannot copy the pair to load it: {exc}") from None
+    return context
 
 
 def _names(settings: ListenTls) -> tuple[str, str]:

@@ -164,8 +164,11 @@ class ResponseRewrite:
             return None
         mime = (content_type or "").split(";", 1)[0].strip().lower()
         json_body = mime == "application/json" or mime.endswith("+json")
-        if json_body and external is not None and self._control.matches(path):
-            relay = self._relay if exchange.route in self._advertised else None
+        advertised = exchange.route in self._advertised
+        if json_body and external is not None and (advertised or self._control.matches(path)):
+            # A control document: the SDKs' known ones on any route, and every JSON body on
+            # `body_paths` of an advertised (data-plane) route, where signed URLs are handed out.
+            relay = self._relay if advertised else None
             codec = open_codec(encoding)
             return JsonBodyRewriter(
                 rules, codec, self.policy.limits, exchange=exchange, relay=relay, gateway_url=external

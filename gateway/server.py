@@ -34,6 +34,10 @@ from gateway.tunnel import Tunnels, TunnelStats
 
 log = get_logger("gateway.server")
 SHUTTING_DOWN = GatewayError(Code.SHUTTING_DOWN, "the gateway is shutting down")
+TLS_KEPT = (
+    "listen.tls: the certificate pair did not load (see tls_reload_failed); the rest of the config was "
+    "reloaded and the previous certificate keeps serving"
+)
 DRAIN_CEILING_S = 24 * 3600.0  # aiohttp's own drain bound; stop() cancels at shutdown_timeout_s instead
 
 
@@ -156,8 +160,9 @@ class Gateway:
         and key are read again too (the config check has just loaded them).
         """
         result = await self._reloader.reload()
-        if result.ok and self._tls is not None and self.config.listen.tls is not None:
-            await self._tls.use(self.config.listen.tls)
+        tls, settings = self._tls, self.config.listen.tls
+        if result.ok and tls is not None and settings is not None and not await tls.use(settings):
+            return ReloadResult(False, result.origin, (TLS_KEPT,))  # the files changed since the check
         return result
 
     def swap(self, fresh: Generation) -> Generation:

@@ -56,9 +56,10 @@ def run_cli(
 
 
 def free_port() -> int:
-    """A port nothing listens on now, for a config that needs a fixed one (another process may take it)."""
+    """A port nothing listens on now, on any address (tests bind 127.0.0.1 or 0.0.0.0), for a config that
+    needs a fixed one (another process may take it)."""
     with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
+        s.bind(("0.0.0.0", 0))
         return int(s.getsockname()[1])
 
 

@@ -17,14 +17,14 @@ from pydantic import ValidationError
 
 from gateway.config.messages import plain_message
 from gateway.config.model import GatewayConfig, KeyedError
-from gateway.config.overrides import ENV_OVERRIDES, KeyPath, Override, apply_override
+from gateway.config.overrides import ENV_OVERRIDES, KeyPath, Override, apply_override, seed_routes
 from gateway.config.yaml_source import YamlSource, read_yaml
 
 DEFAULT_PATHS = (Path("config/gateway.yaml"), Path("/etc/bt-gateway/gateway.yaml"))
 DEFAULTS = "built-in defaults"
 TELEMETRY_ENV = "DISABLE_SYSADMIN_TELEMETRY"  # Braintrust's own variable
 TELEMETRY_PATHS = "/brainstore/**"  # Brainstore's backfill and compaction status endpoints
-BUILTIN_ROUTES = "built-in routes (a self-hosted data plane: set BT_GATEWAY_DATA_PLANE_URL)"
+BUILTIN_ROUTES = "built-in routes"
 
 
 class ConfigError(Exception):
@@ -81,15 +81,14 @@ def load_config(
     data = source.data
     sources: dict[KeyPath, str] = {key: f"{origin}:{line}" for key, line in source.lines.items()}
     overrides = [o for name, o in ENV_OVERRIDES.items() if name in env for o in [o.with_value(env[name])]]
-    file_routes = "routes" in data
+    if seed_routes(data, overrides):  # the file sets no routes: the built-in ones the variables name
+        sources[("routes",)] = BUILTIN_ROUTES
     for override in (*overrides, *flags):
         try:
             key = apply_override(data, override)
         except ValueError as exc:
             raise ConfigError([f"{override.source}: {format_key(override.key)}: {exc}"]) from None
         sources[key] = override.source
-    if not file_routes and "routes" in data:  # an env route override started from the built-in routes
-        sources.setdefault(("routes",), BUILTIN_ROUTES)
     if env.get(TELEMETRY_ENV, "").strip().lower() in ("1", "true", "yes", "on"):
         _deny_telemetry(data, sources)
     try:

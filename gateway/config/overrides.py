@@ -96,16 +96,23 @@ def apply_override(data: dict[str, Any], override: Override) -> KeyPath:
     return override.key
 
 
-def _builtin_routes() -> list[dict[str, Any]]:
-    return [r.model_dump(exclude_defaults=True) for r in default_routes()]
+def seed_routes(data: dict[str, Any], overrides: list[Override]) -> bool:
+    """A file without routes, overridden from the environment: start from the built-in `app` route, and
+    the built-in `data` route only when a variable names it (BT_GATEWAY_DATA_PLANE_URL). Pointing only
+    the app route elsewhere (a self-hosted control plane) so keeps no route to Braintrust's hosted data
+    plane, whose host the operator's allow-list need not name. True if it seeded."""
+    named = {o.key[1] for o in overrides if o.key[0] == "routes"}
+    if "routes" in data or not named:
+        return False
+    builtin = [r.model_dump(exclude_defaults=True) for r in default_routes()]
+    data["routes"] = [r for r in builtin if r["name"] == APP_ROUTE or r["name"] in named]
+    return True
 
 
 def _apply_route(data: dict[str, Any], override: Override) -> KeyPath:
-    """Set a key of the route named `routes.<name>`. A file without routes starts from the built-in ones
-    (`app` and the advertised `data`), so an env-only deployment keeps its data plane on the gateway; a
-    file with routes must name the route itself."""
+    """Set a key of the route named `routes.<name>` (see `seed_routes` for a file without routes)."""
     _, name, key = override.key
-    routes = data.setdefault("routes", _builtin_routes())
+    routes = data.get("routes")
     if isinstance(routes, list):
         for index, route in enumerate(routes):
             if isinstance(route, dict) and route.get("name") == name:

@@ -4,6 +4,7 @@ what to configure; the one it refuses (a tunnel to a rate-limited host) says so 
 from __future__ import annotations
 
 import asyncio
+import json
 from typing import Any
 
 import aiohttp
@@ -11,7 +12,7 @@ import pytest
 import requests
 
 from tests.clients import curl, scrape, value
-from tests.conftest import NAME, GatewayFactory, Logs, NamedUpstream, RunningGateway
+from tests.conftest import NAME, GatewayFactory, Logs, NamedUpstream, RawUpstream, RunningGateway
 from tests.fake_braintrust import FakeBraintrust
 from tests.gateway_process import GatewayProcess
 from tests.integration.test_quotas import limited_tls_config
@@ -105,7 +106,7 @@ async def test_an_env_only_deployment_keeps_a_self_hosted_data_plane_on_the_gate
 
 async def test_without_the_data_plane_variable_an_env_only_login_says_which_to_set(tmp_path: Any) -> None:
     async with FakeBraintrust(api_key=API_KEY) as fake:
-        allow = f"127.0.0.1:{fake.control_port},api.braintrust.dev"
+        allow = f"127.0.0.1:{fake.control_port}"  # the corporate control plane only: no data route
         env = {"BRAINTRUST_APP_URL": fake.control_url, "BT_GATEWAY_ALLOWLIST": allow}
         gw = GatewayProcess({}, tmp_path, env=env)
         try:
@@ -140,3 +141,34 @@ async def test_signed_urls_that_leave_unrelayed_are_said_with_or_without_a_relay
     assert [w["host"] for w in warnings] == [STORE, STORE]  # once per host in each gateway process
     assert await bypasses(plain.admin_url, "relay_host_not_allowed") == 2
     assert await bypasses(other.admin_url, "relay_host_not_allowed") == 1
+
+
+def json_reply(doc: dict[str, Any]) -> bytes:
+    body = json.dumps(doc).encode()
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+    return head.encode() + body
+
+
+async def test_signed_urls_on_an_advertised_routes_own_body_paths_are_relayed_or_said(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream, logs: Logs
+) -> None:
+    """Not only the SDKs' known endpoints: every JSON body on `body_paths` of an advertised route is a
+    control document whose signed URLs are relayed (or, for a host not to relay, said)."""
+    signed = {"relayed": "https://store.corp.example/k?sig=1", "direct": "https://other.example/k?sig=2"}
+    for name, url in signed.items():
+        raw_upstream.replies[f"/slots/{name}"] = json_reply({"signedUrl": url})
+    host = raw_upstream.url.split("://")[1]
+    gw = await start_gateway(
+        allowlist=[host, "store.corp.example"],
+        routes=[{"name": "data", "prefix": "/", "upstream": raw_upstream.url, "advertise": True}],
+        rewrite={"body_paths": ["/slots/*"]},
+        relay={"allow_hosts": ["store.corp.example"]},
+    )
+    async with aiohttp.ClientSession() as client:
+        slots = {}
+        for name in signed:
+            async with client.get(f"{gw.url}/slots/{name}") as resp:
+                slots[name] = (await resp.json())["signedUrl"]
+    assert slots["relayed"].startswith(gw.url + "/_relay/")
+    assert slots["direct"] == signed["direct"]
+    assert [w["host"] for w in logs.named("relay_host_not_allowed")] == ["other.example"]

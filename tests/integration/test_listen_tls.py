@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import json
 import signal
+import ssl
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -308,6 +309,37 @@ async def test_a_certificate_swapped_on_disk_is_served_without_a_restart(
         f"listen.tls.key_file: '{directory / 'tls.key'}' is not the key of the certificate in cert_file"
     )
     assert len(logs.named("tls_reloaded")) == 2
+
+
+async def rsa_only_serial(port: int, ca_file: Path) -> int:
+    """A handshake as a client that accepts only an RSA certificate (TLS 1.2, ECDHE-RSA ciphers)."""
+    context = client_context(ca_file)
+    context.maximum_version = ssl.TLSVersion.TLSv1_2
+    context.set_ciphers("ECDHE-RSA-AES128-GCM-SHA256:ECDHE-RSA-AES256-GCM-SHA384")
+    async with asyncio.timeout(HANG_GUARD_S):
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=context, server_hostname="127.0.0.1")
+    try:
+        return int(writer.get_extra_info("peercert")["serialNumber"], 16)
+    finally:
+        writer.close()
+
+
+async def test_a_rotation_retires_the_old_key_even_of_another_type(
+    start_gateway: GatewayFactory, test_ca: trustme.CA, ca_file: Path, tmp_path: Path
+) -> None:
+    """OpenSSL holds one certificate per key type in a context: an ECDSA pair loaded over an RSA one
+    would leave the RSA key serving clients that ask for it. Each pair gets a context of its own."""
+    directory = tmp_path / "tls"
+    rsa = test_ca.issue_cert("127.0.0.1", key_type=trustme.KeyType.RSA)
+    write_secret(directory, "v1", *leaf_pems(rsa))
+    gw = await start_gateway(**https_listener(directory))
+    port = gw.gateway.ports["listen"]
+    assert await rsa_only_serial(port, ca_file) == serial_of(rsa)
+    ecdsa = test_ca.issue_cert("127.0.0.1", key_type=trustme.KeyType.ECDSA)
+    write_secret(directory, "v2", *leaf_pems(ecdsa))
+    await _presents(port, ca_file, serial_of(ecdsa))
+    with pytest.raises((ssl.SSLError, ConnectionError)):  # no RSA key left to serve it: the old one is gone
+        await rsa_only_serial(port, ca_file)
 
 
 async def test_a_reload_reads_the_certificate_again_and_tls_on_off_needs_a_restart(

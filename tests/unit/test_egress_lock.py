@@ -66,12 +66,14 @@ def test_dry_run_prints_both_transactions_as_they_would_be_fed() -> None:
     assert dry_run(SPEC) == f"# iptables-restore --noflush\n{IPV4}# ip6tables-restore --noflush\n{IPV6}"
 
 
-def test_a_second_run_rebuilds_the_chain_and_leaves_one_jump() -> None:
-    """The chain is flushed either way; the jump is added only when missing, extra copies are deleted."""
+def test_a_second_run_rebuilds_the_chain_and_leaves_one_jump_first() -> None:
+    """The chain is flushed either way; every jump there is deleted and one is inserted first in OUTPUT,
+    so a rule put ahead of the lock since the last run does not stay ahead."""
+    jump = "-I OUTPUT 1 -j BT-GATEWAY-EGRESS\n"
     once = restore_input(SPEC, 4, jumps=1)
-    assert once == IPV4.replace("-I OUTPUT 1 -j BT-GATEWAY-EGRESS\n", "")
+    assert once == IPV4.replace(jump, "-D OUTPUT -j BT-GATEWAY-EGRESS\n" + jump)
     thrice = restore_input(SPEC, 4, jumps=3)
-    assert thrice == once.replace("COMMIT", "-D OUTPUT -j BT-GATEWAY-EGRESS\n" * 2 + "COMMIT")
+    assert thrice == IPV4.replace(jump, "-D OUTPUT -j BT-GATEWAY-EGRESS\n" * 3 + jump)
 
 
 def test_only_the_gateway_uid_is_exempt_and_nothing_else_without_allows() -> None:
