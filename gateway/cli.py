@@ -23,8 +23,8 @@ from gateway.config.load import DEFAULT_PATHS, DEFAULTS, ConfigError, LoadedConf
 from gateway.config.overrides import Override, flag
 from gateway.config.redact import redacted
 from gateway.logs import configure, get_logger
-from gateway.watch import ConfigWatch, file_digest
-from gateway.workers import supervise, worker_index
+from gateway.watch import ConfigWatch, baseline
+from gateway.workers import SIGNALS, ignore_late_signals, supervise, worker_index
 
 EXIT_CONFIG = 2
 
@@ -196,12 +196,7 @@ def _watch_baseline(args: argparse.Namespace) -> bytes | None:
     if args.command != "serve" or not args.watch:
         return None
     path = config_path(args.config, os.environ)
-    if path is None:
-        return None
-    try:
-        return file_digest(path)
-    except OSError:
-        return None  # the load says why; if it works after all, the first poll reloads it
+    return None if path is None else baseline(path)
 
 
 def _probe(loaded: LoadedConfig, ready: bool) -> int:
@@ -301,7 +296,7 @@ def serve(
     config = loaded.config
     configure(config.logging.level, config.logging.format)
     code: int = _event_loop_runner()(_serve(loaded, flags, watch, baseline))
-    _ignore_late_signals()  # again: closing asyncio's own loop (not uvloop) restored the defaults
+    ignore_late_signals()  # again: closing asyncio's own loop (not uvloop) restored the defaults
     return code
 
 
@@ -337,7 +332,7 @@ async def _serve(
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
-    for sig in STOP_SIGNALS:
+    for sig in SIGNALS:
         loop.add_signal_handler(sig, on_reload if sig == signal.SIGHUP else on_stop)
     try:
         await gateway.start(loaded.origin)
@@ -360,20 +355,8 @@ async def _serve(
     with contextlib.suppress(TimeoutError):
         await asyncio.wait_for(hurry.wait(), loaded.config.shutdown_delay_s)
     await gateway.stop()
-    _ignore_late_signals()
+    ignore_late_signals()
     return 0
-
-
-STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
-
-
-def _ignore_late_signals() -> None:
-    """Stopped: a late signal (a second Ctrl-C to the process group, an orchestrator's repeat) must not
-    turn exit 0 into a death by signal. Ignored from here on; the loop's handlers are left registered,
-    since removing one restores the default action (death) first, and uvloop leaves them alone on close.
-    Python's own clean-up restores defaults only for handlers written in Python, never for SIG_IGN."""
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, signal.SIG_IGN)
 
 
 if __name__ == "__main__":

@@ -31,7 +31,7 @@ from pathlib import Path
 from gateway.config.certs import CertProblem, load_pair, server_context
 from gateway.config.model import ListenTls
 from gateway.logs import get_logger
-from gateway.watch import POLL_INTERVAL_S, ConfigWatch, files_digest
+from gateway.watch import POLL_INTERVAL_S, ConfigWatch, baseline
 
 log = get_logger("gateway.listener_tls")
 
@@ -43,9 +43,9 @@ class ListenerTls:
         """Load the pair now; CertProblem if it does not load (the caller reports it as a config error)."""
         self.settings = settings
         self._interval_s = interval_s
-        self._baseline = _digest(settings)  # before the load: a change during it is then noticed
-        self._serving = _loaded(settings)
-        self.context = _loaded(settings)  # what the listener holds; every handshake moves to `_serving`
+        self._baseline = baseline(*_paths(settings))  # before the load: a change during it is then noticed
+        # The listener holds the first context; every handshake moves to `_serving`, the latest one.
+        self.context = self._serving = _loaded(settings)
         self.context.sni_callback = self._select
         self._watch: ConfigWatch | None = None
         self._lock = asyncio.Lock()
@@ -53,7 +53,7 @@ class ListenerTls:
 
     def watch(self) -> None:
         """Reload the pair whenever its files' content changes, until `close()`."""
-        paths = (Path(self.settings.cert_file), Path(self.settings.key_file))
+        paths = _paths(self.settings)
         self._watch = ConfigWatch(
             paths[0], self._files_changed, interval_s=self._interval_s, also=paths[1:], topic="tls"
         )
@@ -64,7 +64,7 @@ class ListenerTls:
         async with self._lock:  # SIGHUP and POST /reload may overlap
             await self._stop_watching()
             self.settings = settings
-            self._baseline = _digest(settings)
+            self._baseline = baseline(*_paths(settings))
             loaded = self.reload()
             if not self._closed:  # the gateway may have begun to stop meanwhile: no watcher left behind
                 self.watch()
@@ -112,15 +112,12 @@ def _loaded(settings: ListenTls) -> ssl.SSLContext:
     return context
 
 
+def _paths(settings: ListenTls) -> tuple[Path, Path]:
+    return Path(settings.cert_file), Path(settings.key_file)
+
+
 def _names(settings: ListenTls) -> tuple[str, str]:
     return settings.cert_file, settings.key_file
-
-
-def _digest(settings: ListenTls) -> bytes | None:
-    try:
-        return files_digest((Path(settings.cert_file), Path(settings.key_file)))
-    except OSError:
-        return None
 
 
 @contextlib.contextmanager

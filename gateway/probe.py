@@ -11,10 +11,9 @@ import http.client
 import socket
 
 from gateway.config.model import Admin
-from gateway.policy.addresses import is_loopback
+from gateway.policy.addresses import WILDCARDS, is_loopback
 
 TIMEOUT_S = 2.0
-WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 
 
 def own_address() -> str:

@@ -68,7 +68,7 @@ class ConfigWatch:
     def start(self, baseline: bytes | None) -> None:
         """Poll in the background until `stop()`; `baseline` is the digest of the content serving now.
 
-        Read it before the config is loaded (`file_digest`): an edit during the load then differs from it
+        Read it before the config is loaded (`baseline()`): an edit during the load then differs from it
         and is reloaded, where a digest read after the start would take the edit as already served.
         """
         self._digest = baseline
@@ -133,13 +133,23 @@ class ConfigWatch:
 
 
 def _log() -> Any:
-    """Made when used, not at import: the CLI imports this module (`file_digest`) before logging is set up."""
+    """Made when used, not at import: the CLI imports this module (`baseline`) before logging is set up."""
     return get_logger("gateway.watch")
 
 
 def file_digest(path: Path) -> bytes:
     """The sha256 of a file's bytes, symlinks followed (a ConfigMap's `..data` swap changes it)."""
     return hashlib.sha256(path.read_bytes()).digest()
+
+
+def baseline(*paths: Path) -> bytes | None:
+    """The digest to start watching from, read before what the files hold is loaded (an edit during the
+    load then differs from it), or None when they cannot be read now (the load says why; if it works
+    after all, the first poll reloads)."""
+    try:
+        return files_digest(paths)
+    except OSError:
+        return None
 
 
 def files_digest(paths: tuple[Path, ...]) -> bytes:

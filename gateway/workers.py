@@ -20,7 +20,16 @@ from types import FrameType
 from gateway.logs import get_logger
 
 WORKER_ENV = "BT_GATEWAY_WORKER"  # set by the supervisor: this process is worker <index>
-FORWARDED = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+SIGNALS = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)  # what a gateway acts on: stop, stop, reload
+
+
+def ignore_late_signals() -> None:
+    """Stopped: a late signal (a second Ctrl-C to the process group, an orchestrator's repeat) must not
+    turn the exit code into a death by signal. Ignored from here on: an event loop's handlers are left
+    registered, since removing one restores the default action (death) first, and uvloop leaves them alone
+    on close; Python's own clean-up restores defaults only for handlers written in Python, never SIG_IGN."""
+    for sig in SIGNALS:
+        signal.signal(sig, signal.SIG_IGN)
 
 
 def worker_index() -> int | None:
@@ -50,7 +59,7 @@ def supervise(count: int, argv: Sequence[str]) -> int:
             if worker.poll() is None:
                 worker.send_signal(signum)
 
-    for sig in FORWARDED:
+    for sig in SIGNALS:
         signal.signal(sig, forward)
     command = [sys.executable, "-m", "gateway", *argv]
     for index in range(count):
@@ -72,6 +81,5 @@ def supervise(count: int, argv: Sequence[str]) -> int:
                 other.send_signal(signal.SIGTERM)
         elif code == 0 and exit_code != 0:
             code = exit_code if exit_code > 0 else 1
-    for sig in FORWARDED:  # a late signal must not kill the supervisor on its way out (see cli.py)
-        signal.signal(sig, signal.SIG_IGN)
+    ignore_late_signals()  # every worker is gone: the supervisor's own way out
     return code

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 import ipaddress
 
+WILDCARDS = frozenset({"", "0.0.0.0", "::"})  # listener hosts that mean every address of this host
+
 
 def is_loopback(host: str) -> bool:
     """127.0.0.0/8, ::1 or `localhost`; a wildcard (0.0.0.0, ::) or any other name is not."""

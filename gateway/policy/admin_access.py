@@ -13,21 +13,20 @@ state-changing, so a new endpoint is guarded unless someone deliberately opens i
 
 from __future__ import annotations
 
-import hashlib
 import hmac
 import ipaddress
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
 from gateway.errors import Code, GatewayError
-from gateway.policy.addresses import is_loopback
+from gateway.policy.addresses import WILDCARDS, is_loopback
+from gateway.policy.credentials import token_digest
 
 OPEN: frozenset[tuple[str, str]] = frozenset(
     (method, path) for path in ("/healthz", "/readyz", "/metrics") for method in ("GET", "HEAD")
 )
 SIMPLE_CONTENT_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})  # `none`: typed in the address bar, no page asked
-WILDCARDS = frozenset({"", "0.0.0.0", "::"})
 BEARER = "bearer "
 CHALLENGE = (("WWW-Authenticate", 'Bearer realm="bt-gateway admin"'),)
 
@@ -87,11 +86,7 @@ def bearer_matches(authorization: str | None, token: str) -> bool:
     if authorization is None or authorization[: len(BEARER)].lower() != BEARER:
         return False
     given = authorization[len(BEARER) :].strip()
-    return hmac.compare_digest(_digest(given), _digest(token))
-
-
-def _digest(value: str) -> bytes:
-    return hashlib.sha256(value.encode("utf-8", "surrogateescape")).digest()
+    return hmac.compare_digest(token_digest(given), token_digest(token))
 
 
 @dataclass(frozen=True, slots=True)
