@@ -136,7 +136,7 @@ def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
     return hosts
 
 
-def _reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
+def reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
     """With `tunnel_to_limited_hosts: deny`, the 403 each limited host's tunnel gets, naming the way in.
 
     Tunnel clients show the user the status line only (`Tunnel connection failed: 403 ...`), so the
@@ -145,7 +145,8 @@ def _reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
     if config.forward_proxy.tunnel_to_limited_hosts == "allow":
         return {}
     app = config.route(APP_ROUTE)
-    gateway = config.advertise_url or f"http://{config.listen.host}:{config.listen.port}"
+    scheme = "https" if config.listen.tls is not None else "http"
+    gateway = config.advertise_url or f"{scheme}://{config.listen.host}:{config.listen.port}"
     url = gateway + (app.prefix.rstrip("/") if app is not None else "")
     refusals = {}
     for host, (name, _) in limited_hosts(config).items():
@@ -291,7 +292,7 @@ class Generation:
             allowlist=allowlist,
             proxy_auth=proxy_auth,
             tunnel_limiter=tunnel_limiter,
-            reverse_only=_reverse_only(config),
+            reverse_only=reverse_only(config),
         )
         client = None
         if config.upstream.proxy is None:

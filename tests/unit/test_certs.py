@@ -11,6 +11,7 @@ import trustme
 from cryptography.hazmat.primitives import serialization
 
 from gateway.config.certs import server_context
+from gateway.generation import reverse_only
 from tests.tls_files import issue, leaf_pems
 from tests.unit.test_config import loads, problems
 
@@ -88,3 +89,10 @@ def test_the_server_context_is_tls12_plus_and_asks_for_no_client_certificate() -
     context = server_context()
     assert context.minimum_version == ssl.TLSVersion.TLSv1_2
     assert context.verify_mode == ssl.CERT_NONE  # no client certificates asked for
+
+
+def test_a_tls_listeners_refused_tunnels_name_its_https_url(tmp_path: Path, pair: tuple[Path, Path]) -> None:
+    """Without advertise_url the way in is the listener's own address, in the scheme it speaks."""
+    config = loads(tmp_path, tls_yaml(*pair, extra="forward_proxy: {tunnel_to_limited_hosts: deny}\n"))
+    phrases = {error.phrase for error in reverse_only(config).values()}
+    assert phrases == {"Use BRAINTRUST_APP_URL=https://127.0.0.1:8080"}
