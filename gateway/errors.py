@@ -101,6 +101,7 @@ class Reason(StrEnum):
     TLS_VERIFICATION = "tls_verification"
     CONNECT_TIMEOUT = "connect_timeout"
     READ_TIMEOUT = "read_timeout"
+    WRITE_TIMEOUT = "write_timeout"  # the upstream stopped taking the request body
     CONNECTION_FAILED = "connection_failed"  # reset, closed early, or another socket error
     BAD_RESPONSE = "bad_response"
     DECOMPRESSION_LIMIT = "decompression_limit"  # a body decoding past rewrite.max_decoded_mb or the ratio

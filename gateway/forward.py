@@ -18,6 +18,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
+from gateway.aiohttp_internals import RelayedResponse, defer_head
 from gateway.audit import Audit
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.exchange import CLIENT_GONE, Exchange
@@ -27,7 +28,6 @@ from gateway.logs import get_logger
 from gateway.policy.urlrewrite import REWRITE_HEADERS, RewriteAbandoned
 from gateway.pool import UpstreamPool
 from gateway.response_rewrite import BodyTransform, ResponseRewrite
-from gateway.responses import RelayedResponse
 from gateway.upstream import client_error
 
 CHUNK = 2**16
@@ -210,7 +210,7 @@ class Forwarder:
                 return await _whole(request, response, exchange, content.read_nowait())
             if upstream.content_length is not None:
                 # A body of known length: the head goes out with its first bytes, one write not two.
-                response._send_headers_immediately = False
+                defer_head(response)
             elif not await _send(request, response, exchange, b""):
                 return response  # a stream (SSE, chunked): its head goes at once, clients see it
             return await _pass_through(request, response, exchange, upstream, host=host)
@@ -363,7 +363,7 @@ async def _whole(
     request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange, data: bytes
 ) -> web.StreamResponse:
     """A body already read to its end: sent with the head and the end of the response, in one write."""
-    response._send_headers_immediately = False
+    defer_head(response)
     try:
         await response.prepare(request)
         await response.write_eof(data)

@@ -300,6 +300,7 @@ class Generation:
             settings = ClientSettings(
                 config.upstream.connect_timeout_s,
                 config.upstream.read_timeout_s,
+                config.upstream.write_timeout_s,
                 header_bytes,
                 header_bytes,
                 limits.max_connections,

@@ -6,36 +6,145 @@ one call, and the response is parsed by aiohttp's own C parser (its `ResponseHan
 read timeout and flow control that come with it). The allow-list is checked where each connection is
 opened, and names resolve through the gateway's resolver (which checks it again). The corporate-proxy case
 (`upstream.proxy`) keeps aiohttp's session, which knows how to chain through it.
+
+A connection goes back to the pool only when its exchange ended exactly: the whole request was sent, the
+response ended at its framing, and no byte followed it. A byte arriving while the connection is idle, or
+waiting in its socket when it is picked, closes it: otherwise the rest of one answer would become the next
+client's response. A pooled connection found closed before any response byte is replaced once, when the
+request can be sent again. The body goes out from a task of its own while the head is awaited, so an
+upstream that answers before reading the whole upload has its answer relayed and the upload stops.
 """
 
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import socket
 import ssl
 import time
 from collections.abc import AsyncIterator, Iterable
 from dataclasses import dataclass
 
-from aiohttp.client_proto import ResponseHandler
+import aiohttp
 from aiohttp.http_parser import RawResponseMessage
 from aiohttp.streams import StreamReader
 from multidict import CIMultiDictProxy
 from yarl import URL
 
-from gateway.upstream import ConnectTimeout, EgressGuard, EgressResolver, NameNotResolved
+from gateway.aiohttp_internals import ClientProtocol
+from gateway.upstream import ConnectTimeout, EgressGuard, EgressResolver, NameNotResolved, WriteTimeout
 
 IDLE_S = 15.0  # a pooled connection unused this long is closed rather than reused
 CHUNK_END = b"0\r\n\r\n"
+REPLAY_LIMIT = 2**16  # body bytes of an idempotent request kept to send it again on a fresh connection
+IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
+Key = tuple[str, str, int]
 
 
 @dataclass(frozen=True, slots=True)
 class ClientSettings:
     connect_timeout_s: float
     read_timeout_s: float
+    write_timeout_s: float
     max_line_size: int
     max_field_size: int
     max_idle: int  # pooled idle connections kept, over all upstreams
+
+
+class UpstreamProtocol(ClientProtocol):
+    """One upstream connection, knowing what the pool must know to reuse it."""
+
+    in_flight = False  # a request is on this connection, until its response is closed
+    sent = False  # the whole request reached the transport
+    received = 0  # bytes received since the request went out
+    fd = -1
+    plain = False  # no TLS: bytes in the socket are HTTP
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        sock = transport.get_extra_info("socket")
+        self.fd = sock.fileno() if sock is not None else -1
+        self.plain = transport.get_extra_info("sslcontext") is None
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        if exc is not None and self.in_flight and self.plain:
+            self._read_what_is_left()
+        super().connection_lost(exc)
+
+    def _read_what_is_left(self) -> None:
+        """A write failed: an upstream that answered and closed without reading the upload reset the
+        connection, and asyncio gives up on a failed write before it reads. The answer still waits in the
+        socket (closed only after this call); read it, a bounded amount, so it can be relayed."""
+        for _ in range(16):
+            try:
+                data = os.read(self.fd, 2**16)
+            except OSError:
+                return
+            if not data:
+                return
+            self.data_received(data)
+
+    def data_received(self, data: bytes) -> None:
+        if not self.in_flight and data:  # nothing was asked: the tail of an answer already relayed
+            self.close()
+            return
+        self.received += len(data)
+        super().data_received(data)
+
+    def begin(self) -> None:
+        self.in_flight, self.sent, self.received = True, False, 0
+
+    def upload_ended(self, task: asyncio.Task[None]) -> None:
+        """A failed upload ends the wait for the head with its error (an answer already read still wins)."""
+        if not task.cancelled() and (exc := task.exception()) is not None:
+            self.set_exception(exc)
+
+    def readable(self) -> bool:
+        """Bytes (or the upstream's close) wait in the socket, not yet seen by the event loop."""
+        try:
+            return bool(select.select([self.fd], [], [], 0)[0])
+        except (OSError, ValueError):
+            return True
+
+
+class Upload:
+    """A request body on its way upstream; an idempotent one is kept (up to REPLAY_LIMIT) to be sent again."""
+
+    __slots__ = ("_body", "_kept", "_kept_size", "chunked", "source_failed", "started")
+
+    def __init__(self, body: AsyncIterator[bytes], *, chunked: bool, keep: bool) -> None:
+        self._body = body
+        self._kept: list[bytes] | None = [] if keep else None
+        self._kept_size = 0
+        self.chunked = chunked
+        self.started = False  # a body byte was taken from the client
+        self.source_failed = False  # the client's side broke: nothing to send again
+
+    async def chunks(self) -> AsyncIterator[bytes]:
+        """What was kept, then the rest of the body as the client sends it."""
+        for chunk in list(self._kept or ()):
+            yield chunk
+        while True:
+            try:
+                chunk = await anext(self._body)
+            except StopAsyncIteration:
+                return
+            except BaseException:  # broken, or cancelled mid-read: either way the body cannot go on
+                self.source_failed = True
+                raise
+            self.started = True
+            if self._kept is not None:
+                self._kept_size += len(chunk)
+                if self._kept_size <= REPLAY_LIMIT:
+                    self._kept.append(chunk)
+                else:
+                    self._kept = None
+            yield chunk
+
+    def can_resend(self) -> bool:
+        """The body can go out again from its first byte: none was taken yet, or all of it was kept."""
+        return not self.source_failed and (not self.started or self._kept is not None)
 
 
 class UpstreamResponse:
@@ -46,14 +155,14 @@ class UpstreamResponse:
     def __init__(
         self,
         client: HttpClient,
-        key: tuple[str, str, int],
-        protocol: ResponseHandler,
+        key: Key,
+        protocol: UpstreamProtocol,
         message: RawResponseMessage,
         content: StreamReader,
     ) -> None:
         self._client = client
         self._key = key
-        self._protocol: ResponseHandler | None = protocol
+        self._protocol: UpstreamProtocol | None = protocol
         self._message = message
         self.content = content
 
@@ -81,7 +190,9 @@ class UpstreamResponse:
     def close(self) -> None:
         protocol, self._protocol = self._protocol, None
         if protocol is not None:
-            self._client.release(self._key, protocol, reusable=self.content.is_eof())
+            keep_alive = self._message.headers.get("Keep-Alive")
+            keep_s = IDLE_S if keep_alive is None else keep_alive_s(keep_alive)
+            self._client.release(self._key, protocol, ended=self.content.is_eof(), keep_s=keep_s)
 
 
 class HttpClient:
@@ -94,7 +205,16 @@ class HttpClient:
         self._resolver = resolver
         self._tls = tls
         self._settings = settings
-        self._idle: dict[tuple[str, str, int], list[tuple[float, ResponseHandler]]] = {}
+        self._parser = {
+            "auto_decompress": False,
+            "read_until_eof": True,  # a body framed by neither length nor chunks ends at the close
+            "read_timeout": settings.read_timeout_s,
+            "read_bufsize": 2**16,
+            "max_line_size": settings.max_line_size,
+            "max_field_size": settings.max_field_size,
+            "max_headers": 256,
+        }
+        self._idle: dict[Key, list[tuple[float, UpstreamProtocol]]] = {}
         self._idle_count = 0
         self._closed = False
 
@@ -107,51 +227,88 @@ class HttpClient:
         *,
         chunked: bool,
     ) -> UpstreamResponse:
-        """Send one request (head in one write, body streamed) and wait for the response head."""
+        """Send one request (head in one write, body streamed) and wait for the response head.
+
+        A pooled connection that turns out closed before any response byte is replaced once, when the
+        request can be sent again: no body, or an idempotent one still kept, or none of it sent yet.
+        """
         assert url.raw_host is not None and url.port is not None
         key = (url.scheme, url.raw_host, url.port)
+        head = _head(method, url, headers)
+        upload = None if body is None else Upload(body, chunked=chunked, keep=method in IDEMPOTENT)
         protocol = self._pooled(key)
-        if protocol is None:  # (not `or`: an idle protocol is an empty queue, and so falsy)
+        reused = protocol is not None  # (not `or`: an idle protocol is an empty queue, and so falsy)
+        if protocol is None:
             protocol = await self._connect(key)
-        head_only = method == "HEAD"
-        if protocol._skip_payload is not head_only or protocol._parser is None:
-            self._set_parser(protocol, head_only)  # else the parser waits at a message boundary: reuse
-        try:
-            await self._write(protocol, _head(method, url, headers), body, chunked=chunked)
+        while True:
+            try:
+                message, content = await self._exchange(protocol, method == "HEAD", head, upload)
+            except (aiohttp.ClientConnectionError, ConnectionError) as exc:
+                protocol.close()
+                stale = reused and protocol.received == 0 and not isinstance(exc, TimeoutError)
+                if not (stale and (upload is None or upload.can_resend())):
+                    raise
+                reused = False
+                protocol = await self._connect(key)
+                continue
+            except BaseException:
+                protocol.close()
+                raise
+            return UpstreamResponse(self, key, protocol, message, content)
+
+    async def _exchange(
+        self, protocol: UpstreamProtocol, head_only: bool, head: bytes, upload: Upload | None
+    ) -> tuple[RawResponseMessage, StreamReader]:
+        """Write the request and read the response head; an early head stops the upload."""
+        protocol.use_parser(head_only, **self._parser)
+        protocol.begin()
+        if upload is None:
+            _transport(protocol).write(head)
+            protocol.sent = True
             protocol.start_timeout()
-            message, content = await protocol.read()
-            while 100 <= message.code < 200 and message.code != 101:  # interim answers are not relayed
-                message, content = await protocol.read()
-        except BaseException:
-            protocol.close()
-            raise
-        return UpstreamResponse(self, key, protocol, message, content)
+            return await _read_head(protocol)
+        task = asyncio.get_running_loop().create_task(self._upload(protocol, head, upload))
+        task.add_done_callback(protocol.upload_ended)
+        try:
+            return await _read_head(protocol)
+        finally:
+            task.cancel()  # done already, or the upstream answered before taking the whole body
 
-    def _set_parser(self, protocol: ResponseHandler, head_only: bool) -> None:
-        """A new response parser: once per connection, and again only when a HEAD changes the framing."""
-        settings = self._settings
-        protocol.set_response_params(
-            skip_payload=head_only,
-            auto_decompress=False,
-            read_timeout=settings.read_timeout_s,
-            read_bufsize=2**16,
-            max_line_size=settings.max_line_size,
-            max_field_size=settings.max_field_size,
-            max_headers=256,
-        )
+    async def _upload(self, protocol: UpstreamProtocol, head: bytes, upload: Upload) -> None:
+        """The head with the first body bytes, then the rest, each wait for the upstream bounded."""
+        pending = head
+        chunked = upload.chunked
+        async for chunk in upload.chunks():
+            data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
+            _transport(protocol).write(pending + data if pending else data)
+            pending = b""
+            if protocol.writing_paused:
+                await self._drain(protocol)
+        _transport(protocol).write(pending + CHUNK_END if chunked else pending)
+        protocol.sent = True
+        protocol.start_timeout()
 
-    def _pooled(self, key: tuple[str, str, int]) -> ResponseHandler | None:
+    async def _drain(self, protocol: UpstreamProtocol) -> None:
+        timeout = self._settings.write_timeout_s
+        try:
+            async with asyncio.timeout(timeout):
+                await protocol.drain()
+        except TimeoutError:
+            raise WriteTimeout(f"the upstream took no request bytes for {timeout:g} s") from None
+
+    def _pooled(self, key: Key) -> UpstreamProtocol | None:
         idle = self._idle.get(key)
-        cutoff = time.monotonic() - IDLE_S
+        now = time.monotonic()
         while idle:
-            since, protocol = idle.pop()
+            until, protocol = idle.pop()
             self._idle_count -= 1
-            if since > cutoff and protocol.is_connected() and not protocol.should_close:
+            usable = until > now and protocol.is_connected() and not protocol.should_close
+            if usable and not protocol.readable():
                 return protocol
             protocol.close()
         return None
 
-    async def _connect(self, key: tuple[str, str, int]) -> ResponseHandler:
+    async def _connect(self, key: Key) -> UpstreamProtocol:
         """Open a connection to an allow-listed upstream: resolve (checked again), then try each address."""
         scheme, host, port = key
         self._guard.require(host, port)
@@ -171,7 +328,7 @@ class HttpClient:
             try:
                 async with asyncio.timeout(timeout):
                     _, protocol = await loop.create_connection(
-                        lambda: ResponseHandler(loop),
+                        lambda: UpstreamProtocol(loop),
                         address,
                         port,
                         ssl=tls,
@@ -186,35 +343,22 @@ class HttpClient:
                 last = type(exc)(exc.errno, f"connecting to {address}:{port}: {exc.strerror or exc}")
         raise last
 
-    @staticmethod
-    async def _write(
-        protocol: ResponseHandler, head: bytes, body: AsyncIterator[bytes] | None, *, chunked: bool
-    ) -> None:
-        transport = protocol.transport
-        assert transport is not None
-        if body is None:
-            transport.write(head)
-            return
-        pending = head
-        async for chunk in body:
-            data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
-            transport.write(pending + data if pending else data)
-            pending = b""
-            await protocol._drain_helper()  # back-pressure from the upstream
-        transport.write(pending + CHUNK_END if chunked else pending)
-
-    def release(self, key: tuple[str, str, int], protocol: ResponseHandler, *, reusable: bool) -> None:
-        """A response is done: keep its connection for the next request, or close it."""
+    def release(self, key: Key, protocol: UpstreamProtocol, *, ended: bool, keep_s: float) -> None:
+        """A response is done: keep its connection for the next request only if the exchange ended exactly."""
+        protocol.in_flight = False
         if (
-            not reusable
+            not ended
+            or not protocol.sent
+            or keep_s <= 0
             or self._closed
             or protocol.should_close
             or not protocol.is_connected()
             or self._idle_count >= self._settings.max_idle
+            or not protocol.parser_at_boundary()
         ):
             protocol.close()
             return
-        self._idle.setdefault(key, []).append((time.monotonic(), protocol))
+        self._idle.setdefault(key, []).append((time.monotonic() + keep_s, protocol))
         self._idle_count += 1
 
     async def close(self) -> None:
@@ -224,6 +368,38 @@ class HttpClient:
                 protocol.close()
         self._idle.clear()
         self._idle_count = 0
+
+
+def keep_alive_s(value: str) -> float:
+    """How long to keep a connection whose upstream said `Keep-Alive: timeout=N`: well before it closes it.
+
+    Reusing a connection in the last moments of its timeout races the upstream's close; a second's margin
+    (half the timeout when that is shorter) leaves the close to us.
+    """
+    for param in value.split(","):
+        name, _, number = param.partition("=")
+        if name.strip().lower() == "timeout":
+            number = number.strip()
+            if not number.isdigit():
+                break
+            timeout = int(number)
+            return min(IDLE_S, max(timeout - 1, timeout / 2))
+    return IDLE_S
+
+
+async def _read_head(protocol: UpstreamProtocol) -> tuple[RawResponseMessage, StreamReader]:
+    message, content = await protocol.read()
+    while 100 <= message.code < 200 and message.code != 101:  # interim answers are not relayed
+        message, content = await protocol.read()
+    return message, content
+
+
+def _transport(protocol: UpstreamProtocol) -> asyncio.Transport:
+    """The connection's transport, or ConnectionResetError once it is closed (no write to a dead socket)."""
+    transport = protocol.transport
+    if transport is None or transport.is_closing():
+        raise ConnectionResetError("the upstream connection closed")
+    return transport
 
 
 def _head(method: str, url: URL, headers: Iterable[tuple[str, str]]) -> bytes:

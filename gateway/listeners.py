@@ -7,12 +7,11 @@ its own pod), but the admin listener exists to be probed, so that case is logged
 A TLS listener bounds its handshakes: asyncio hands a connection to the HTTP protocol only once its
 handshake is done, so the protocol's head timeout starts after it and cannot see a client that connects and
 never finishes (or never starts) one. aiohttp's `TCPSite` does not pass asyncio's `ssl_handshake_timeout`
-(default 60 s); `_TlsSite` does, and a stalled handshake is closed by the event loop when it expires.
+(default 60 s); `aiohttp_internals.TlsSite` does, and the event loop closes a stalled handshake.
 """
 
 from __future__ import annotations
 
-import asyncio
 import os
 import ssl
 from collections.abc import Mapping
@@ -21,6 +20,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway.aiohttp_internals import TlsSite, bound_port
 from gateway.logs import get_logger
 from gateway.policy.addresses import is_loopback
 
@@ -31,31 +31,6 @@ BACKLOG = 1024
 
 class StartupError(Exception):
     """A listener could not be opened; the message names it and says why, in one line."""
-
-
-class _TlsSite(web.TCPSite):
-    """aiohttp's TCP site, passing asyncio a bound on each TLS handshake (aiohttp passes none)."""
-
-    __slots__ = ("_handshake_timeout_s",)
-
-    def __init__(self, *args: Any, handshake_timeout_s: float, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)
-        self._handshake_timeout_s = handshake_timeout_s
-
-    async def start(self) -> None:
-        await web.BaseSite.start(self)  # registers the site with its runner, as TCPSite.start does first
-        server = self._runner.server
-        assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            server,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            ssl_handshake_timeout=self._handshake_timeout_s,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
 
 
 async def listen(
@@ -78,7 +53,7 @@ async def listen(
         site = web.TCPSite(runner, host, port, **options)
     else:
         context, handshake_timeout_s = tls
-        site = _TlsSite(
+        site = TlsSite(
             runner, host, port, ssl_context=context, handshake_timeout_s=handshake_timeout_s, **options
         )
     try:
@@ -86,8 +61,7 @@ async def listen(
     except OSError as exc:
         reason = (os.strerror(exc.errno) if exc.errno else str(exc)).lower()
         raise StartupError(f"cannot listen on {host}:{port} ({name}): {reason}") from None
-    server: Any = site._server
-    return int(server.sockets[0].getsockname()[1])
+    return bound_port(site)
 
 
 def in_container(env: Mapping[str, str] = os.environ) -> bool:

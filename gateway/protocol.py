@@ -13,8 +13,8 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp.web_protocol import RequestHandler
 
+from gateway.aiohttp_internals import ProtocolFactory, ServerProtocol
 from gateway.errors import Code, GatewayError
 from gateway.exchange import request_id
 from gateway.logs import get_logger
@@ -31,7 +31,7 @@ class ClientLimits:
     max_connections: int
 
 
-class GatewayProtocol(RequestHandler):
+class GatewayProtocol(ServerProtocol):
     """aiohttp's per-connection protocol, bounded in time to a complete head and in number."""
 
     client_eof = False  # the client half-closed while a CONNECT was pending
@@ -40,7 +40,7 @@ class GatewayProtocol(RequestHandler):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        server: GatewayServer = self._manager  # type: ignore[assignment]
+        server: GatewayServer = self.server
         if server.open_connections >= server.limits.max_connections:
             self._refuse(TOO_MANY)
             return
@@ -49,7 +49,7 @@ class GatewayProtocol(RequestHandler):
         self._arm()  # the first head is due from the moment the connection opens
 
     def connection_lost(self, exc: BaseException | None) -> None:
-        server: GatewayServer | None = self._manager  # type: ignore[assignment]
+        server: GatewayServer | None = self.server
         self._disarm()
         if self._counted and server is not None:
             server.open_connections -= 1
@@ -57,11 +57,11 @@ class GatewayProtocol(RequestHandler):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        parsed = self._request_count
+        parsed = self.heads_parsed
         super().data_received(data)
-        if self._request_count != parsed:
+        if self.heads_parsed != parsed:
             self._disarm()  # a whole head arrived (or a parse error, answered by the handler)
-        elif self._head_deadline is None and self._current_request is None and not self._messages:
+        elif self._head_deadline is None and self.between_requests:
             self._arm()  # the first bytes of the next request on a kept-alive connection
 
     def eof_received(self) -> bool | None:  # type: ignore[override]
@@ -70,15 +70,15 @@ class GatewayProtocol(RequestHandler):
         Over TLS there is no half-close (the SSL transport closes whatever this returns, and warns when
         asked to keep it open), so there the end of the client's stream ends the connection.
         """
-        if self._upgraded:  # aiohttp's parser marks CONNECT (and Upgrade) requests this way
+        if self.tunnel_requested:
             self.client_eof = True
             transport = self.transport
             return transport is None or transport.get_extra_info("sslcontext") is None
         return None
 
     def _arm(self) -> None:
-        server: GatewayServer = self._manager  # type: ignore[assignment]
-        self._head_deadline = self._loop.call_later(server.limits.head_timeout_s, self._head_timed_out)
+        server: GatewayServer = self.server
+        self._head_deadline = self.loop.call_later(server.limits.head_timeout_s, self._head_timed_out)
 
     def _disarm(self) -> None:
         if self._head_deadline is not None:
@@ -87,7 +87,7 @@ class GatewayProtocol(RequestHandler):
 
     def _head_timed_out(self) -> None:
         self._head_deadline = None
-        if self._current_request is None and not self._messages:
+        if self.between_requests:
             self._refuse(HEAD_TIMEOUT)
 
     def _refuse(self, error: GatewayError) -> None:
@@ -117,7 +117,7 @@ class GatewayProtocol(RequestHandler):
         return error_response(error, rid, close=True)
 
 
-class GatewayServer(web.Server):
+class GatewayServer(ProtocolFactory):
     """Builds `GatewayProtocol`s and holds what they share: the limits and the open-connection count."""
 
     def __init__(self, *args: Any, limits: ClientLimits, **kwargs: Any) -> None:
@@ -125,5 +125,5 @@ class GatewayServer(web.Server):
         self.limits = limits
         self.open_connections = 0
 
-    def __call__(self) -> RequestHandler:
-        return GatewayProtocol(self, loop=self._loop, **self._kwargs)
+    def __call__(self) -> GatewayProtocol:
+        return self.build(GatewayProtocol)  # type: ignore[return-value]

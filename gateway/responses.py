@@ -2,7 +2,8 @@
 
 aiohttp stamps `Server: Python/3.x aiohttp/3.x` (and a default `Content-Type`) on every response it
 prepares. Responses the gateway makes itself say `Server: bt-gateway`, with no version for a scanner to
-match; relayed responses carry exactly the `Server` and `Content-Type` the upstream sent, or none.
+match; relayed responses (`aiohttp_internals.RelayedResponse`) carry exactly the `Server` and
+`Content-Type` the upstream sent, or none.
 """
 
 from __future__ import annotations
@@ -10,22 +11,12 @@ from __future__ import annotations
 import json
 from http import HTTPStatus
 
-from aiohttp import hdrs, web
-from aiohttp.http_exceptions import BadHttpMessage, BadHttpMethod, InvalidURLError, LineTooLong
+from aiohttp import web
 
+from gateway.aiohttp_internals import refused_connect_target, refused_method, too_many_headers
 from gateway.errors import Code, GatewayError
 
 SERVER = "bt-gateway"
-
-
-class RelayedResponse(web.StreamResponse):
-    """A response streamed from upstream: aiohttp adds no `Server` or `Content-Type` of its own."""
-
-    async def _prepare_headers(self) -> None:
-        absent = [name for name in (hdrs.SERVER, hdrs.CONTENT_TYPE) if name not in self.headers]
-        await super()._prepare_headers()
-        for name in absent:
-            self.headers.popall(name, None)
 
 
 def redirect_response(location: str, request_id: str) -> web.Response:
@@ -63,23 +54,12 @@ def raw_error(error: GatewayError, request_id: str) -> bytes:
 
 def parse_error(exc: BaseException | None) -> GatewayError:
     """What a request the HTTP parser rejected deserves: 431 for oversized headers, else 400."""
-    if isinstance(exc, LineTooLong) or (isinstance(exc, BadHttpMessage) and "Too many headers" in str(exc)):
+    if exc is None:
+        return GatewayError(Code.BAD_REQUEST, "malformed HTTP request")
+    if too_many_headers(exc):
         return GatewayError(Code.HEADERS_TOO_LARGE, "request header fields are too large")
-    if isinstance(exc, BadHttpMethod) and _method_of(exc.message) in ("TRACE", "TRACK"):
+    if refused_method(exc) in ("TRACE", "TRACK"):
         return GatewayError(Code.METHOD_NOT_ALLOWED, "TRACE and TRACK are not allowed")
-    if isinstance(exc, InvalidURLError) and _authority_form(exc.message):
+    if refused_connect_target(exc):
         return GatewayError(Code.BAD_CONNECT_TARGET, "CONNECT target is not host:port")
     return GatewayError(Code.BAD_REQUEST, "malformed HTTP request")
-
-
-def _method_of(message: str) -> str:
-    """The method of a request line llhttp refused: its message quotes the line (`b'TRACK /x HTTP/1.1'`)."""
-    _, _, line = message.partition("b'")
-    return line.partition(" ")[0]
-
-
-def _authority_form(target: str) -> bool:
-    """Whether the rejected target was a CONNECT's: aiohttp quotes the raw target, llhttp the request line."""
-    if "\n" in target:  # llhttp: "Unexpected char in url server:\n\n  b'CONNECT a:\\xc2 HTTP/1.1'..."
-        return "b'CONNECT " in target
-    return not target.startswith(("/", "*")) and "://" not in target

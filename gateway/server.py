@@ -15,6 +15,7 @@ from typing import Any
 
 from aiohttp import web
 
+from gateway import aiohttp_internals
 from gateway.admin import admin_app
 from gateway.config.certs import CertProblem
 from gateway.config.model import Admin, GatewayConfig
@@ -23,7 +24,7 @@ from gateway.exchange import Exchange, request_id
 from gateway.generation import BuildError, Generation
 from gateway.handler import ProxyHandler
 from gateway.listener_tls import ListenerTls
-from gateway.listeners import listen, warn_if_admin_unreachable
+from gateway.listeners import StartupError, listen, warn_if_admin_unreachable
 from gateway.logs import configure, get_logger
 from gateway.metrics import Metrics
 from gateway.policy.admin_access import AdminAccess
@@ -79,6 +80,10 @@ class Gateway:
         """
         config = self.config
         self._loop = asyncio.get_running_loop()
+        try:
+            aiohttp_internals.check()
+        except aiohttp_internals.AiohttpMismatch as exc:
+            raise StartupError(str(exc)) from None
         self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
         header_bytes = config.limits.max_header_kb * 1024
         self._proxy_server = proxy = GatewayServer(

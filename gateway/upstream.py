@@ -15,12 +15,10 @@ from typing import Any
 
 import aiohttp
 from aiohttp.abc import AbstractResolver, ResolveResult
-from aiohttp.client_proto import ResponseHandler
-from aiohttp.client_reqrep import ClientRequest
 from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.resolver import DefaultResolver
-from aiohttp.tracing import Trace
 
+from gateway.aiohttp_internals import CheckedConnector
 from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.policy.allowlist import Allowlist
@@ -28,6 +26,10 @@ from gateway.policy.allowlist import Allowlist
 
 class ConnectTimeout(TimeoutError):
     """No upstream connection could be opened within `upstream.connect_timeout_s`."""
+
+
+class WriteTimeout(TimeoutError):
+    """The upstream took no request bytes for `upstream.write_timeout_s`."""
 
 
 class NameNotResolved(OSError):
@@ -76,21 +78,15 @@ class EgressResolver(AbstractResolver):
         await self._inner.close()
 
 
-class EgressConnector(aiohttp.TCPConnector):
+class EgressConnector(CheckedConnector):
     """A TCPConnector that re-checks the final URL's host and port at the moment a connection is made."""
 
     def __init__(self, guard: EgressGuard, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self._guard = guard
 
-    async def _create_connection(
-        self,
-        req: ClientRequest,
-        traces: list[Trace],
-        timeout: aiohttp.ClientTimeout,  # noqa: ASYNC109 - aiohttp's own signature
-    ) -> ResponseHandler:
-        self._guard.require(req.url.raw_host, req.url.port or 0)
-        return await super()._create_connection(req, traces, timeout)
+    def admit(self, host: str | None, port: int) -> None:
+        self._guard.require(host, port)
 
 
 def tls_context(ca_bundle: str | None) -> ssl.SSLContext:
@@ -160,6 +156,8 @@ def client_error(exc: BaseException, upstream: str) -> GatewayError:
 def _classify(exc: BaseException) -> tuple[Code, Reason | None, str]:
     if isinstance(exc, aiohttp.ConnectionTimeoutError | ConnectTimeout):
         return Code.UPSTREAM_TIMEOUT, Reason.CONNECT_TIMEOUT, "upstream did not accept a connection in time"
+    if isinstance(exc, WriteTimeout):
+        return Code.UPSTREAM_TIMEOUT, Reason.WRITE_TIMEOUT, "upstream stopped taking the request body"
     if isinstance(exc, asyncio.TimeoutError):  # includes aiohttp's SocketTimeoutError (read)
         return Code.UPSTREAM_TIMEOUT, Reason.READ_TIMEOUT, "upstream did not answer in time"
     if isinstance(exc, aiohttp.ClientHttpProxyError):

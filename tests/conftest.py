@@ -221,32 +221,49 @@ def logs() -> Iterator[Logs]:
         yield Logs(entries)
 
 
+# A scripted reply: given the connection and the request head just read, answer (reading any body it
+# wants) and say whether the connection stays open for the next request.
+Script = Callable[[asyncio.StreamReader, asyncio.StreamWriter, bytes], Awaitable[bool]]
+
+
 @dataclass
 class RawUpstream:
-    """An upstream that answers exactly the bytes a test gives it, per request path: for hostile replies."""
+    """An upstream that answers exactly the bytes a test gives it, per request path: for hostile replies.
+
+    A reply is bytes (written as one piece; the request body, if any, is not read) or a `Script`.
+    """
 
     url: str
     port: int
-    replies: dict[str, bytes]
+    replies: dict[str, bytes | Script]
     seen: list[str]
+    connections: list[int]  # one entry per accepted connection: its number, from 1
 
 
 @pytest.fixture
 async def raw_upstream() -> AsyncIterator[RawUpstream]:
-    replies: dict[str, bytes] = {}
+    replies: dict[str, bytes | Script] = {}
     seen: list[str] = []
+    connections: list[int] = []
 
     async def on_connect(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        connections.append(len(connections) + 1)
         with contextlib.suppress(OSError, asyncio.IncompleteReadError):
             while head := await reader.readuntil(b"\r\n\r\n"):
                 path = head.split(b" ", 2)[1].decode()
                 seen.append(path)
-                writer.write(replies[path])
-                await writer.drain()
+                reply = replies[path]
+                if isinstance(reply, bytes):
+                    writer.write(reply)
+                    await writer.drain()
+                elif not await reply(reader, writer, head):
+                    break
         writer.close()
 
     server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
     port = server.sockets[0].getsockname()[1]
-    yield RawUpstream(url=f"http://127.0.0.1:{port}", port=port, replies=replies, seen=seen)
+    yield RawUpstream(
+        url=f"http://127.0.0.1:{port}", port=port, replies=replies, seen=seen, connections=connections
+    )
     server.close()
     await server.wait_closed()

@@ -238,6 +238,7 @@ class Route(Section):
 class UpstreamSettings(Section):
     connect_timeout_s: Seconds = 10
     read_timeout_s: Seconds = 300
+    write_timeout_s: Seconds = 60  # an upstream taking no request bytes this long: 504, the upload stops
     pool_timeout_s: Seconds = 5  # waiting for a free pooled connection; then 503 upstream_busy
     ca_bundle: str | None = None
     proxy: str | None = None

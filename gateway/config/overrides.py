@@ -58,6 +58,7 @@ ENV_OVERRIDES: dict[str, Override] = dict(
         _env("BT_GATEWAY_ALLOWLIST", "allowlist", split=True),
         _env("BT_GATEWAY_UPSTREAM_CONNECT_TIMEOUT_S", "upstream", "connect_timeout_s"),
         _env("BT_GATEWAY_UPSTREAM_READ_TIMEOUT_S", "upstream", "read_timeout_s"),
+        _env("BT_GATEWAY_UPSTREAM_WRITE_TIMEOUT_S", "upstream", "write_timeout_s"),
         _env("BT_GATEWAY_UPSTREAM_CA_BUNDLE", "upstream", "ca_bundle"),
         _env("BT_GATEWAY_UPSTREAM_PROXY", "upstream", "proxy"),
         _env("BT_GATEWAY_LIMITS_MAX_BODY_MB", "limits", "max_body_mb"),

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import subprocess
+import sys
 from pathlib import Path
 
 import aiohttp
@@ -223,3 +225,25 @@ async def test_serve_subprocess_forwards_and_drains_on_sigterm(tmp_path: Path, u
     assert gw.events("gateway_draining")
     access = gw.events("access")
     assert [a["status"] for a in access] == [200]
+
+
+def test_serve_refuses_an_aiohttp_without_the_internals_it_uses(tmp_path: Path) -> None:
+    """An aiohttp that renamed a private name the gateway uses stops the start with one line, exit 1."""
+    without = (
+        "import sys; from aiohttp import web; del web.StreamResponse._prepare_headers; "
+        "from gateway.cli import main; sys.exit(main())"
+    )
+    path = write(tmp_path, GOOD)
+    result = subprocess.run(
+        [sys.executable, "-c", without, "serve", "-c", path, "--listen-port", "0", "--admin-port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    output = result.stdout + result.stderr
+    assert (
+        f"aiohttp {aiohttp.__version__} lacks what bt-gateway uses (StreamResponse._prepare_headers)"
+        in output
+    )
+    assert "Traceback" not in output
