@@ -7,6 +7,11 @@ and expires with it. A request to `/_relay/<token>` goes to the original URL (th
 rate limit and the access log apply); a forged, altered, expired or unknown token gets `403 relay_denied`
 and no connection is made, so the relay is never an open proxy.
 
+Only https is relayed: an `allow_hosts` entry without a port allows port 443, one with a port that port.
+One function (`Relay.target`) judges a URL both when a link is made and when it is opened, and puts the
+host in the allow-list's canonical (IDNA) form, the form the connection is then made to: a unicode name
+and its `xn--` form are one host at both steps.
+
 Token grammar:  token = payload "." mac
     payload = base64url(JSON {"u": url, "e": expiry (unix seconds), "m": "up" | "down", "r": route})
     mac     = base64url(HMAC-SHA256(secret, payload))
@@ -22,20 +27,21 @@ import json
 import secrets
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
 from yarl import URL
 
 from gateway.errors import Code, GatewayError, Reason
-from gateway.policy.allowlist import Allowlist
+from gateway.policy.allowlist import Allowlist, canonical_host
 
 PREFIX = "/_relay/"
 URL_KEYS = {"signedUrl": "up", "downloadUrl": "down"}  # where the SDKs read signed URLs, and their use
 METHODS = {"up": frozenset({"PUT", "POST"}), "down": frozenset({"GET", "HEAD"})}
 DENIED = GatewayError(Code.RELAY_DENIED, "this relay link is not valid", reason=Reason.RELAY_TOKEN)
 _PROCESS_SECRET = secrets.token_bytes(32)  # when relay.secret is unset: this process only
+HTTPS_PORT = 443  # an allow_hosts entry without a port
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,24 +89,20 @@ class Relay:
         max_ttl_s: float,
         clock: Callable[[], float] = time.time,
     ) -> None:
-        self._hosts = allow_hosts
+        # An entry without a port means https's own port here, not any port as in the egress allow-list.
+        self._hosts = Allowlist(tuple(replace(e, port=e.port or HTTPS_PORT) for e in allow_hosts.entries))
         self._secret = secret or _PROCESS_SECRET
         self._max_ttl_s = max_ttl_s
         self._clock = clock
 
     def link(self, url: str, use: str, route: str, gateway_url: str) -> str | None:
-        """The relay link for a signed URL, or None when its host is not one to relay."""
-        try:
-            parsed = URL(url)
-        except ValueError:
-            return None
-        if parsed.scheme not in ("http", "https"):
-            return None
-        if not self._hosts.allows(parsed.raw_host, parsed.port or 0):
+        """The relay link for a signed URL, or None when it is not one to relay (`target`)."""
+        parsed = self.target(url)
+        if parsed is None:
             return None
         now = self._clock()
         expiry = min(signed_url_expiry(parsed) or now + self._max_ttl_s, now + self._max_ttl_s)
-        payload = _b64(json.dumps({"u": url, "e": round(expiry), "m": use, "r": route}).encode())
+        payload = _b64(json.dumps({"u": str(parsed), "e": round(expiry), "m": use, "r": route}).encode())
         return f"{gateway_url}{PREFIX}{payload}.{self._mac(payload)}"
 
     def open(self, token: str, method: str) -> RelayGrant | GatewayError:
@@ -110,12 +112,30 @@ class Relay:
             return DENIED
         try:
             fields = json.loads(_unb64(payload))
-            url, expiry, use, route = URL(fields["u"], encoded=True), fields["e"], fields["m"], fields["r"]
+            url, expiry, use, route = self.target(fields["u"]), fields["e"], fields["m"], fields["r"]
         except (ValueError, KeyError, TypeError, binascii.Error):
             return DENIED
-        if expiry < self._clock() or method not in METHODS.get(use, ()):
+        if url is None or expiry < self._clock() or method not in METHODS.get(use, ()):
             return DENIED
         return RelayGrant(url=url, route=str(route))
+
+    def target(self, url: str) -> URL | None:
+        """The signed URL as the relay connects to it, or None when it is not one to relay.
+
+        https only, no userinfo, a host of `allow_hosts` on the entry's port (443 without one). The host is
+        put in `canonical_host` form, the allow-list's and the connector's; path and query stay byte for byte
+        (they carry the signature).
+        """
+        try:
+            parsed = URL(url, encoded=True)
+        except (ValueError, TypeError):
+            return None
+        host = canonical_host(parsed.raw_host)
+        if parsed.scheme != "https" or parsed.raw_user is not None or host is None or parsed.port is None:
+            return None
+        if not self._hosts.allows(host, parsed.port):
+            return None
+        return parsed if parsed.raw_host == host else parsed.with_host(host)
 
     def _mac(self, payload: str) -> str:
         return _b64(hmac.new(self._secret, payload.encode(), hashlib.sha256).digest())

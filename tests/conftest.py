@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class Upstream:
 
 
 NAME = "api.braintrust.test"  # the named TLS upstream's host name; only `resolve` maps can find it
+STORE = "127.0.0.3"  # an object store listens on an address of its own
 
 
 @dataclass
@@ -112,6 +114,19 @@ async def host_upstream(canary: Canary) -> AsyncIterator[Upstream]:
     await runner.cleanup()
 
 
+def server_tls(test_ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    """A server's TLS context with a certificate from the test CA for `names` (host names or addresses)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def store_tls(test_ca: trustme.CA) -> ssl.SSLContext:
+    """The fake object store's https (the relay relays https only); the gateway needs `ca_file` for it."""
+    return server_tls(test_ca, STORE)
+
+
 @pytest.fixture
 async def tls_upstream(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[Upstream]:
     recorder = Recorder()
@@ -123,13 +138,14 @@ async def tls_upstream(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[Ups
 
 
 @contextlib.asynccontextmanager
-async def serve_named_tls(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[NamedUpstream]:
+async def serve_named_tls(
+    test_ca: trustme.CA, canary: Canary, name: str = NAME
+) -> AsyncIterator[NamedUpstream]:
     recorder = Recorder()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    test_ca.issue_cert(NAME).configure_cert(context)
+    context = server_tls(test_ca, name)
     runner, port = await _serve(make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"), context)
     try:
-        yield NamedUpstream(port=port, url=f"https://{NAME}:{port}", recorder=recorder)
+        yield NamedUpstream(port=port, url=f"https://{name}:{port}", recorder=recorder)
     finally:
         await runner.cleanup()
 
@@ -229,6 +245,13 @@ class RawUpstream:
     port: int
     replies: dict[str, bytes]
     seen: list[str]
+
+
+def json_reply(doc: Any, headers: str = "") -> bytes:
+    """A raw 200 answer carrying `doc` as JSON; `headers`: more header lines, each ending in CRLF."""
+    body = json.dumps(doc, ensure_ascii=False).encode()
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + headers + "\r\n").encode() + body
 
 
 @pytest.fixture

@@ -87,3 +87,23 @@ def test_a_link_never_outlives_max_ttl() -> None:
     assert link is not None
     assert relay(now=NOW + 3599).open(token_of(link), "PUT") != DENIED
     assert relay(now=NOW + 3601).open(token_of(link), "PUT") is DENIED
+
+
+@pytest.mark.parametrize(
+    ("url", "relayed"),
+    [
+        ("https://b.s3.us-east-1.amazonaws.com/k?sig=1", "https://b.s3.us-east-1.amazonaws.com/k?sig=1"),
+        ("https://B.S3.us-east-1.amazonaws.com:443/k?sig=1", "https://b.s3.us-east-1.amazonaws.com/k?sig=1"),
+        ("http://b.s3.us-east-1.amazonaws.com/k?sig=1", None),  # plain http: never
+        ("https://b.s3.us-east-1.amazonaws.com:8443/k?sig=1", None),  # no port listed: 443 only
+        ("https://u:p@b.s3.us-east-1.amazonaws.com/k", None),
+        ("https://store.example:9000/k?a=%2F", "https://store.example:9000/k?a=%2F"),  # the listed port
+        ("https://store.example/k", None),
+        ("https://bücher.example/k?a=%2f", "https://xn--bcher-kva.example/k?a=%2f"),  # one IDNA form
+        ("https://xn--bcher-kva.example/k", "https://xn--bcher-kva.example/k"),
+    ],
+)
+def test_what_is_relayed_and_the_form_it_is_connected_to(url: str, relayed: str | None) -> None:
+    hosts = Allowlist.parse(["*.s3.us-east-1.amazonaws.com", "store.example:9000", "bücher.example"])
+    target = Relay(hosts, b"k" * 32, 3600, clock=lambda: NOW).target(url)
+    assert (str(target) if target is not None else None) == relayed
