@@ -1,5 +1,5 @@
 """The signed-URL relay's promises, through the real gateway: links only where meant (https, the listed port,
-one IDNA form).
+one IDNA form), and nothing of the client's but the transfer reaches the object store.
 
 The data plane is a scripted upstream whose `/logs3/overflow` answer carries the signed URL under test; the
 object store is a TLS upstream that records what reaches it.
@@ -19,7 +19,15 @@ import aiohttp
 import trustme
 
 from tests.clients import Reply, assert_error, reply_of
-from tests.conftest import Canary, GatewayFactory, RawUpstream, RunningGateway, json_reply, serve_named_tls
+from tests.conftest import (
+    Canary,
+    GatewayFactory,
+    RawUpstream,
+    RunningGateway,
+    Upstream,
+    json_reply,
+    serve_named_tls,
+)
 
 SECRET = "relay-secret-for-tests-0123456789abcdef"
 IDNA_NAME = "bücher.example"
@@ -34,12 +42,18 @@ def data_plane(raw: RawUpstream, **extra: Any) -> dict[str, Any]:
     }
 
 
-async def slot(gw: RunningGateway, raw: RawUpstream, signed_url: str, path: str = "/logs3/overflow") -> str:
-    """The signedUrl the client receives when the data plane hands out `signed_url`."""
-    raw.replies[path] = json_reply({"signedUrl": signed_url})
+async def slot(
+    gw: RunningGateway,
+    raw: RawUpstream,
+    signed_url: str,
+    key: str = "signedUrl",
+    path: str = "/logs3/overflow",
+) -> str:
+    """The `key` URL the client receives when the data plane hands out `signed_url` under it."""
+    raw.replies[path] = json_reply({key: signed_url})
     async with aiohttp.ClientSession() as client, client.get(gw.url + path) as resp:
         assert resp.status == 200
-        url: str = (await resp.json())["signedUrl"]
+        url: str = (await resp.json())[key]
         return url
 
 
@@ -54,6 +68,46 @@ def forged_link(gw: RunningGateway, url: str, use: str = "up") -> str:
 async def put(url: str, body: bytes = b"{}") -> Reply:
     async with aiohttp.ClientSession() as client, client.put(url, data=body) as resp:
         return await reply_of(resp)
+
+
+CLIENTS_OWN = {
+    "Authorization": "Bearer sk-relay-test-key-0123456789",
+    "Cookie": "session=s3cret",
+    "Proxy-Authorization": "Basic Y29ycDpzM2NyZXQ=",
+    "X-Forwarded-For": "10.9.8.7",
+    "X-Forwarded-Host": "inside.corp",
+    "X-Forwarded-Proto": "http",
+    "Forwarded": "for=10.9.8.7;host=inside.corp",
+    "X-Real-IP": "10.9.8.7",
+}
+TRANSFER = {"Content-Type": "application/json", "x-amz-meta-batch": "7", "Range": "bytes=0-1"}
+
+
+async def test_nothing_of_the_clients_but_the_transfer_reaches_the_store(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream, tls_upstream: Upstream, ca_file: Path
+) -> None:
+    store = f"localhost:{tls_upstream.port}"
+    gw = await start_gateway(
+        **data_plane(raw_upstream),
+        allowlist=[raw_upstream.url.split("://")[1], store],
+        relay={"allow_hosts": [store], "secret": SECRET},
+        upstream={"ca_bundle": str(ca_file)},
+    )
+    up = await slot(gw, raw_upstream, f"https://{store}/up?X-Amz-Signature=1")
+    down = await slot(gw, raw_upstream, f"https://{store}/down?X-Amz-Signature=2", "downloadUrl")
+    async with aiohttp.ClientSession(headers={**CLIENTS_OWN, **TRANSFER}) as client:
+        async with client.put(up, data=b'{"rows": []}') as resp:
+            assert resp.status == 200
+        async with client.get(down) as resp:
+            assert resp.status == 200
+    assert [(r.method, r.raw_path) for r in tls_upstream.recorder.requests] == [
+        ("PUT", "/up?X-Amz-Signature=1"),
+        ("GET", "/down?X-Amz-Signature=2"),
+    ]
+    for seen in tls_upstream.recorder.requests:
+        names = {name.lower() for name, _ in seen.headers}
+        assert names & {name.lower() for name in CLIENTS_OWN} == set(), seen.method
+        assert {name.lower() for name in TRANSFER} <= names, seen.method
 
 
 async def test_only_https_on_the_listed_port_becomes_a_relay_link(
