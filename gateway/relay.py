@@ -5,7 +5,9 @@ The data plane hands out signed URLs (`signedUrl` for an upload slot: `/logs3/ov
 in `relay.allow_hosts` becomes `<gateway>/_relay/<token>`; the token carries the original URL, signed,
 and expires with it. A request to `/_relay/<token>` goes to the original URL (the allow-list, the route's
 rate limit and the access log apply); a forged, altered, expired or unknown token gets `403 relay_denied`
-and no connection is made, so the relay is never an open proxy.
+and no connection is made, so the relay is never an open proxy. A transfer counts in the rate-limit bucket
+of the token whose request received the link (its sha256, never the token, rides in the link), so the
+SDK's upload needs no credential of its own; a link handed to an anonymous request stays anonymous.
 
 Only https is relayed: an `allow_hosts` entry without a port allows port 443, one with a port that port.
 One function (`Relay.target`) judges a URL both when a link is made and when it is opened, and puts the
@@ -13,7 +15,8 @@ host in the allow-list's canonical (IDNA) form, the form the connection is then 
 and its `xn--` form are one host at both steps.
 
 Token grammar:  token = payload "." mac
-    payload = base64url(JSON {"u": url, "e": expiry (unix seconds), "m": "up" | "down", "r": route})
+    payload = base64url(JSON {"u": url, "e": expiry (unix seconds), "m": "up" | "down", "r": route,
+                              "t": sha256 hex of the token the link was handed to, or null})
     mac     = base64url(HMAC-SHA256(secret, payload))
 """
 
@@ -46,10 +49,11 @@ HTTPS_PORT = 443  # an allow_hosts entry without a port
 
 @dataclass(frozen=True, slots=True)
 class RelayGrant:
-    """What a verified token allows: one URL, for one kind of transfer, in one route's bucket."""
+    """What a verified token allows: one URL, for one kind of transfer, in a route and token's bucket."""
 
     url: URL
     route: str
+    token_digest: str | None = None  # sha256 hex of the token the link was handed to; None: anonymous
 
 
 def _b64(data: bytes) -> str:
@@ -95,14 +99,16 @@ class Relay:
         self._max_ttl_s = max_ttl_s
         self._clock = clock
 
-    def link(self, url: str, use: str, route: str, gateway_url: str) -> str | None:
-        """The relay link for a signed URL, or None when it is not one to relay (`target`)."""
+    def link(self, url: str, use: str, route: str, gateway_url: str, token_digest: str | None) -> str | None:
+        """The relay link for a signed URL handed to the caller whose token has `token_digest`, or None when
+        it is not one to relay (`target`)."""
         parsed = self.target(url)
         if parsed is None:
             return None
         now = self._clock()
         expiry = min(signed_url_expiry(parsed) or now + self._max_ttl_s, now + self._max_ttl_s)
-        payload = _b64(json.dumps({"u": str(parsed), "e": round(expiry), "m": use, "r": route}).encode())
+        fields = {"u": str(parsed), "e": round(expiry), "m": use, "r": route, "t": token_digest}
+        payload = _b64(json.dumps(fields).encode())
         return f"{gateway_url}{PREFIX}{payload}.{self._mac(payload)}"
 
     def open(self, token: str, method: str) -> RelayGrant | GatewayError:
@@ -113,11 +119,12 @@ class Relay:
         try:
             fields = json.loads(_unb64(payload))
             url, expiry, use, route = self.target(fields["u"]), fields["e"], fields["m"], fields["r"]
-        except (ValueError, KeyError, TypeError, binascii.Error):
+            digest = fields.get("t")
+        except (ValueError, KeyError, TypeError, AttributeError, binascii.Error):
             return DENIED
         if url is None or expiry < self._clock() or method not in METHODS.get(use, ()):
             return DENIED
-        return RelayGrant(url=url, route=str(route))
+        return RelayGrant(url=url, route=str(route), token_digest=digest if isinstance(digest, str) else None)
 
     def target(self, url: str) -> URL | None:
         """The signed URL as the relay connects to it, or None when it is not one to relay.

@@ -93,7 +93,9 @@ class JsonBodyRewriter:
             doc = None
         if doc is not None:
             exchange = self._exchange
-            changed, found = control_docs.inspect(doc, self._gateway_url, self._relay, exchange.route or "")
+            changed, found = control_docs.inspect(
+                doc, self._gateway_url, self._relay, exchange.route or "", token_digest=exchange.token_digest
+            )
             for bypass in found:
                 exchange.bypassed(bypass)
             if changed:

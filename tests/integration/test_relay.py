@@ -1,5 +1,6 @@
 """The signed-URL relay's promises, through the real gateway: links only where meant (https, the listed port,
-one IDNA form), and nothing of the client's but the transfer reaches the object store.
+one IDNA form), nothing of the client's but the transfer reaches the object store, and a transfer counts
+in the bucket of the token its link was handed to.
 
 The data plane is a scripted upstream whose `/logs3/overflow` answer carries the signed URL under test; the
 object store is a TLS upstream that records what reaches it.
@@ -11,6 +12,7 @@ import base64
 import hashlib
 import hmac
 import json
+import ssl
 import time
 from pathlib import Path
 from typing import Any
@@ -20,6 +22,7 @@ import trustme
 
 from tests.clients import Reply, assert_error, reply_of
 from tests.conftest import (
+    STORE,
     Canary,
     GatewayFactory,
     RawUpstream,
@@ -28,6 +31,8 @@ from tests.conftest import (
     json_reply,
     serve_named_tls,
 )
+from tests.fake_braintrust import FakeBraintrust
+from tests.gateway_process import GatewayProcess
 
 SECRET = "relay-secret-for-tests-0123456789abcdef"
 IDNA_NAME = "bücher.example"
@@ -158,3 +163,77 @@ async def test_a_unicode_host_and_its_xn_form_are_one_host_at_both_steps(
         host_headers = {dict(r.headers)["Host"] for r in store.recorder.requests}
     assert [method for method, _ in seen] == ["PUT"] * 3
     assert host_headers == {f"{IDNA_ASCII}:{store.port}"}
+
+
+KEY_A = "sk-relay-key-a-0123456789abcdef"
+KEY_B = "sk-relay-key-b-0123456789abcdef"
+
+
+async def overflow_link(url: str, key: str | None) -> str:
+    """An upload slot asked for as the SDK asks, with `key` (or none): its signedUrl is a relay link."""
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    async with aiohttp.ClientSession(headers=headers) as client:
+        async with client.post(url + "/data-plane/logs3/overflow", json={"size_bytes": 1}) as resp:
+            assert resp.status == 200, await resp.text()
+            link: str = (await resp.json())["signedUrl"]
+    assert link.startswith(url + "/_relay/")
+    return link
+
+
+async def test_a_transfer_counts_in_the_bucket_of_the_token_its_link_was_handed_to(
+    tmp_path: Path, store_tls: ssl.SSLContext, ca_file: Path
+) -> None:
+    """With `anonymous: deny`, the SDK's tokenless upload is A's: A's limit reached by its transfers is 429
+    for A's link and A's own calls, not for B's."""
+    async with FakeBraintrust(store_host=STORE, store_tls=store_tls) as fake:
+        store = f"{STORE}:{fake.store_port}"
+        config = {
+            **fake.gateway_config(store),
+            "rate_limit": {"max_requests": 3, "window_minutes": 1, "anonymous": "deny"},
+            "relay": {"allow_hosts": [store], "secret": SECRET},
+            "upstream": {"ca_bundle": str(ca_file)},
+        }
+        gw = GatewayProcess(config, tmp_path)
+        try:
+            link_a = await overflow_link(gw.url, KEY_A)  # A: 1 of 3
+            link_b = await overflow_link(gw.url, KEY_B)  # B: 1 of 3
+            statuses_a = [(await put(link_a)).status for _ in range(3)]  # A: 2, 3, then over
+            status_b = (await put(link_b)).status  # B: 2 of 3
+            async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY_B}"}) as client:
+                async with client.put(link_a, data=b"{}") as resp:  # B's credential on A's link: A's bucket
+                    status_a_by_b = resp.status
+        finally:
+            gw.stop()
+    assert (statuses_a, status_b, status_a_by_b) == ([200, 200, 429], 200, 429)
+    relayed = [e for e in gw.events("access") if e["path"].startswith("/_relay/")]
+    fingerprints = {hashlib.sha256(k.encode()).hexdigest()[:12]: k for k in (KEY_A, KEY_B)}
+    assert [(fingerprints[e["token_fp"]], e["status"]) for e in relayed] == [
+        (KEY_A, 200),
+        (KEY_A, 200),
+        (KEY_A, 429),
+        (KEY_B, 200),
+        (KEY_A, 429),
+    ]
+    assert [r.status for r in fake.objects.requests] == [200] * 3
+
+
+async def test_a_link_handed_to_an_anonymous_request_stays_anonymous(
+    start_gateway: GatewayFactory, store_tls: ssl.SSLContext, ca_file: Path
+) -> None:
+    """Per client address, as the request that received it was: a token sent with the transfer changes
+    nothing."""
+    async with FakeBraintrust(store_host=STORE, store_tls=store_tls) as fake:
+        store = f"{STORE}:{fake.store_port}"
+        gw = await start_gateway(
+            **fake.gateway_config(store),
+            rate_limit={"max_requests": 2},
+            relay={"allow_hosts": [store], "secret": SECRET},
+            upstream={"ca_bundle": str(ca_file)},
+        )
+        link = await overflow_link(gw.url, None)  # the address's bucket: 1 of 2
+        async with aiohttp.ClientSession(headers={"Authorization": f"Bearer {KEY_A}"}) as client:
+            statuses = []
+            for _ in range(2):
+                async with client.put(link, data=b"{}") as resp:
+                    statuses.append(resp.status)
+    assert statuses == [200, 429]
