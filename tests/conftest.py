@@ -254,8 +254,10 @@ def json_reply(doc: Any, headers: str = "") -> bytes:
     return (head + headers + "\r\n").encode() + body
 
 
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[RawUpstream]:
+@contextlib.asynccontextmanager
+async def serve_raw(tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> AsyncIterator[RawUpstream]:
+    """An upstream answering each request with the bytes a test set for its path (https with `tls`, its
+    URL then named `host`, which a `resolve` map must find)."""
     replies: dict[str, bytes] = {}
     seen: list[str] = []
 
@@ -268,8 +270,24 @@ async def raw_upstream() -> AsyncIterator[RawUpstream]:
                 await writer.drain()
         writer.close()
 
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    yield RawUpstream(url=f"http://127.0.0.1:{port}", port=port, replies=replies, seen=seen)
-    server.close()
-    await server.wait_closed()
+    scheme = "https" if tls is not None else "http"
+    try:
+        yield RawUpstream(url=f"{scheme}://{host}:{port}", port=port, replies=replies, seen=seen)
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    async with serve_raw() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def raw_tls_upstream(test_ca: trustme.CA) -> AsyncIterator[RawUpstream]:
+    """`raw_upstream` over https as `NAME` (certificate from the test CA)."""
+    async with serve_raw(server_tls(test_ca, NAME), NAME) as upstream:
+        yield upstream

@@ -1,6 +1,6 @@
 """The signed-URL relay's promises, through the real gateway: links only where meant (https, the listed port,
 one IDNA form), nothing of the client's but the transfer reaches the object store, and a transfer counts
-in the bucket of the token its link was handed to.
+in the bucket of the token its link was handed to, and no log line holds a link or a signed URL.
 
 The data plane is a scripted upstream whose `/logs3/overflow` answer carries the signed URL under test; the
 object store is a TLS upstream that records what reaches it.
@@ -20,7 +20,7 @@ from typing import Any
 import aiohttp
 import trustme
 
-from tests.clients import Reply, assert_error, reply_of
+from tests.clients import Reply, assert_error, get, reply_of
 from tests.conftest import (
     STORE,
     Canary,
@@ -62,12 +62,12 @@ async def slot(
         return url
 
 
-def forged_link(gw: RunningGateway, url: str, use: str = "up") -> str:
+def forged_link(gateway_url: str, url: str, use: str = "up") -> str:
     """A link for `url` signed with the relay's own secret, as a gateway with another config would sign it."""
     fields = {"u": url, "e": round(time.time()) + 600, "m": use, "r": "data"}
     payload = base64.urlsafe_b64encode(json.dumps(fields).encode()).rstrip(b"=").decode()
     mac = hmac.new(SECRET.encode(), payload.encode(), hashlib.sha256).digest()
-    return f"{gw.url}/_relay/{payload}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
+    return f"{gateway_url}/_relay/{payload}.{base64.urlsafe_b64encode(mac).rstrip(b'=').decode()}"
 
 
 async def put(url: str, body: bytes = b"{}") -> Reply:
@@ -133,7 +133,7 @@ async def test_only_https_on_the_listed_port_becomes_a_relay_link(
         f"http://{listed}/k?X-Amz-Signature=4",  # the listed port, but plain http
     ):
         assert await slot(gw, raw_upstream, direct) == direct
-        assert_error(await put(forged_link(gw, direct)), 403, "relay_denied")
+        assert_error(await put(forged_link(gw.url, direct)), 403, "relay_denied")
     assert canary.accepts == []  # no refused link made a connection
 
 
@@ -237,3 +237,48 @@ async def test_a_link_handed_to_an_anonymous_request_stays_anonymous(
                 async with client.put(link, data=b"{}") as resp:
                     statuses.append(resp.status)
     assert statuses == [200, 429]
+
+
+def assert_no_secret_logged(lines: list[str], *secrets: str) -> None:
+    """Neither a relay token nor a signed URL's signature in any line the gateway wrote."""
+    text = "".join(lines)
+    assert lines
+    for secret in (*secrets, "X-Amz-Signature", "Signature=", "sig="):
+        assert secret not in text, secret
+
+
+async def test_no_path_variant_logs_a_relay_token_or_a_signature(
+    tmp_path: Path, store_tls: ssl.SSLContext, ca_file: Path
+) -> None:
+    """`//_relay/`, `/data-plane/_relay/`, absolute-form `http://gw/_relay/` in forward-proxy mode, and a
+    signed URL asked for through the forward proxy: each logged, none with its token or signature."""
+    async with FakeBraintrust(store_host=STORE, store_tls=store_tls) as fake:
+        store = f"{STORE}:{fake.store_port}"
+        config = {
+            **fake.gateway_config(store),
+            "relay": {"allow_hosts": [store], "secret": SECRET},
+            "upstream": {"ca_bundle": str(ca_file)},
+            "forward_proxy": {"enabled": True, "http_ports": [fake.store_port]},
+        }
+        gw = GatewayProcess(config, tmp_path)
+        try:
+            link = await overflow_link(gw.url, KEY_A)
+            token = link.removeprefix(gw.url + "/_relay/")
+            signed = fake.signed_url("direct")
+            signature = signed.rpartition("=")[2]
+            targets = [
+                f"/_relay/{token}",
+                f"//_relay/{token}",
+                f"/data-plane/_relay/{token}",
+                f"/data-plane/%5Frelay/{token}",
+                f"{gw.url}/_relay/{token}",
+                signed.replace("https://", "http://"),  # the signed URL itself, in forward-proxy form
+            ]
+            for target in targets:
+                reply = await get(gw.port, target, f"Host: 127.0.0.1:{gw.port}\r\n")
+                assert reply.status in (200, 403, 404, 405, 502), (target, reply)
+        finally:
+            gw.stop()
+    paths = [e["path"] for e in gw.events("access")]
+    assert len(paths) == 1 + len(targets), paths  # the slot, then each target
+    assert_no_secret_logged(gw.raw_lines, token, signature)
