@@ -27,6 +27,7 @@ import binascii
 import hashlib
 import hmac
 import json
+import math
 import secrets
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import Any
 
+from multidict import MultiDictProxy
 from yarl import URL
 
 from gateway.errors import Code, GatewayError, Reason
@@ -65,21 +67,27 @@ def _unb64(text: str) -> bytes:
 
 
 def signed_url_expiry(url: URL) -> float | None:
-    """When a presigned S3 / GCS / Azure URL stops working, from its own query, or None if it says not."""
-    query = url.query
+    """When a presigned S3 / GCS / Azure URL stops working, from its own query, or None if it says not
+    (or says something odd: not a number, NaN, infinite, out of range)."""
     try:
-        if "X-Amz-Expires" in query and "X-Amz-Date" in query:
-            start = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-            return start.timestamp() + int(query["X-Amz-Expires"])
-        if "X-Goog-Expires" in query and "X-Goog-Date" in query:
-            start = datetime.strptime(query["X-Goog-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
-            return start.timestamp() + int(query["X-Goog-Expires"])
-        if "se" in query:  # Azure SAS: an ISO 8601 time
-            return datetime.fromisoformat(query["se"].replace("Z", "+00:00")).timestamp()
-        if "Expires" in query:  # S3 signature version 2
-            return float(query["Expires"])
-    except ValueError:
+        expiry = _expiry(url.query)
+    except (ValueError, OverflowError):
         return None
+    return expiry if expiry is not None and math.isfinite(expiry) else None
+
+
+def _expiry(query: MultiDictProxy[str]) -> float | None:
+    """The expiry a presigned query states; raises ValueError or OverflowError on a malformed one."""
+    if "X-Amz-Expires" in query and "X-Amz-Date" in query:
+        start = datetime.strptime(query["X-Amz-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        return start.timestamp() + int(query["X-Amz-Expires"])
+    if "X-Goog-Expires" in query and "X-Goog-Date" in query:
+        start = datetime.strptime(query["X-Goog-Date"], "%Y%m%dT%H%M%SZ").replace(tzinfo=UTC)
+        return start.timestamp() + int(query["X-Goog-Expires"])
+    if "se" in query:  # Azure SAS: an ISO 8601 time
+        return datetime.fromisoformat(query["se"].replace("Z", "+00:00")).timestamp()
+    if "Expires" in query:  # S3 signature version 2
+        return float(query["Expires"])
     return None
 
 

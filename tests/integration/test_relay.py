@@ -1,6 +1,7 @@
 """The signed-URL relay's promises, through the real gateway: links only where meant (https, the listed port,
 one IDNA form), nothing of the client's but the transfer reaches the object store, and a transfer counts
-in the bucket of the token its link was handed to, and no log line holds a link or a signed URL.
+in the bucket of the token its link was handed to, no log line holds a link or a signed URL, and a hostile
+control document passes as it came.
 
 The data plane is a scripted upstream whose `/logs3/overflow` answer carries the signed URL under test; the
 object store is a TLS upstream that records what reaches it.
@@ -282,3 +283,33 @@ async def test_no_path_variant_logs_a_relay_token_or_a_signature(
     paths = [e["path"] for e in gw.events("access")]
     assert len(paths) == 1 + len(targets), paths  # the slot, then each target
     assert_no_secret_logged(gw.raw_lines, token, signature)
+
+
+DEEP = b"[" * 5000 + b"]" * 5000  # past the parser's recursion limit
+PAST_32 = b'{"a": ' * 40 + b'{"signedUrl": "https://store.test/k?X-Amz-Signature=1"}' + b"}" * 40
+
+
+async def test_hostile_control_documents_reach_the_client_and_are_audited(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream, tmp_path: Path
+) -> None:
+    """A body nested past any bound, or a signed URL whose expiry is NaN: the upstream's answer, not 500."""
+    sink = tmp_path / "audit.jsonl"
+    gw = await start_gateway(
+        **data_plane(raw_upstream),
+        allowlist=[raw_upstream.url.split("://")[1], "store.test"],
+        relay={"allow_hosts": ["store.test"], "secret": SECRET},
+        audit={"enabled": True, "sink": str(sink)},
+    )
+    head = "HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n"
+    bodies = []
+    async with aiohttp.ClientSession() as client:
+        for body in (DEEP, PAST_32):
+            raw_upstream.replies["/logs3/overflow"] = head.format(len(body)).encode() + body
+            async with client.get(f"{gw.url}/logs3/overflow") as resp:
+                bodies.append((resp.status, await resp.read()))
+    assert bodies == [(200, DEEP), (200, PAST_32)]  # as they came: nothing in them is read
+    for expires in ("nan", "inf", "-inf", "1e999", "x"):
+        link = await slot(gw, raw_upstream, f"https://store.test/k?Expires={expires}&Signature=s")
+        assert link.startswith(gw.url + "/_relay/"), expires  # relayed, for relay.max_ttl_s
+    audited = [json.loads(line) for line in sink.read_text().splitlines()]
+    assert [(e["method"], e["status"]) for e in audited] == [("GET", 200)] * 7

@@ -75,6 +75,10 @@ def test_a_link_expires_with_its_signed_url() -> None:
         (f"https://b.s3.amazonaws.com/k?Expires={int(NOW) + 30}&Signature=x", NOW + 30),
         ("https://b.example/k?X-Amz-Date=garbage&X-Amz-Expires=1", None),
         ("https://b.example/k", None),
+        ("https://b.example/k?Expires=nan&Signature=x", None),  # odd values are no expiry at all
+        ("https://b.example/k?Expires=inf&Signature=x", None),
+        ("https://b.example/k?Expires=-1e999&Signature=x", None),
+        ("https://b.example/k?X-Amz-Date=20261204T120000Z&X-Amz-Expires=" + "9" * 400, None),
     ],
 )
 def test_expiry_from_each_store(url: str, expiry: float | None) -> None:
