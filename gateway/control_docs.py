@@ -17,7 +17,10 @@ from gateway.bypass import DATA_PLANE_NOT_ROUTED, RELAY_HOST_NOT_ALLOWED, Bypass
 from gateway.relay import URL_KEYS, Relay, signed_urls
 
 DATA_PLANE_KEYS = ("api_url", "proxy_url")  # where a login response names the data plane
-RELAY_HINT = "list it in relay.allow_hosts and the allowlist, so the SDK's transfer goes through the gateway"
+RELAY_HINT = (
+    "list it in relay.allow_hosts (https only; with its port unless 443) and the allowlist, "
+    "so the SDK's transfer goes through the gateway"
+)
 
 
 def inspect(

@@ -43,7 +43,7 @@ def loggable_target(target: str) -> str:
     """A request target, path or URL as a log may show it: without query or fragment (where signatures and
     keys ride), a relay token only as its fingerprint, bounded."""
     path = target.partition("?")[0].partition("#")[0]
-    mark = _RELAY_MARK.search(path)
+    mark = _RELAY_MARK.search(path) if "relay" in path.lower() else None  # most paths: no regex
     if mark is not None:
         path = path[: mark.end()] + token_digest(path[mark.end() :])[:FINGERPRINT_HEX]
     return path[:MAX_TARGET]
