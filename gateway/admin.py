@@ -12,7 +12,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway.exchange import request_id
-from gateway.logs import get_logger
+from gateway.logs import get_logger, loggable_target
 from gateway.metrics import CONTENT_TYPE
 from gateway.policy.admin_access import AdminAccess
 from gateway.reload import ReloadResult
@@ -62,7 +62,7 @@ def admin_app(
             "admin_refused",
             code=str(refusal.code),
             method=request.method,
-            path=request.path,
+            path=loggable_target(request.raw_path),
             client_ip=request.remote or "",
             request_id=rid,
         )

@@ -4,7 +4,8 @@ Braintrust's API answers a request carrying `x-bt-enable-audit: true` with
     x-bt-audit-user-id, x-bt-audit-user-email, x-bt-audit-normalized-url (e.g. /v1/project/[id]),
     x-bt-audit-resources = JSON {"v": 1, "p": base64(gzip(JSON list of {type, id, name}))}
 (what `braintrust.parse_audit_resources` decodes). A malformed header is recorded as an
-`audit_decode_error` in the event; the request itself is never harmed. Decoding is bounded in size.
+`audit_decode_error` in the event; the request itself is never harmed. Decoding is bounded in size and
+in depth (gateway/untrusted_json.py).
 """
 
 from __future__ import annotations
@@ -20,8 +21,10 @@ from typing import IO, Any, Literal
 
 from multidict import CIMultiDict
 
+from gateway import untrusted_json
 from gateway.exchange import Exchange
 from gateway.policy.credentials import FINGERPRINT_HEX
+from gateway.untrusted_json import JsonTooDeep
 
 ENABLE = "x-bt-enable-audit"
 PREFIX = "x-bt-audit-"
@@ -41,7 +44,9 @@ def decode_resources(value: str) -> list[Any]:
     if len(value) > MAX_ENCODED:
         raise AuditDecodeError(f"header is over {MAX_ENCODED} bytes")
     try:
-        envelope = json.loads(value)
+        envelope = untrusted_json.loads(value)
+    except JsonTooDeep as exc:
+        raise AuditDecodeError(f"header is {exc}") from None
     except ValueError:
         raise AuditDecodeError("header is not JSON") from None
     if not isinstance(envelope, dict) or envelope.get("v") != 1 or not isinstance(envelope.get("p"), str):
@@ -58,7 +63,9 @@ def decode_resources(value: str) -> list[Any]:
     if inflater.unconsumed_tail:
         raise AuditDecodeError(f"payload inflates past {MAX_DECODED} bytes")
     try:
-        resources = json.loads(raw)
+        resources = untrusted_json.loads(raw)
+    except JsonTooDeep as exc:
+        raise AuditDecodeError(f"payload is {exc}") from None
     except ValueError:
         raise AuditDecodeError("payload is not a JSON list") from None
     if not isinstance(resources, list):

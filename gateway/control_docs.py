@@ -17,16 +17,21 @@ from gateway.bypass import DATA_PLANE_NOT_ROUTED, RELAY_HOST_NOT_ALLOWED, Bypass
 from gateway.relay import URL_KEYS, Relay, signed_urls
 
 DATA_PLANE_KEYS = ("api_url", "proxy_url")  # where a login response names the data plane
-RELAY_HINT = "list it in relay.allow_hosts and the allowlist, so the SDK's transfer goes through the gateway"
+RELAY_HINT = (
+    "list it in relay.allow_hosts (https only; with its port unless 443) and the allowlist, "
+    "so the SDK's transfer goes through the gateway"
+)
 
 
-def inspect(doc: Any, gateway_url: str, relay: Relay | None, route: str) -> tuple[bool, list[Bypass]]:
-    """Put relay links into `doc` (in place); return whether it changed, and the ways around left in it
-    (each event and host once per document)."""
+def inspect(
+    doc: Any, gateway_url: str, relay: Relay | None, route: str, *, token_digest: str | None
+) -> tuple[bool, list[Bypass]]:
+    """Put relay links into `doc` (in place), for the caller whose token has `token_digest`; return whether
+    it changed, and the ways around left in it (each event and host once per document)."""
     changed, found = False, []
     for node, key in signed_urls(doc):
         url = node[key]
-        link = relay.link(url, URL_KEYS[key], route, gateway_url) if relay is not None else None
+        link = relay.link(url, URL_KEYS[key], route, gateway_url, token_digest) if relay is not None else None
         if link is not None:
             node[key], changed = link, True
         elif host := _host(url):

@@ -15,10 +15,9 @@ from yarl import URL
 
 from gateway.bypass import Bypass
 from gateway.errors import Code, GatewayError, Reason
-from gateway.policy.credentials import FINGERPRINT_HEX, token_digest
+from gateway.logs import loggable_target
 from gateway.policy.forward_proxy import ConnectTarget
 from gateway.policy.routes import RouteTarget
-from gateway.relay import PREFIX as RELAY_PREFIX
 
 FORWARD_PROXY_ROUTE = "forward_proxy"  # absolute-form requests to no route's upstream
 TUNNEL_ROUTE = "tunnel"  # CONNECT tunnels (metrics, and the tunnel limiter's bucket)
@@ -85,14 +84,8 @@ class Exchange:
 
     @property
     def path(self) -> str:
-        """The target without its query (which may carry secrets), bounded for the log.
-
-        A relay link's token carries a signed URL, a credential: the log shows its fingerprint only.
-        """
-        path = self.raw_target.partition("?")[0]
-        if path.startswith(RELAY_PREFIX):
-            return RELAY_PREFIX + token_digest(path)[:FINGERPRINT_HEX]
-        return path[:2048]
+        """The target as the log shows it (`logs.loggable_target`): no query, no relay token."""
+        return loggable_target(self.raw_target)
 
     @property
     def metric_route(self) -> str:

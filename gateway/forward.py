@@ -22,7 +22,7 @@ from gateway.aiohttp_internals import RelayedResponse, defer_head
 from gateway.audit import Audit
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.exchange import CLIENT_GONE, Exchange
-from gateway.headers import downstream_response_headers, upstream_request_headers
+from gateway.headers import downstream_response_headers, relay_request_headers, upstream_request_headers
 from gateway.http_client import HttpClient, UpstreamResponse
 from gateway.logs import get_logger
 from gateway.policy.urlrewrite import REWRITE_HEADERS, RewriteAbandoned
@@ -140,14 +140,19 @@ class Forwarder:
         self, request: web.BaseRequest, exchange: Exchange, host_header: str, host: str
     ) -> Upstream:
         assert exchange.target is not None
-        headers = upstream_request_headers(
-            request.headers,
-            host_header=host_header,
-            client_ip=exchange.client_ip,
-            client_host=request.headers.get("Host"),
-            scheme=request.scheme,
-            request_id=exchange.request_id,
-        )
+        if exchange.relay:  # to an object store: the transfer, nothing of the client's
+            headers = relay_request_headers(
+                request.headers, host_header=host_header, request_id=exchange.request_id
+            )
+        else:
+            headers = upstream_request_headers(
+                request.headers,
+                host_header=host_header,
+                client_ip=exchange.client_ip,
+                client_host=request.headers.get("Host"),
+                scheme=request.scheme,
+                request_id=exchange.request_id,
+            )
         if self.audit is not None and not exchange.relay:
             for name, value in self.audit.upstream_headers():
                 headers[name] = value

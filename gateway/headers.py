@@ -2,6 +2,10 @@
 
 RFC 9110 7.6.1: Connection and every header it names apply to one hop only and must not be forwarded.
 Field names are case-insensitive, so every comparison is on the lowercased name.
+
+A relay transfer (gateway/relay.py) goes to an object store, not to Braintrust: it carries only what
+describes the transfer (`TRANSFER`, and the stores' own `x-amz-`/`x-goog-`/`x-ms-` fields), never the
+client's credentials (Authorization, Cookie), nor who or where the client is (X-Forwarded-*, Forwarded).
 """
 
 from __future__ import annotations
@@ -25,6 +29,29 @@ VIA = "1.1 bt-gateway"
 _APPENDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"))  # folded, last
 _REQUEST_DROP = HOP_BY_HOP | _APPENDED | {"host", "expect", "x-request-id"}
 _RESPONSE_DROP = HOP_BY_HOP | {"via", "x-request-id"}  # our request id replaces the upstream's
+
+# What a signed upload or download needs: the body's description, ranges and preconditions.
+TRANSFER = frozenset(
+    (
+        "content-type",
+        "content-length",
+        "content-md5",
+        "content-encoding",
+        "content-disposition",
+        "content-language",
+        "cache-control",
+        "expires",
+        "accept",
+        "accept-encoding",
+        "range",
+        "if-match",
+        "if-none-match",
+        "if-modified-since",
+        "if-unmodified-since",
+        "if-range",
+    )
+)
+STORE_PREFIXES = ("x-amz-", "x-goog-", "x-ms-")  # S3, GCS, Azure: headers a signature may cover
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 Fields = list[tuple[str, str]]
@@ -68,6 +95,20 @@ def upstream_request_headers(
     else:
         fields += (("X-Forwarded-Host", value) for value in _carried(headers, named, "X-Forwarded-Host"))
     fields += (_appended(headers, named, "Via", VIA), ("X-Request-Id", request_id))
+    return CIMultiDict(fields)
+
+
+def relay_request_headers(
+    headers: CIMultiDictProxy[str], *, host_header: str, request_id: str
+) -> CIMultiDict[str]:
+    """Headers to send an object store: the transfer's own fields, its Host, Via and our request id."""
+    named = _connection_named(headers)
+    fields = [
+        (name, value)
+        for name, value in headers.items()
+        if ((lower := name.lower()) in TRANSFER or lower.startswith(STORE_PREFIXES)) and lower not in named
+    ]
+    fields += (("Host", host_header), ("Via", VIA), ("X-Request-Id", request_id))
     return CIMultiDict(fields)
 
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Iterator
 
-from gateway import control_docs
+from gateway import control_docs, untrusted_json
 from gateway.config.model import DEFAULT_BODY_PATHS
 from gateway.exchange import Exchange
 from gateway.policy.codec import Codec, open_codec, parse_content_encoding
@@ -88,12 +88,14 @@ class JsonBodyRewriter:
         self._decoded += codec.decode_end()
         text = self._rules.rewrite_all(bytes(self._decoded))
         try:
-            doc = json.loads(text)
-        except ValueError:
+            doc = untrusted_json.loads(text)
+        except ValueError:  # not JSON, or nested past its bound: passed on as it came
             doc = None
         if doc is not None:
             exchange = self._exchange
-            changed, found = control_docs.inspect(doc, self._gateway_url, self._relay, exchange.route or "")
+            changed, found = control_docs.inspect(
+                doc, self._gateway_url, self._relay, exchange.route or "", token_digest=exchange.token_digest
+            )
             for bypass in found:
                 exchange.bypassed(bypass)
             if changed:

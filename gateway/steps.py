@@ -229,7 +229,8 @@ class Router:
         return self._found.get(route.name) or Decision(FORWARD_PROXY_ROUTE)
 
     def _relayed(self, exchange: Exchange, token: str) -> Decision:
-        """`/_relay/<token>`: the signed URL the token carries, in the bucket of the route that issued it."""
+        """`/_relay/<token>`: the signed URL the token carries, in the bucket of the route that issued it and
+        of the token it was handed to (whatever credential this request carries, or lacks)."""
         grant = self._relay.open(token, exchange.method) if self._relay is not None else RELAY_DENIED
         if isinstance(grant, GatewayError):
             return Decision("relay_denied", grant)
@@ -237,6 +238,7 @@ class Router:
         assert url.raw_host is not None and url.port is not None
         route = RouteTarget(grant.route, "/", url.scheme, url.raw_host, url.port, "")
         exchange.route, exchange.upstream_host, exchange.relay = grant.route, url.raw_host, True
+        exchange.token_digest = grant.token_digest
         exchange.target = Target(route, url)
         return Decision("relay")
 

@@ -21,6 +21,7 @@ from aiohttp.resolver import DefaultResolver
 from gateway.aiohttp_internals import CheckedConnector
 from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
+from gateway.logs import loggable_text
 from gateway.policy.allowlist import Allowlist
 
 
@@ -138,7 +139,9 @@ def client_error(exc: BaseException, upstream: str) -> GatewayError:
     """The one table from aiohttp/OS exceptions to gateway errors.
 
     The client's message names only `upstream` (the host it asked for); the cause and the exception text,
-    which may hold a resolved address, go to the log through `reason` and `context`.
+    which may hold a resolved address, go to the log through `reason` and `context`. The text may quote
+    the request's URL (aiohttp's response and proxy errors do), a signed one on a relay transfer: it is
+    `loggable_text`.
     """
     if isinstance(exc, GatewayFailure):
         return exc.error
@@ -149,7 +152,7 @@ def client_error(exc: BaseException, upstream: str) -> GatewayError:
         code,
         f"{text}: {upstream}",
         reason=reason,
-        context=(("upstream", upstream), ("cause", f"{type(exc).__name__}: {exc}"[:500])),
+        context=(("upstream", upstream), ("cause", loggable_text(f"{type(exc).__name__}: {exc}")[:500])),
     )
 
 

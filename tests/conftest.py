@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ class Upstream:
 
 
 NAME = "api.braintrust.test"  # the named TLS upstream's host name; only `resolve` maps can find it
+STORE = "127.0.0.3"  # an object store listens on an address of its own
 
 
 @dataclass
@@ -112,6 +114,19 @@ async def host_upstream(canary: Canary) -> AsyncIterator[Upstream]:
     await runner.cleanup()
 
 
+def server_tls(test_ca: trustme.CA, *names: str) -> ssl.SSLContext:
+    """A server's TLS context with a certificate from the test CA for `names` (host names or addresses)."""
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    test_ca.issue_cert(*names).configure_cert(context)
+    return context
+
+
+@pytest.fixture
+def store_tls(test_ca: trustme.CA) -> ssl.SSLContext:
+    """The fake object store's https (the relay relays https only); the gateway needs `ca_file` for it."""
+    return server_tls(test_ca, STORE)
+
+
 @pytest.fixture
 async def tls_upstream(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[Upstream]:
     recorder = Recorder()
@@ -123,13 +138,14 @@ async def tls_upstream(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[Ups
 
 
 @contextlib.asynccontextmanager
-async def serve_named_tls(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[NamedUpstream]:
+async def serve_named_tls(
+    test_ca: trustme.CA, canary: Canary, name: str = NAME
+) -> AsyncIterator[NamedUpstream]:
     recorder = Recorder()
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    test_ca.issue_cert(NAME).configure_cert(context)
+    context = server_tls(test_ca, name)
     runner, port = await _serve(make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"), context)
     try:
-        yield NamedUpstream(port=port, url=f"https://{NAME}:{port}", recorder=recorder)
+        yield NamedUpstream(port=port, url=f"https://{name}:{port}", recorder=recorder)
     finally:
         await runner.cleanup()
 
@@ -240,8 +256,17 @@ class RawUpstream:
     connections: list[int]  # one entry per accepted connection: its number, from 1
 
 
-@pytest.fixture
-async def raw_upstream() -> AsyncIterator[RawUpstream]:
+def json_reply(doc: Any, headers: str = "") -> bytes:
+    """A raw 200 answer carrying `doc` as JSON; `headers`: more header lines, each ending in CRLF."""
+    body = json.dumps(doc, ensure_ascii=False).encode()
+    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n"
+    return (head + headers + "\r\n").encode() + body
+
+
+@contextlib.asynccontextmanager
+async def serve_raw(tls: ssl.SSLContext | None = None, host: str = "127.0.0.1") -> AsyncIterator[RawUpstream]:
+    """An upstream answering each request with the bytes (or the script) a test set for its path (https
+    with `tls`, its URL then named `host`, which a `resolve` map must find)."""
     replies: dict[str, bytes | Script] = {}
     seen: list[str] = []
     connections: list[int] = []
@@ -260,10 +285,26 @@ async def raw_upstream() -> AsyncIterator[RawUpstream]:
                     break
         writer.close()
 
-    server = await asyncio.start_server(on_connect, "127.0.0.1", 0)
+    server = await asyncio.start_server(on_connect, "127.0.0.1", 0, ssl=tls)
     port = server.sockets[0].getsockname()[1]
-    yield RawUpstream(
-        url=f"http://127.0.0.1:{port}", port=port, replies=replies, seen=seen, connections=connections
-    )
-    server.close()
-    await server.wait_closed()
+    scheme = "https" if tls is not None else "http"
+    try:
+        yield RawUpstream(
+            url=f"{scheme}://{host}:{port}", port=port, replies=replies, seen=seen, connections=connections
+        )
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+@pytest.fixture
+async def raw_upstream() -> AsyncIterator[RawUpstream]:
+    async with serve_raw() as upstream:
+        yield upstream
+
+
+@pytest.fixture
+async def raw_tls_upstream(test_ca: trustme.CA) -> AsyncIterator[RawUpstream]:
+    """`raw_upstream` over https as `NAME` (certificate from the test CA)."""
+    async with serve_raw(server_tls(test_ca, NAME), NAME) as upstream:
+        yield upstream

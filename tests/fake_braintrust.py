@@ -259,6 +259,7 @@ class FakeBraintrust:
         logs3_payload_max_bytes: int = 64 * 1024 * 1024,
         store_host: str | None = None,
         upload_method: Literal["PUT", "POST"] = "PUT",
+        store_tls: ssl.SSLContext | None = None,
     ) -> None:
         """`api_key`: if set, any request without `Authorization: Bearer <api_key>` gets 401.
 
@@ -268,6 +269,7 @@ class FakeBraintrust:
         over it goes to `/logs3/overflow`, whose signed URLs point at an object store listening on
         `store_host` (started only when it is given), as S3 would: with `upload_method` PUT, a PUT whose
         query is signed; with POST, a multipart form whose fields carry a signed policy (S3's POST).
+        `store_tls`: the object store speaks https with it (the relay relays https only).
         """
         self.api_key = api_key
         self.org_name = org_name
@@ -286,6 +288,7 @@ class FakeBraintrust:
         self.logs3_payload_max_bytes = logs3_payload_max_bytes
         self.store_host = store_host
         self.store_port = 0
+        self.store_tls = store_tls
         self.upload_method = upload_method
         self.uploads: dict[str, bytes] = {}  # object key -> what the object store holds
         self._signing_key = uuid.uuid4().bytes
@@ -313,7 +316,7 @@ class FakeBraintrust:
 
     async def start(self) -> None:
         if self.store_host is not None:
-            self.store_port = await self._serve(self._object_store_app(), self.store_host)
+            self.store_port = await self._serve(self._object_store_app(), self.store_host, self.store_tls)
         self.data_port = await self._serve(self._data_app())
         self.control_port = await self._serve(self._control_app())
 
@@ -331,11 +334,13 @@ class FakeBraintrust:
     ) -> None:
         await self.stop()
 
-    async def _serve(self, app: web.Application, host: str | None = None) -> int:
+    async def _serve(
+        self, app: web.Application, host: str | None = None, tls: ssl.SSLContext | None = None
+    ) -> int:
         runner = web.AppRunner(app, access_log=None, shutdown_timeout=0.5, handler_cancellation=True)
         await runner.setup()
         self._runners.append(runner)
-        ssl_context = self.ssl_context if host is None else None
+        ssl_context = self.ssl_context if host is None else tls
         site = web.TCPSite(runner, host or self.host, 0, ssl_context=ssl_context)
         await site.start()
         port: int = runner.addresses[0][1]
@@ -404,18 +409,22 @@ class FakeBraintrust:
 
     # ---------------------------------------------------------------- object store
 
+    @property
+    def store_url(self) -> str:
+        return f"{'https' if self.store_tls is not None else 'http'}://{self.store_host}:{self.store_port}"
+
     def signed_url(self, key: str) -> str:
         """A presigned PUT URL for `key`: the store checks the signature over method, path and query."""
         query = f"X-Amz-Date={time.strftime('%Y%m%dT%H%M%SZ', time.gmtime())}&X-Amz-Expires=900"
         path = f"/bucket/{key}"
         signature = self._sign(path, query)
-        return f"http://{self.store_host}:{self.store_port}{path}?{query}&X-Amz-Signature={signature}"
+        return f"{self.store_url}{path}?{query}&X-Amz-Signature={signature}"
 
     def signed_form(self, key: str) -> Json:
         """A presigned POST for `key`: the bucket's URL and form fields whose policy names the key."""
         policy = base64.b64encode(json.dumps({"key": key, "expires_in": 900}).encode()).decode()
         fields = {"key": key, "policy": policy, "x-amz-signature": self._sign("/bucket", policy, "POST")}
-        return {"signedUrl": f"http://{self.store_host}:{self.store_port}/bucket", "fields": fields}
+        return {"signedUrl": f"{self.store_url}/bucket", "fields": fields}
 
     def _sign(self, path: str, query: str, method: str = "PUT") -> str:
         return hmac.new(self._signing_key, f"{method}\n{path}\n{query}".encode(), hashlib.sha256).hexdigest()

@@ -96,6 +96,10 @@ BAD_AUDIT = {
     "/audit/not-base64": '{"v": 1, "p": "%%%"}',
     "/audit/not-gzip": _envelope(b"plain"),
     "/audit/bomb": _envelope(gzip.compress(b"[" + b" " * 2**21 + b"]")),  # inflates past 1 MiB
+    "/audit/deep-header": "[" * 3000 + "]" * 3000,  # past the parser's recursion limit
+    "/audit/deep-payload": _envelope(gzip.compress(b"[" * 100_000 + b"]" * 100_000)),
+    "/audit/nested-past-32": _envelope(gzip.compress(b"[" * 33 + b"]" * 33)),
+    "/audit/nan": _envelope(gzip.compress(b'[{"type": "project", "id": NaN}]')),
 }
 
 

@@ -317,7 +317,9 @@ class AuditSettings(Section):
 class Relay(Section):
     """The signed-URL relay for object-store uploads and downloads (see gateway/relay.py)."""
 
-    allow_hosts: tuple[AllowEntryText, ...] = ()  # object-store hosts to relay; list them in allowlist too
+    # Object-store hosts to relay (list them in allowlist too): https only; an entry without a port is
+    # port 443, one with a port that port.
+    allow_hosts: tuple[AllowEntryText, ...] = ()
     secret: str | None = None  # HMAC key for relay links (env BT_GATEWAY_RELAY_SECRET); random per process
     max_ttl_s: Seconds = 3600  # a relay link lives as long as its signed URL, and never longer than this
 

@@ -4,7 +4,6 @@ what to configure; the one it refuses (a tunnel to a rate-limited host) says so 
 from __future__ import annotations
 
 import asyncio
-import json
 from typing import Any
 
 import aiohttp
@@ -12,7 +11,15 @@ import pytest
 import requests
 
 from tests.clients import curl, scrape, value
-from tests.conftest import NAME, GatewayFactory, Logs, NamedUpstream, RawUpstream, RunningGateway
+from tests.conftest import (
+    NAME,
+    GatewayFactory,
+    Logs,
+    NamedUpstream,
+    RawUpstream,
+    RunningGateway,
+    json_reply,
+)
 from tests.fake_braintrust import FakeBraintrust
 from tests.gateway_process import GatewayProcess
 from tests.integration.test_quotas import limited_tls_config
@@ -141,12 +148,6 @@ async def test_signed_urls_that_leave_unrelayed_are_said_with_or_without_a_relay
     assert [w["host"] for w in warnings] == [STORE, STORE]  # once per host in each gateway process
     assert await bypasses(plain.admin_url, "relay_host_not_allowed") == 2
     assert await bypasses(other.admin_url, "relay_host_not_allowed") == 1
-
-
-def json_reply(doc: dict[str, Any]) -> bytes:
-    body = json.dumps(doc).encode()
-    head = f"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
-    return head.encode() + body
 
 
 async def test_signed_urls_on_an_advertised_routes_own_body_paths_are_relayed_or_said(

@@ -7,19 +7,20 @@ route's limit is shaped (delayed) instead of refused, and a row's text comes bac
 from __future__ import annotations
 
 import json
+import ssl
+from pathlib import Path
 from typing import Any
 
 import aiohttp
 import pytest
 
-from tests.conftest import GatewayFactory, Logs, RunningGateway
+from tests.conftest import STORE, GatewayFactory, Logs, RunningGateway
 from tests.fake_braintrust import FakeBraintrust
 from tests.sdk_flow import run_flow
 
 pytestmark = pytest.mark.sdk
 
 API_KEY = "sk-sdk-data-test-key-0123456789"
-STORE = "127.0.0.3"  # the object store listens on an address of its own
 SECRET = "relay-secret-for-tests-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {API_KEY}"}
 
@@ -38,15 +39,25 @@ def assert_all_through_the_gateway(fake: FakeBraintrust) -> None:
 
 @pytest.mark.parametrize("method", ["PUT", "POST"])  # S3's presigned PUT URL, or its POST form
 async def test_a_batch_over_the_limit_reaches_the_store_through_the_relay(
-    start_gateway: GatewayFactory, sdk_env: None, logs: Logs, method: str
+    start_gateway: GatewayFactory,
+    sdk_env: None,
+    logs: Logs,
+    method: str,
+    store_tls: ssl.SSLContext,
+    ca_file: Path,
 ) -> None:
     async with FakeBraintrust(
-        api_key=API_KEY, logs3_payload_max_bytes=64 * 1024, store_host=STORE, upload_method=method
+        api_key=API_KEY,
+        logs3_payload_max_bytes=64 * 1024,
+        store_host=STORE,
+        upload_method=method,
+        store_tls=store_tls,
     ) as fake:
         store = f"{STORE}:{fake.store_port}"
         gw = await start_gateway(
             **fake.gateway_config(store, rate_limit="off"),
             relay={"allow_hosts": [store], "secret": SECRET},
+            upstream={"ca_bundle": str(ca_file)},
         )
         out = await sdk("large_batch", gw)
         experiment = fake.store.experiment_named("big")
@@ -89,12 +100,14 @@ async def relay_link(gw: RunningGateway) -> str:
 
 
 async def test_a_forged_or_altered_relay_link_is_denied_without_a_connection(
-    start_gateway: GatewayFactory,
+    start_gateway: GatewayFactory, store_tls: ssl.SSLContext, ca_file: Path
 ) -> None:
-    async with FakeBraintrust(api_key=API_KEY, store_host=STORE) as fake:
+    async with FakeBraintrust(api_key=API_KEY, store_host=STORE, store_tls=store_tls) as fake:
         store = f"{STORE}:{fake.store_port}"
         gw = await start_gateway(
-            **fake.gateway_config(store), relay={"allow_hosts": [store], "secret": SECRET}
+            **fake.gateway_config(store),
+            relay={"allow_hosts": [store], "secret": SECRET},
+            upstream={"ca_bundle": str(ca_file)},
         )
         link = await relay_link(gw)
         payload, _, mac = link.removeprefix(gw.url + "/_relay/").partition(".")
@@ -116,9 +129,11 @@ async def test_a_forged_or_altered_relay_link_is_denied_without_a_connection(
     assert [(r.method, r.status) for r in fake.objects.requests] == [("PUT", 200)]
 
 
-async def test_a_relay_link_obeys_the_allow_list(start_gateway: GatewayFactory) -> None:
+async def test_a_relay_link_obeys_the_allow_list(
+    start_gateway: GatewayFactory, store_tls: ssl.SSLContext
+) -> None:
     """Listing a store in relay.allow_hosts alone does not open it: the allow-list has the last word."""
-    async with FakeBraintrust(api_key=API_KEY, store_host=STORE) as fake:
+    async with FakeBraintrust(api_key=API_KEY, store_host=STORE, store_tls=store_tls) as fake:
         store = f"{STORE}:{fake.store_port}"
         gw = await start_gateway(**fake.gateway_config(), relay={"allow_hosts": [store], "secret": SECRET})
         link = await relay_link(gw)
@@ -170,13 +185,16 @@ async def test_user_data_comes_back_byte_identical_while_the_login_is_rewritten(
     assert org["api_url"] == org["proxy_url"] == gw.url + "/data-plane"  # the login is still rewritten
 
 
-async def test_relay_transfers_count_in_the_issuing_routes_limit(start_gateway: GatewayFactory) -> None:
-    """A relay link is limited like its route: the store's client sends no token, so per address."""
-    async with FakeBraintrust(api_key=API_KEY, store_host=STORE) as fake:
+async def test_relay_transfers_count_in_the_issuing_routes_limit(
+    start_gateway: GatewayFactory, store_tls: ssl.SSLContext, ca_file: Path
+) -> None:
+    """A relay link is limited like its route, in the bucket of the token it was handed to."""
+    async with FakeBraintrust(api_key=API_KEY, store_host=STORE, store_tls=store_tls) as fake:
         store = f"{STORE}:{fake.store_port}"
         gw = await start_gateway(
             **fake.gateway_config(store, rate_limit={"max_requests": 2}),
             relay={"allow_hosts": [store], "secret": SECRET},
+            upstream={"ca_bundle": str(ca_file)},
         )
         link = await relay_link(gw)
         async with aiohttp.ClientSession() as client:
@@ -184,5 +202,5 @@ async def test_relay_transfers_count_in_the_issuing_routes_limit(start_gateway: 
             for _ in range(3):
                 async with client.put(link, data=b"{}") as resp:
                     statuses.append(resp.status)
-    assert statuses == [200, 200, 429]
-    assert len(fake.objects.requests) == 2
+    assert statuses == [200, 429, 429]  # the link's request took one of the key's 2
+    assert len(fake.objects.requests) == 1

@@ -17,7 +17,9 @@ from pathlib import Path
 import pytest
 
 from tests.clients import assert_error, curl, raw_connect
-from tests.conftest import NAME, Canary, GatewayFactory, Logs, NamedUpstream
+from tests.conftest import NAME, Canary, GatewayFactory, Logs, NamedUpstream, RawUpstream
+from tests.gateway_process import GatewayProcess
+from tests.integration.test_relay import SECRET, assert_no_secret_logged, forged_link, put
 
 
 @dataclass
@@ -115,3 +117,29 @@ async def test_a_refusal_by_the_corporate_proxy_is_502_with_its_reason(
     assert event["reason"] == "proxy_refused"
     assert event["cause"] == f"127.0.0.1:{corporate_proxy.port}: HTTP/1.1 403 Refused"
     assert gw.gateway.tunnels.opened == 0
+
+
+async def test_a_failed_relay_transfer_logs_no_signed_url(
+    corporate_proxy: CorporateProxy, raw_tls_upstream: RawUpstream, tmp_path: Path, ca_file: Path
+) -> None:
+    """aiohttp's response errors quote the request's URL: the `cause` logged shows it without its query."""
+    store = f"{NAME}:{raw_tls_upstream.port}"
+    raw_tls_upstream.replies["/k?X-Amz-Signature=c0ffee5ea1"] = b"HTTP/1.1 200 OK\r\nBad Header\r\n\r\n"
+    config = {
+        "allowlist": [store],
+        "routes": [{"name": "data", "prefix": "/", "upstream": raw_tls_upstream.url, "advertise": True}],
+        "relay": {"allow_hosts": [store], "secret": SECRET},
+        "upstream": {"proxy": corporate_proxy.url, "ca_bundle": str(ca_file)},
+    }
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        link = forged_link(gw.url, f"https://{store}/k?X-Amz-Signature=c0ffee5ea1")
+        assert_error(await put(link), 502, "upstream_bad_response")
+    finally:
+        gw.stop()
+    [seen] = corporate_proxy.seen
+    assert (seen["method"], seen["target"]) == ("CONNECT", store)
+    [event] = gw.events("access")
+    assert event["reason"] == "bad_response"
+    assert event["cause"].endswith(f"url='https://{store}/k'"), event["cause"]  # the URL, not its query
+    assert_no_secret_logged(gw.raw_lines, link.rpartition("/")[2], "c0ffee5ea1")

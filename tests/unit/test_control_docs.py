@@ -24,7 +24,7 @@ def upload_slots() -> dict[str, Any]:
 
 def test_signed_urls_become_links_only_for_allowed_hosts_and_the_rest_are_named() -> None:
     doc = upload_slots()
-    changed, found = inspect(doc, GATEWAY, relay(), "data")
+    changed, found = inspect(doc, GATEWAY, relay(), "data", token_digest=None)
     assert changed
     assert doc["signedUrl"].startswith(GATEWAY + "/_relay/")
     assert isinstance(relay().open(token_of(doc["nested"][0]["downloadUrl"]), "GET"), RelayGrant)
@@ -35,7 +35,7 @@ def test_signed_urls_become_links_only_for_allowed_hosts_and_the_rest_are_named(
 
 def test_without_a_relay_every_signed_url_is_named_and_none_changes() -> None:
     doc = upload_slots()
-    changed, found = inspect(doc, GATEWAY, None, "data")
+    changed, found = inspect(doc, GATEWAY, None, "data", token_digest=None)
     assert not changed and doc == upload_slots()
     assert sorted(b.host for b in found) == ["bucket.s3.us-east-1.amazonaws.com", "other-bucket.example.com"]
     assert {b.event for b in found} == {RELAY_HOST_NOT_ALLOWED}
@@ -47,7 +47,7 @@ def login(*urls: str | None) -> dict[str, Any]:
 
 def test_a_login_that_sends_the_sdk_to_an_unrouted_data_plane_is_named_with_the_config_to_add() -> None:
     doc = login(f"{GATEWAY}/data-plane", "https://bt-api.corp.example:8443", None)
-    changed, found = inspect(doc, GATEWAY, None, "app")
+    changed, found = inspect(doc, GATEWAY, None, "app", token_digest=None)
     assert not changed
     [bypass] = found  # api_url and proxy_url name the same host: said once
     assert (bypass.event, bypass.host) == (DATA_PLANE_NOT_ROUTED, "bt-api.corp.example")
@@ -59,9 +59,14 @@ def test_a_login_that_sends_the_sdk_to_an_unrouted_data_plane_is_named_with_the_
 
 
 def test_a_routed_login_and_other_documents_name_nothing() -> None:
-    assert inspect(login(f"{GATEWAY}/data-plane", GATEWAY), GATEWAY, None, "app") == (False, [])
+    assert inspect(login(f"{GATEWAY}/data-plane", GATEWAY), GATEWAY, None, "app", token_digest=None) == (
+        False,
+        [],
+    )
     base = GATEWAY + "/gw"  # a gateway behind a path: a longer path is not under it
-    found = inspect(login(base + "ment/data-plane", base + "/data-plane"), base, None, "app")[1]
+    found = inspect(
+        login(base + "ment/data-plane", base + "/data-plane"), base, None, "app", token_digest=None
+    )[1]
     assert [b.host for b in found] == ["gw.corp.example"]
     for doc in ([1, "x"], {"org_info": "x"}, {"org_info": [None, {"api_url": 3}]}, "text", None):
-        assert inspect(doc, GATEWAY, None, "app") == (False, [])
+        assert inspect(doc, GATEWAY, None, "app", token_digest=None) == (False, [])

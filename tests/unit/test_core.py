@@ -16,7 +16,7 @@ import gateway
 from gateway.errors import STATUS, Code
 from gateway.exchange import request_id
 from gateway.headers import downstream_response_headers, upstream_request_headers
-from gateway.logs import redact_secrets, scrub
+from gateway.logs import loggable_target, loggable_text, redact_secrets, scrub
 from gateway.policy.credentials import bearer_token, fingerprint
 from gateway.policy.routes import RouteTable, RouteTarget
 
@@ -195,3 +195,31 @@ def test_every_test_security_md_names_exists() -> None:
     }
     assert len(named) > 40
     assert sorted(named - files - defined) == []
+
+
+TOKEN = "eyJ1Ijoi.c2ln"
+TOKEN_FP = hashlib.sha256(TOKEN.encode()).hexdigest()[:12]
+
+
+@pytest.mark.parametrize(
+    ("target", "logged"),
+    [
+        ("/v1/project?api_key=x", "/v1/project"),
+        (f"/_relay/{TOKEN}?x=1", f"/_relay/{TOKEN_FP}"),
+        (f"//_relay/{TOKEN}", f"//_relay/{TOKEN_FP}"),
+        (f"/data-plane/_relay/{TOKEN}", f"/data-plane/_relay/{TOKEN_FP}"),
+        (f"/data-plane/%5Frelay%2F{TOKEN}", f"/data-plane/%5Frelay%2F{TOKEN_FP}"),
+        (f"http://gw:8080/_RELAY/{TOKEN}", f"http://gw:8080/_RELAY/{TOKEN_FP}"),
+        ("https://b.s3.amazonaws.com/k?X-Amz-Signature=abc#f", "https://b.s3.amazonaws.com/k"),
+    ],
+)
+def test_a_logged_target_has_no_query_and_no_relay_token(target: str, logged: str) -> None:
+    assert loggable_target(target) == logged
+
+
+def test_urls_quoted_in_free_text_lose_their_query() -> None:
+    text = "400, message='Bad', url='https://b.s3.amazonaws.com/k?X-Amz-Signature=abc' via /_relay/" + TOKEN
+    assert (
+        loggable_text(text)
+        == f"400, message='Bad', url='https://b.s3.amazonaws.com/k' via /_relay/{TOKEN_FP}"
+    )
