@@ -272,7 +272,9 @@ class HttpClient:
         try:
             return await _read_head(protocol)
         finally:
-            task.cancel()  # done already, or the upstream answered before taking the whole body
+            if not task.done():  # the upstream answered (or failed) before taking the whole body
+                task.cancel()
+                await asyncio.wait((task,))  # stopped before the body is read again, or not at all
 
     async def _upload(self, protocol: UpstreamProtocol, head: bytes, upload: Upload) -> None:
         """The head with the first body bytes, then the rest, each wait for the upstream bounded."""

@@ -214,7 +214,15 @@ async def uploading(port: int, path: str, size: int) -> AsyncIterator[tuple[asyn
             await task
 
 
-def answers_early(then_close: bool, answered: asyncio.Event) -> Script:
+async def stall(writer: asyncio.StreamWriter, held: list[asyncio.StreamWriter]) -> bool:
+    """Hold the connection open, reading nothing, until the test ends. `held` (the test's) keeps the writer
+    referenced: once its reading is paused nothing else does, and the collector would close (reset) it."""
+    held.append(writer)
+    await asyncio.Event().wait()
+    return False
+
+
+def answers_early(then_close: bool, held: list[asyncio.StreamWriter]) -> Script:
     """Answer 413 on the head alone; then close (after a graceful end of its side), or just stop reading."""
 
     async def script(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> bool:
@@ -222,12 +230,10 @@ def answers_early(then_close: bool, answered: asyncio.Event) -> Script:
             b"HTTP/1.1 413 Content Too Large\r\nConnection: close\r\nContent-Length: 8\r\n\r\ntoo big!"
         )
         await writer.drain()
-        answered.set()
         if then_close:
             writer.write_eof()
             return False
-        await asyncio.Event().wait()  # holds the connection open, reading nothing, until the test ends
-        return False
+        return await stall(writer, held)
 
     return script
 
@@ -239,8 +245,8 @@ UPLOAD = 64 * 2**20  # far more than socket buffers hold: the upload cannot have
 async def test_an_answer_before_the_upload_ends_is_relayed_and_the_upload_stops(
     start_gateway: GatewayFactory, raw_upstream: RawUpstream, logs: Logs, then_close: bool
 ) -> None:
-    answered = asyncio.Event()
-    raw_upstream.replies["/upload"] = answers_early(then_close, answered)
+    held: list[asyncio.StreamWriter] = []
+    raw_upstream.replies["/upload"] = answers_early(then_close, held)
     gw = await start_gateway(**route_to(raw_upstream), limits={"max_body_mb": 1024})  # type: ignore[arg-type]
     async with uploading(gw.gateway.ports["listen"], "/upload", UPLOAD) as (reader, _):
         reply = await read_reply(reader)
@@ -255,9 +261,10 @@ async def test_an_answer_before_the_upload_ends_is_relayed_and_the_upload_stops(
 async def test_an_upstream_that_stops_reading_an_upload_gets_a_write_timeout(
     start_gateway: GatewayFactory, raw_upstream: RawUpstream, logs: Logs
 ) -> None:
+    held: list[asyncio.StreamWriter] = []
+
     async def never_reads(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> bool:
-        await asyncio.Event().wait()
-        return False
+        return await stall(writer, held)
 
     raw_upstream.replies["/upload"] = never_reads
     gw = await start_gateway(
