@@ -353,7 +353,7 @@ async def _serve(
         await watcher.stop()
     gateway.drain()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(hurry.wait(), loaded.config.shutdown_delay_s)
+        await asyncio.wait_for(hurry.wait(), gateway.config.shutdown_delay_s)  # as last reloaded
     await gateway.stop()
     ignore_late_signals()
     return 0

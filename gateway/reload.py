@@ -26,11 +26,16 @@ ConfigSource = Callable[[], LoadedConfig]
 
 @dataclass(frozen=True, slots=True)
 class ReloadResult:
-    """What a reload did: `origin` is the file read (or empty), `problems` the lines that refused it."""
+    """What a reload did: `origin` is the file read (or empty), `problems` the lines that refused it.
+
+    `restart_needed`: a reload that applied, but for these settings (one line each): they keep their
+    value from start-up until the process restarts.
+    """
 
     ok: bool
     origin: str
     problems: tuple[str, ...] = ()
+    restart_needed: tuple[str, ...] = ()
 
 
 class Live(Protocol):
@@ -38,6 +43,11 @@ class Live(Protocol):
 
     @property
     def generation(self) -> Generation | None: ...
+
+    @property
+    def bound(self) -> GatewayConfig:
+        """The config the process started with: what it bound once (listeners, workers) comes from it."""
+        ...
 
     @property
     def stopping(self) -> bool: ...
@@ -67,18 +77,23 @@ class Reloader:
                 loaded = self._source()
             except ConfigError as exc:
                 return self._failed("", exc.problems)
-            problems = restart_needed(current.config, loaded)
-            if problems:
-                return self._failed(loaded.origin, problems)
+            config, restart = bound_at_start(self._live.bound, current.config, loaded)
             try:
-                fresh = await Generation.build(loaded.config, current, self._metrics.storage_error)
+                fresh = await Generation.build(config, current, self._metrics.storage_error)
             except BuildError as exc:
                 return self._failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
             previous = self._live.swap(fresh)
             self._metrics.reloads.labels(result="success").inc()
-            log.info("config_reloaded", config=loaded.origin, in_flight_on_previous=previous.in_flight)
+            for line in restart:
+                log.warning("config_restart_needed", problem=line)
+            log.info(
+                "config_reloaded",
+                config=loaded.origin,
+                in_flight_on_previous=previous.in_flight,
+                restart_needed=len(restart),
+            )
             log_warnings(fresh)
-            return ReloadResult(True, loaded.origin)
+            return ReloadResult(True, loaded.origin, restart_needed=tuple(restart))
 
     def _failed(self, origin: str, problems: list[str]) -> ReloadResult:
         for problem in problems:
@@ -94,34 +109,44 @@ def log_warnings(generation: Generation) -> None:
         log.warning(notice.event, key=format_key(notice.key), detail=notice.message, **notice.fields)
 
 
-def restart_needed(running: GatewayConfig, loaded: LoadedConfig) -> list[str]:
-    """Listener addresses are bound once, and so is TLS on or off: a reload that changes one is refused,
-    saying so. Other `listen.tls` changes (other files) are reloaded: gateway/listener_tls.py."""
-    problems = []
-    if running.workers != loaded.config.workers:
-        problems.append(
+RESTART = "changing it needs a restart ({}); the rest of the config was reloaded"
+TLS_RESTART = "turning TLS {} needs a restart; the rest of the config was reloaded"
+
+
+def bound_at_start(
+    bound: GatewayConfig, running: GatewayConfig, loaded: LoadedConfig
+) -> tuple[GatewayConfig, list[str]]:
+    """The config a reload applies, and one line for each setting in it that only a restart applies.
+
+    What is fixed when the process starts: the listeners' addresses (bound once), TLS on or off, the
+    number of workers, and with TLS the handshake bound (`limits.header_timeout_s`: asyncio fixes it per
+    listener). The first three keep their start-up values in the config applied, so the running config
+    says what runs and the next reload still reports them; the head bound of `header_timeout_s` does
+    apply. Everything else, keep-alive and header limits included, applies to new connections at once.
+    """
+    config, lines = loaded.config, []
+    if bound.workers != config.workers:
+        lines.append(
             loaded.problem(
-                ("workers",),
-                f"changing it needs a restart (running {running.workers}, asked for "
-                f"{loaded.config.workers}); nothing was reloaded",
+                ("workers",), RESTART.format(f"running {bound.workers}, asked for {config.workers}")
             )
         )
-    tls_before, tls_after = running.listen.tls is not None, loaded.config.listen.tls is not None
-    if tls_before != tls_after:
-        problems.append(
-            loaded.problem(
-                ("listen", "tls"),
-                f"turning TLS {'on' if tls_after else 'off'} needs a restart; nothing was reloaded",
-            )
-        )
-    for key in ("listen", "admin"):
-        before, after = getattr(running, key), getattr(loaded.config, key)
+    listen, admin = config.listen, config.admin
+    for key, before, after in (("listen", bound.listen, listen), ("admin", bound.admin, admin)):
         if (before.host, before.port) != (after.host, after.port):  # admin.token may change: it applies
-            problems.append(
-                loaded.problem(
-                    (key,),
-                    f"changing it needs a restart (running on {before.host}:{before.port}, "
-                    f"asked for {after.host}:{after.port}); nothing was reloaded",
-                )
-            )
-    return problems
+            where = f"running on {before.host}:{before.port}, asked for {after.host}:{after.port}"
+            lines.append(loaded.problem((key,), RESTART.format(where)))
+    tls_before, tls_after = bound.listen.tls is not None, listen.tls is not None
+    if tls_before != tls_after:
+        lines.append(loaded.problem(("listen", "tls"), TLS_RESTART.format("on" if tls_after else "off")))
+        listen = listen.model_copy(update={"tls": running.listen.tls})  # its files as last reloaded
+    handshake_before, handshake_after = bound.limits.header_timeout_s, config.limits.header_timeout_s
+    if tls_before and handshake_before != handshake_after:
+        where = (
+            f"the TLS handshake bound stays {handshake_before:g} s; "
+            f"the request-head bound is {handshake_after:g} s"
+        )
+        lines.append(loaded.problem(("limits", "header_timeout_s"), RESTART.format(where)))
+    listen = listen.model_copy(update={"host": bound.listen.host, "port": bound.listen.port})
+    admin = admin.model_copy(update={"host": bound.admin.host, "port": bound.admin.port})
+    return config.model_copy(update={"listen": listen, "admin": admin, "workers": bound.workers}), lines

@@ -49,7 +49,8 @@ class Gateway:
 
         `worker` is this process's index under `workers: N`: its admin listener is `admin.port + worker`.
         """
-        self.config = config
+        self.config = config  # the running one: a reload replaces it
+        self.bound = config  # the one it started with: listeners, workers (gateway/reload.py)
         self.worker = worker
         self.generation: Generation | None = None
         self.metrics = Metrics()
@@ -80,16 +81,12 @@ class Gateway:
         config = self.config
         self._loop = asyncio.get_running_loop()
         self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
-        header_bytes = config.limits.max_header_kb * 1024
         self._proxy_server = proxy = GatewayServer(
             self.handle,
             limits=_client_limits(config),
             handler_cancellation=True,
             auto_decompress=False,
-            max_line_size=header_bytes,
-            max_field_size=header_bytes,
             max_headers=256,
-            keepalive_timeout=config.limits.keepalive_timeout_s,
             access_log=None,
         )
         runner = web.ServerRunner(proxy, shutdown_timeout=DRAIN_CEILING_S)
@@ -162,7 +159,7 @@ class Gateway:
         result = await self._reloader.reload()
         tls, settings = self._tls, self.config.listen.tls
         if result.ok and tls is not None and settings is not None and not await tls.use(settings):
-            return ReloadResult(False, result.origin, (TLS_KEPT,))  # the files changed since the check
+            return ReloadResult(False, result.origin, (TLS_KEPT,), result.restart_needed)  # changed since
         return result
 
     def swap(self, fresh: Generation) -> Generation:
@@ -173,7 +170,7 @@ class Gateway:
         self._admin_access = admin_access(fresh.config.admin)  # a rotated admin.token applies at once
         self._retired = [g for g in self._retired if not g.is_closed] + [current]
         current.retire()
-        if self._proxy_server is not None:  # new connections get the new client limits
+        if self._proxy_server is not None:  # new connections get the new client limits (keep-alive too)
             self._proxy_server.limits = _client_limits(fresh.config)
         if current.config.logging != fresh.config.logging:
             configure(fresh.config.logging.level, fresh.config.logging.format)
@@ -247,7 +244,13 @@ class Gateway:
 
 
 def _client_limits(config: GatewayConfig) -> ClientLimits:
-    return ClientLimits(config.limits.header_timeout_s, config.limits.max_client_connections)
+    limits = config.limits
+    return ClientLimits(
+        limits.header_timeout_s,
+        limits.max_client_connections,
+        limits.keepalive_timeout_s,
+        limits.max_header_kb * 1024,
+    )
 
 
 def admin_access(admin: Admin) -> AdminAccess:
