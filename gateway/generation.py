@@ -113,7 +113,8 @@ def rewrite_policy(config: GatewayConfig) -> RewritePolicy:
 def _limiter(
     settings: RateLimitSettings, previous: RateLimiter | None, on_storage_error: Callable[[], None]
 ) -> RateLimiter:
-    """A limiter that takes over the previous generation's store when it is the same one.
+    """A limiter that takes over the previous generation's store when it is the same one, and always its
+    queues of delayed requests (one line per key across reloads, first come first served).
 
     Counters are keyed by route, key and limit, so across a reload a limit left unchanged keeps counting
     where it was, and a changed one starts afresh.
@@ -121,7 +122,8 @@ def _limiter(
     storage = None
     if previous is not None and previous.settings.storage == settings.storage:
         storage = previous.storage  # ownership moves only once the whole generation is built
-    return RateLimiter(settings, storage=storage, on_storage_error=on_storage_error)
+    queues = previous.queues if previous is not None else None
+    return RateLimiter(settings, storage=storage, on_storage_error=on_storage_error, queues=queues)
 
 
 def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
@@ -160,11 +162,14 @@ def reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
     return refusals
 
 
-def _proxy_auth(config: GatewayConfig) -> ProxyAuth | None:
+def _proxy_auth(config: GatewayConfig, previous: ProxyAuth | None) -> ProxyAuth | None:
+    """With `previous`, its failed-login counts go on: a reload (or SIGHUP) must not reset them."""
     auth = config.forward_proxy.auth
     if auth is None:
         return None
-    return ProxyAuth({n: ScryptHash.parse(h) for n, h in auth.users.items()}, auth.max_failures_per_minute)
+    users = {n: ScryptHash.parse(h) for n, h in auth.users.items()}
+    failures = previous.failures if previous is not None else None
+    return ProxyAuth(users, auth.max_failures_per_minute, failures=failures)
 
 
 def _relay(config: GatewayConfig) -> Relay | None:
@@ -263,7 +268,7 @@ class Generation:
         forward_proxy = (
             ForwardProxyPolicy(allowlist, fp.connect_ports, fp.deny_private_addresses) if fp.enabled else None
         )
-        proxy_auth = _proxy_auth(config)
+        proxy_auth = _proxy_auth(config, previous.proxy_auth if previous else None)
         proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
         guard = EgressGuard(allowlist, frozenset({proxy_host} if proxy_host else ()))
         resolver = EgressResolver(guard, config.resolve)

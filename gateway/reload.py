@@ -9,9 +9,9 @@ problems is logged as one `config_reload_problem` line (the text `check-config` 
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Generic, Protocol, TypeVar
 
 from gateway.config.load import ConfigError, LoadedConfig, format_key
 from gateway.config.model import GatewayConfig
@@ -22,6 +22,7 @@ from gateway.metrics import Metrics
 log = get_logger("gateway.reload")
 
 ConfigSource = Callable[[], LoadedConfig]
+T = TypeVar("T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -57,43 +58,67 @@ class Live(Protocol):
         ...
 
 
+class Coalesced(Generic[T]):
+    """Runs `job` at most once at a time with at most one run waiting; a caller who asks while one waits
+    shares that run's result.
+
+    The waiting run starts when the running one ends, so it reads the config as it is then: a flood of
+    reloads (a SIGHUP per write, a script in a loop) builds two generations, not one per signal.
+    """
+
+    def __init__(self, job: Callable[[], Awaitable[T]]) -> None:
+        self._job = job
+        self._running: asyncio.Task[T] | None = None
+        self._waiting: asyncio.Task[T] | None = None
+
+    async def __call__(self) -> T:
+        if self._waiting is None:
+            self._waiting = asyncio.get_running_loop().create_task(self._after(self._running))
+        return await asyncio.shield(self._waiting)  # a caller that leaves does not cancel the others'
+
+    async def _after(self, running: asyncio.Task[T] | None) -> T:
+        if running is not None:
+            await asyncio.wait((running,))
+        self._running, self._waiting = self._waiting, None  # from here on, a caller waits for the next
+        return await self._job()
+
+
 class Reloader:
-    """Serialises reloads (one at a time) and counts them; the gateway owns one and delegates to it."""
+    """Builds and swaps in a reloaded config, and counts reloads; the gateway owns one and runs it
+    through `Coalesced`, so one reload runs at a time."""
 
     def __init__(self, live: Live, source: ConfigSource | None, metrics: Metrics) -> None:
         """`source` re-reads the config (file, env, flags); without one every reload is refused."""
         self._live = live
         self._source = source
         self._metrics = metrics
-        self._lock = asyncio.Lock()
 
     async def reload(self) -> ReloadResult:
         """Re-read and rebuild the config, exactly as `check-config` would; on any problem keep serving."""
-        async with self._lock:
-            current = self._live.generation
-            if self._source is None or current is None or self._live.stopping:
-                return self._failed("", ["this gateway has no config source to reload from"])
-            try:
-                loaded = self._source()
-            except ConfigError as exc:
-                return self._failed("", exc.problems)
-            config, restart = bound_at_start(self._live.bound, current.config, loaded)
-            try:
-                fresh = await Generation.build(config, current, self._metrics.storage_error)
-            except BuildError as exc:
-                return self._failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
-            previous = self._live.swap(fresh)
-            self._metrics.reloads.labels(result="success").inc()
-            for line in restart:
-                log.warning("config_restart_needed", problem=line)
-            log.info(
-                "config_reloaded",
-                config=loaded.origin,
-                in_flight_on_previous=previous.in_flight,
-                restart_needed=len(restart),
-            )
-            log_warnings(fresh)
-            return ReloadResult(True, loaded.origin, restart_needed=tuple(restart))
+        current = self._live.generation
+        if self._source is None or current is None or self._live.stopping:
+            return self._failed("", ["this gateway has no config source to reload from"])
+        try:
+            loaded = self._source()
+        except ConfigError as exc:
+            return self._failed("", exc.problems)
+        config, restart = bound_at_start(self._live.bound, current.config, loaded)
+        try:
+            fresh = await Generation.build(config, current, self._metrics.storage_error)
+        except BuildError as exc:
+            return self._failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
+        previous = self._live.swap(fresh)
+        self._metrics.reloads.labels(result="success").inc()
+        for line in restart:
+            log.warning("config_restart_needed", problem=line)
+        log.info(
+            "config_reloaded",
+            config=loaded.origin,
+            in_flight_on_previous=previous.in_flight,
+            restart_needed=len(restart),
+        )
+        log_warnings(fresh)
+        return ReloadResult(True, loaded.origin, restart_needed=tuple(restart))
 
     def _failed(self, origin: str, problems: list[str]) -> ReloadResult:
         for problem in problems:

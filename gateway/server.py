@@ -29,7 +29,7 @@ from gateway.metrics import Metrics
 from gateway.policy.admin_access import AdminAccess
 from gateway.policy.credentials import digest_of
 from gateway.protocol import ClientLimits, GatewayServer
-from gateway.reload import ConfigSource, Reloader, ReloadResult, log_warnings
+from gateway.reload import Coalesced, ConfigSource, Reloader, ReloadResult, log_warnings
 from gateway.tunnel import Tunnels, TunnelStats
 
 log = get_logger("gateway.server")
@@ -63,6 +63,8 @@ class Gateway:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._retired: list[Generation] = []
         self._reloader = Reloader(self, source, self.metrics)
+        self._reloads = Coalesced(self._reload_now)
+        self.metrics.delay_queued.set_function(self._queued)
         self._proxy_server: GatewayServer | None = None
         self._tls: ListenerTls | None = None  # the proxy listener's, with `listen.tls`
         self._deadline_passed = False  # stop() cancelled what was still running
@@ -153,9 +155,14 @@ class Gateway:
     async def reload(self) -> ReloadResult:
         """Re-read and rebuild the config (gateway/reload.py); on any problem keep serving.
 
-        The one entry point for SIGHUP, `POST /reload` and `serve --watch`. With TLS, the certificate
-        and key are read again too (the config check has just loaded them).
+        The one entry point for SIGHUP, `POST /reload` and `serve --watch`, coalesced: one reload runs at
+        a time, and every ask that comes meanwhile is answered by one more, which reads the file anew.
         """
+        return await self._reloads()
+
+    async def _reload_now(self) -> ReloadResult:
+        """One reload. With TLS, the certificate and key are read again too (the check has just loaded
+        them)."""
         result = await self._reloader.reload()
         tls, settings = self._tls, self.config.listen.tls
         if result.ok and tls is not None and settings is not None and not await tls.use(settings):
@@ -232,6 +239,11 @@ class Gateway:
         self._deadline_passed = True
         for task in self._handlers:
             task.cancel()
+
+    def _queued(self) -> int:
+        """Requests waiting for a rate-limit slot now (`on_limit: delay`), on every generation."""
+        generation = self.generation
+        return generation.limiter.queues.waiting if generation is not None else 0
 
     async def _not_ready(self) -> str | None:
         """`/readyz`: None when ready, else why (draining, or the rate-limit storage is unreachable)."""

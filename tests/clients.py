@@ -7,6 +7,7 @@ quiet", so a test waits exactly as long as the gateway takes and no longer than 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -23,6 +24,11 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 HANG_GUARD_S = 15.0  # a bound on how long a broken test may hang; never a timing assertion
+
+
+def basic(user: str, password: str) -> str:
+    """A `Proxy-Authorization: Basic` value."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -102,6 +103,24 @@ class GatewayProcess:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def signal_delivered(self, sig: int, within_s: float = 15) -> None:
+        """Send `sig` and return once the kernel delivered it (no longer pending), so that the next one
+        is a delivery of its own rather than merged into this one (a hang guard, not a timing check)."""
+        self.proc.send_signal(sig)
+        bit = 1 << (sig - 1)
+        deadline = time.monotonic() + within_s
+        while self._pending() & bit:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"signal {sig} still pending after {within_s} s")
+
+    def _pending(self) -> int:
+        """The process's pending signals (its own and its threads' shared set), as a bit mask."""
+        mask = 0
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(("SigPnd:", "ShdPnd:")):
+                mask |= int(line.split()[1], 16)
+        return mask
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)
