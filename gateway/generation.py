@@ -138,6 +138,36 @@ def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
     return hosts
 
 
+def delays_outlasting_shutdown(config: GatewayConfig) -> list[Notice]:
+    """`on_limit: delay` waits longer than a shutdown lasts: one notice per `max_delay_s` key at fault.
+
+    At shutdown a request still waiting is answered 503 `shutting_down` with Retry-After (never a cut
+    connection), so with such a wait some requests an SDK would see served are refused and retried.
+    """
+    timeout, settings = config.shutdown_timeout_s, rate_limit_settings(config)
+    routes: dict[KeyPath, list[str]] = {}
+    for index, route in enumerate(config.routes):
+        spec = settings.routes.get(route.name, settings.default)
+        if spec is None or spec.max_requests <= 0 or spec.on_limit != "delay" or spec.max_delay_s <= timeout:
+            continue
+        own = route.rate_limit is not None and route.rate_limit.max_delay_s is not None
+        key: KeyPath = (
+            ("routes", index, "rate_limit", "max_delay_s") if own else ("rate_limit", "max_delay_s")
+        )
+        routes.setdefault(key, []).append(route.name)
+    notices = []
+    for key, names in routes.items():
+        delay = settings.routes.get(names[0], settings.default)
+        assert delay is not None
+        detail = (
+            f"on_limit: delay holds a request up to {delay.max_delay_s:g} s, longer than shutdown_timeout_s "
+            f"({timeout:g} s): at shutdown the requests still waiting get 503 shutting_down with "
+            f"Retry-After (routes: {', '.join(names)}); lower max_delay_s or raise shutdown_timeout_s"
+        )
+        notices.append(Notice("delay_outlasts_shutdown", key, detail, {"routes": names}))
+    return notices
+
+
 def reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
     """With `tunnel_to_limited_hosts: deny`, the 403 each limited host's tunnel gets, naming the way in.
 
@@ -352,7 +382,7 @@ class Generation:
             )
             key = ("forward_proxy", "tunnel_to_limited_hosts")
             notices.append(Notice("tunnels_bypass_rate_limit", key, detail, {"hosts": hosts}))
-        return notices
+        return notices + delays_outlasting_shutdown(config)
 
     @property
     def in_flight(self) -> int:

@@ -202,6 +202,8 @@ class Gateway:
         """
         self.drain()
         self.stopping = True
+        if self.generation is not None:  # one set of queues for every generation (policy/ratelimit.py)
+            self.generation.limiter.queues.stop()
         if self._tls is not None:
             await self._tls.close()
         timeout = self.config.shutdown_timeout_s

@@ -52,6 +52,13 @@ def value(samples: Samples, name: str, **labels: str) -> float:
     return samples.get((name, frozenset(labels.items())), 0.0)
 
 
+async def queued(admin_port: int, count: int) -> None:
+    """Wait until `count` requests wait for a rate-limit slot (a hang guard, not a timing check)."""
+    async with asyncio.timeout(HANG_GUARD_S):
+        while value(await scrape(f"http://127.0.0.1:{admin_port}"), "bt_gateway_rate_limit_queued") != count:
+            await asyncio.sleep(0.02)
+
+
 def run_cli(
     *args: str, env: dict[str, str] | None = None, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

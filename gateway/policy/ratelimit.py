@@ -11,6 +11,7 @@ limiting resumes by itself when the store comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -114,11 +115,28 @@ class DelayQueues:
     already waiting. Whatever the limits become, a key has one line, bounded by the newest `max_queued`.
     """
 
-    __slots__ = ("_lines", "waiting")
+    __slots__ = ("_lines", "_stopped", "waiting")
 
     def __init__(self) -> None:
         self._lines: dict[tuple[str, str], _Waiters] = {}
+        self._stopped = asyncio.Event()
         self.waiting = 0  # requests in every line now (a gauge)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        """The gateway stops: every request waiting (and any that would) is answered 503 at once, with
+        Retry-After, rather than held until the shutdown deadline cuts its connection."""
+        self._stopped.set()
+
+    async def pause(self, seconds: float) -> bool:
+        """Wait `seconds`, or less if the gateway begins to stop meanwhile: whether it still runs."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopped.wait()
+        return not self._stopped.is_set()
 
     def join(self, scope: tuple[str, str], max_queued: int) -> _Waiters | None:
         """The line for `scope` with one more place taken, or None when it is full."""
@@ -137,6 +155,14 @@ class DelayQueues:
         self.waiting -= 1
         if not line.count:
             del self._lines[scope]
+
+
+def _shutting_down(refused: RateDecision) -> RateDecision:
+    """503 for a request that waited for a slot when the gateway began to stop; Retry-After says when
+    the window frees one (a replica sharing the limit may serve it then)."""
+    retry = str(max(1, math.ceil(refused.wait_s)))
+    error = GatewayError(Code.SHUTTING_DOWN, "the gateway is shutting down", (("Retry-After", retry),))
+    return refused._replace(outcome="shutting_down", error=error)
 
 
 def storage_uri(uri: str) -> str:
@@ -258,22 +284,23 @@ class RateLimiter:
 
         A client that leaves while waiting is cancelled here, and its place is freed by the `finally`.
         """
-        scope = (route, key)
-        waiters = self.queues.join(scope, spec.max_queued)
+        scope, queues = (route, key), self.queues
+        waiters = None if queues.stopping else queues.join(scope, spec.max_queued)
         if waiters is None:
-            return refused._replace(outcome="queue_full")
+            return _shutting_down(refused) if queues.stopping else refused._replace(outcome="queue_full")
         deadline = self._clock() + spec.max_delay_s
         try:
             async with waiters.turn:
-                decision = await self.check(route, key)  # the one ahead may have taken the slot
-                while decision.outcome == "deny":
+                decision = refused if queues.stopping else await self.check(route, key)  # the one ahead
+                while decision.outcome == "deny":  # may have taken the slot
                     if self._clock() + decision.wait_s > deadline:
                         return decision._replace(outcome="delay_too_long")
-                    await asyncio.sleep(decision.wait_s)
+                    if queues.stopping or not await queues.pause(decision.wait_s):
+                        return _shutting_down(decision)
                     decision = await self.check(route, key)
                 return decision._replace(outcome="delayed") if decision.allowed else decision
         finally:
-            self.queues.leave(scope, waiters)
+            queues.leave(scope, waiters)
 
     @property
     def immediate(self) -> bool:

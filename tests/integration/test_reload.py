@@ -24,6 +24,7 @@ from tests.clients import (
     closed_by_peer,
     free_port,
     get,
+    queued,
     read_reply,
     run_cli,
     scrape,
@@ -248,15 +249,6 @@ async def test_failed_proxy_logins_add_up_across_a_reload(tmp_path: Path, upstre
         assert gw.stop() == 0
 
 
-async def queued(gw: GatewayProcess, count: int) -> None:
-    """Wait until `count` requests wait for a rate-limit slot (a hang guard, not a timing check)."""
-    async with asyncio.timeout(HANG_GUARD_S):
-        while (
-            value(await scrape(f"http://127.0.0.1:{gw.admin_port}"), "bt_gateway_rate_limit_queued") != count
-        ):
-            await asyncio.sleep(0.02)
-
-
 async def test_delayed_requests_keep_their_order_and_one_bound_across_a_reload(
     tmp_path: Path, upstream: Upstream
 ) -> None:
@@ -267,11 +259,11 @@ async def test_delayed_requests_keep_their_order_and_one_bound_across_a_reload(
     try:
         assert await statuses(gw, "/first", 1) == [200]
         before = asyncio.ensure_future(statuses(gw, "/before", 1))
-        await queued(gw, 1)
+        await queued(gw.admin_port, 1)
         edit(gw, {**config, "deny_paths": ["/nothing/**"]})
         assert (await post_reload(gw))[0] == 200
         after = asyncio.ensure_future(statuses(gw, "/after", 1))
-        await queued(gw, 2)
+        await queued(gw.admin_port, 2)
         assert await statuses(gw, "/over", 1) == [429]  # 2 waiting across the reload: the line is full
         assert [await before, await after] == [[200], [200]]
     finally:
