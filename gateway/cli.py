@@ -171,6 +171,8 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "serve":  # only serve acts on SIGHUP (gateway/hangup.py); the others die of it
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if args.command == "hash-password":
         return _hash_password(args)
     if args.command == "egress-lock":
