@@ -45,10 +45,14 @@ def admin_app(
         return web.Response(body=render_metrics(), headers={"Content-Type": CONTENT_TYPE})
 
     async def reload_config(_: web.Request) -> web.Response:
+        """200 `reloaded`; 200 `restart_needed` (applied but for the settings it names); 422 `failed`."""
         result = await reload()
-        body: dict[str, Any] = {"status": "reloaded" if result.ok else "failed", "config": result.origin}
+        status = "failed" if not result.ok else "restart_needed" if result.restart_needed else "reloaded"
+        body: dict[str, Any] = {"status": status, "config": result.origin}
         if not result.ok:
             body["problems"] = list(result.problems)
+        if result.restart_needed:
+            body["restart_needed"] = list(result.restart_needed)
         return web.json_response(body, status=200 if result.ok else 422)
 
     @web.middleware

@@ -61,8 +61,9 @@ class ServerProtocol(RequestHandler):
 class ProtocolFactory(web.Server):
     """aiohttp's `web.Server`, building protocols of a class of the gateway's own."""
 
-    def build(self, cls: type[ServerProtocol]) -> ServerProtocol:
-        return cls(self, loop=self._loop, **self._kwargs)
+    def build(self, cls: type[ServerProtocol], **settings: Any) -> ServerProtocol:
+        """A protocol with the server's settings, `settings` overriding them (e.g. after a reload)."""
+        return cls(self, loop=self._loop, **{**self._kwargs, **settings})
 
 
 class ClientProtocol(ResponseHandler):

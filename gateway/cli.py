@@ -18,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from gateway import __version__
+from gateway import __version__, hangup
 from gateway.config.load import DEFAULT_PATHS, DEFAULTS, ConfigError, LoadedConfig, config_path, load_config
 from gateway.config.overrides import Override, flag
 from gateway.config.redact import redacted
@@ -171,6 +171,8 @@ def _load(args: argparse.Namespace) -> LoadedConfig:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    if args.command != "serve":  # only serve acts on SIGHUP (gateway/hangup.py); the others die of it
+        signal.signal(signal.SIGHUP, signal.SIG_DFL)
     if args.command == "hash-password":
         return _hash_password(args)
     if args.command == "egress-lock":
@@ -327,13 +329,20 @@ async def _serve(
         if not (await gateway.reload()).ok:
             gateway.reopen_logs()
 
+    held = False  # a SIGHUP before the gateway serves: one reload once it does (gateway/hangup.py)
+
     def on_reload() -> None:
+        nonlocal held
+        if not gateway.started:
+            held = True
+            return
         task = loop.create_task(reload())
         reloads.add(task)
         task.add_done_callback(reloads.discard)
 
     for sig in SIGNALS:
         loop.add_signal_handler(sig, on_reload if sig == signal.SIGHUP else on_stop)
+    held = hangup.take()  # what came before the loop's handler
     try:
         await gateway.start(loaded.origin)
     except BuildError as exc:
@@ -343,6 +352,9 @@ async def _serve(
         await gateway.stop()
         log.error("startup_failed", error=str(exc), config=loaded.origin)
         return 1
+    if held:
+        log.info("reload_held_during_startup", detail="a SIGHUP came while starting: reloading now")
+        on_reload()
     watcher = None
     if watch and loaded.path is not None:
         watcher = ConfigWatch(loaded.path, gateway.reload, on_check=gateway.metrics.watch_checks.inc)
@@ -353,7 +365,7 @@ async def _serve(
         await watcher.stop()
     gateway.drain()
     with contextlib.suppress(TimeoutError):
-        await asyncio.wait_for(hurry.wait(), loaded.config.shutdown_delay_s)
+        await asyncio.wait_for(hurry.wait(), gateway.config.shutdown_delay_s)  # as last reloaded
     await gateway.stop()
     ignore_late_signals()
     return 0

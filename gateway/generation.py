@@ -113,7 +113,8 @@ def rewrite_policy(config: GatewayConfig) -> RewritePolicy:
 def _limiter(
     settings: RateLimitSettings, previous: RateLimiter | None, on_storage_error: Callable[[], None]
 ) -> RateLimiter:
-    """A limiter that takes over the previous generation's store when it is the same one.
+    """A limiter that takes over the previous generation's store when it is the same one, and always its
+    queues of delayed requests (one line per key across reloads, first come first served).
 
     Counters are keyed by route, key and limit, so across a reload a limit left unchanged keeps counting
     where it was, and a changed one starts afresh.
@@ -121,7 +122,8 @@ def _limiter(
     storage = None
     if previous is not None and previous.settings.storage == settings.storage:
         storage = previous.storage  # ownership moves only once the whole generation is built
-    return RateLimiter(settings, storage=storage, on_storage_error=on_storage_error)
+    queues = previous.queues if previous is not None else None
+    return RateLimiter(settings, storage=storage, on_storage_error=on_storage_error, queues=queues)
 
 
 def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
@@ -134,6 +136,36 @@ def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
         if spec is not None and spec.max_requests > 0 and host is not None:
             hosts.setdefault(host, (route.name, route.prefix))
     return hosts
+
+
+def delays_outlasting_shutdown(config: GatewayConfig) -> list[Notice]:
+    """`on_limit: delay` waits longer than a shutdown lasts: one notice per `max_delay_s` key at fault.
+
+    At shutdown a request still waiting is answered 503 `shutting_down` with Retry-After (never a cut
+    connection), so with such a wait some requests an SDK would see served are refused and retried.
+    """
+    timeout, settings = config.shutdown_timeout_s, rate_limit_settings(config)
+    routes: dict[KeyPath, list[str]] = {}
+    for index, route in enumerate(config.routes):
+        spec = settings.routes.get(route.name, settings.default)
+        if spec is None or spec.max_requests <= 0 or spec.on_limit != "delay" or spec.max_delay_s <= timeout:
+            continue
+        own = route.rate_limit is not None and route.rate_limit.max_delay_s is not None
+        key: KeyPath = (
+            ("routes", index, "rate_limit", "max_delay_s") if own else ("rate_limit", "max_delay_s")
+        )
+        routes.setdefault(key, []).append(route.name)
+    notices = []
+    for key, names in routes.items():
+        delay = settings.routes.get(names[0], settings.default)
+        assert delay is not None
+        detail = (
+            f"on_limit: delay holds a request up to {delay.max_delay_s:g} s, longer than shutdown_timeout_s "
+            f"({timeout:g} s): at shutdown the requests still waiting get 503 shutting_down with "
+            f"Retry-After (routes: {', '.join(names)}); lower max_delay_s or raise shutdown_timeout_s"
+        )
+        notices.append(Notice("delay_outlasts_shutdown", key, detail, {"routes": names}))
+    return notices
 
 
 def reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
@@ -160,11 +192,14 @@ def reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
     return refusals
 
 
-def _proxy_auth(config: GatewayConfig) -> ProxyAuth | None:
+def _proxy_auth(config: GatewayConfig, previous: ProxyAuth | None) -> ProxyAuth | None:
+    """With `previous`, its failed-login counts go on: a reload (or SIGHUP) must not reset them."""
     auth = config.forward_proxy.auth
     if auth is None:
         return None
-    return ProxyAuth({n: ScryptHash.parse(h) for n, h in auth.users.items()}, auth.max_failures_per_minute)
+    users = {n: ScryptHash.parse(h) for n, h in auth.users.items()}
+    failures = previous.failures if previous is not None else None
+    return ProxyAuth(users, auth.max_failures_per_minute, failures=failures)
 
 
 def _relay(config: GatewayConfig) -> Relay | None:
@@ -263,7 +298,7 @@ class Generation:
         forward_proxy = (
             ForwardProxyPolicy(allowlist, fp.connect_ports, fp.deny_private_addresses) if fp.enabled else None
         )
-        proxy_auth = _proxy_auth(config)
+        proxy_auth = _proxy_auth(config, previous.proxy_auth if previous else None)
         proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
         guard = EgressGuard(allowlist, frozenset({proxy_host} if proxy_host else ()))
         resolver = EgressResolver(guard, config.resolve)
@@ -348,7 +383,7 @@ class Generation:
             )
             key = ("forward_proxy", "tunnel_to_limited_hosts")
             notices.append(Notice("tunnels_bypass_rate_limit", key, detail, {"hosts": hosts}))
-        return notices
+        return notices + delays_outlasting_shutdown(config)
 
     @property
     def in_flight(self) -> int:

@@ -205,7 +205,7 @@ class HttpClient:
         self._resolver = resolver
         self._tls = tls
         self._settings = settings
-        self._parser = {
+        self._parser_settings = {
             "auto_decompress": False,
             "read_until_eof": True,  # a body framed by neither length nor chunks ends at the close
             "read_timeout": settings.read_timeout_s,
@@ -260,7 +260,7 @@ class HttpClient:
         self, protocol: UpstreamProtocol, head_only: bool, head: bytes, upload: Upload | None
     ) -> tuple[RawResponseMessage, StreamReader]:
         """Write the request and read the response head; an early head stops the upload."""
-        protocol.use_parser(head_only, **self._parser)
+        protocol.use_parser(head_only, **self._parser_settings)
         protocol.begin()
         if upload is None:
             _transport(protocol).write(head)

@@ -109,6 +109,11 @@ class Metrics:
         self.reloads = Counter(
             "bt_gateway_config_reloads", "Config reloads, by result.", ("result",), registry=registry
         )
+        self.delay_queued = Gauge(
+            "bt_gateway_rate_limit_queued",
+            "Requests waiting for a rate-limit slot now (on_limit: delay).",
+            registry=registry,
+        )
         self.watch_checks = Counter(
             "bt_gateway_config_watch_checks",
             "Polls of the config file by `serve --watch` (each compares its content with the last).",

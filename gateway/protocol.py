@@ -27,8 +27,12 @@ TOO_MANY = GatewayError(Code.TOO_MANY_CONNECTIONS, "the gateway has too many ope
 
 @dataclass(frozen=True, slots=True)
 class ClientLimits:
+    """Taken by each new connection; a reload replaces them whole, so they apply to connections it opens."""
+
     head_timeout_s: float
     max_connections: int
+    keepalive_timeout_s: float
+    max_head_bytes: int  # one request line or header field (`limits.max_header_kb`)
 
 
 class GatewayProtocol(ServerProtocol):
@@ -126,4 +130,11 @@ class GatewayServer(ProtocolFactory):
         self.open_connections = 0
 
     def __call__(self) -> GatewayProtocol:
-        return self.build(GatewayProtocol)  # type: ignore[return-value]
+        limits = self.limits
+        protocol = self.build(
+            GatewayProtocol,
+            keepalive_timeout=limits.keepalive_timeout_s,
+            max_line_size=limits.max_head_bytes,
+            max_field_size=limits.max_head_bytes,
+        )
+        return protocol  # type: ignore[return-value]

@@ -30,7 +30,7 @@ from gateway.metrics import Metrics
 from gateway.policy.admin_access import AdminAccess
 from gateway.policy.credentials import digest_of
 from gateway.protocol import ClientLimits, GatewayServer
-from gateway.reload import ConfigSource, Reloader, ReloadResult, log_warnings
+from gateway.reload import Coalesced, ConfigSource, Reloader, ReloadResult, log_warnings
 from gateway.tunnel import Tunnels, TunnelStats
 
 log = get_logger("gateway.server")
@@ -50,7 +50,8 @@ class Gateway:
 
         `worker` is this process's index under `workers: N`: its admin listener is `admin.port + worker`.
         """
-        self.config = config
+        self.config = config  # the running one: a reload replaces it
+        self.bound = config  # the one it started with: listeners, workers (gateway/reload.py)
         self.worker = worker
         self.generation: Generation | None = None
         self.metrics = Metrics()
@@ -63,6 +64,8 @@ class Gateway:
         self._handlers: set[asyncio.Task[Any]] = set()
         self._retired: list[Generation] = []
         self._reloader = Reloader(self, source, self.metrics)
+        self._reloads = Coalesced(self._reload_now)
+        self.metrics.delay_queued.set_function(self._queued)
         self._proxy_server: GatewayServer | None = None
         self._tls: ListenerTls | None = None  # the proxy listener's, with `listen.tls`
         self._deadline_passed = False  # stop() cancelled what was still running
@@ -85,16 +88,12 @@ class Gateway:
         except aiohttp_internals.AiohttpMismatch as exc:
             raise StartupError(str(exc)) from None
         self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
-        header_bytes = config.limits.max_header_kb * 1024
         self._proxy_server = proxy = GatewayServer(
             self.handle,
             limits=_client_limits(config),
             handler_cancellation=True,
             auto_decompress=False,
-            max_line_size=header_bytes,
-            max_field_size=header_bytes,
             max_headers=256,
-            keepalive_timeout=config.limits.keepalive_timeout_s,
             access_log=None,
         )
         runner = web.ServerRunner(proxy, shutdown_timeout=DRAIN_CEILING_S)
@@ -161,13 +160,18 @@ class Gateway:
     async def reload(self) -> ReloadResult:
         """Re-read and rebuild the config (gateway/reload.py); on any problem keep serving.
 
-        The one entry point for SIGHUP, `POST /reload` and `serve --watch`. With TLS, the certificate
-        and key are read again too (the config check has just loaded them).
+        The one entry point for SIGHUP, `POST /reload` and `serve --watch`, coalesced: one reload runs at
+        a time, and every ask that comes meanwhile is answered by one more, which reads the file anew.
         """
+        return await self._reloads()
+
+    async def _reload_now(self) -> ReloadResult:
+        """One reload. With TLS, the certificate and key are read again too (the check has just loaded
+        them)."""
         result = await self._reloader.reload()
         tls, settings = self._tls, self.config.listen.tls
         if result.ok and tls is not None and settings is not None and not await tls.use(settings):
-            return ReloadResult(False, result.origin, (TLS_KEPT,))  # the files changed since the check
+            return ReloadResult(False, result.origin, (TLS_KEPT,), result.restart_needed)  # changed since
         return result
 
     def swap(self, fresh: Generation) -> Generation:
@@ -178,7 +182,7 @@ class Gateway:
         self._admin_access = admin_access(fresh.config.admin)  # a rotated admin.token applies at once
         self._retired = [g for g in self._retired if not g.is_closed] + [current]
         current.retire()
-        if self._proxy_server is not None:  # new connections get the new client limits
+        if self._proxy_server is not None:  # new connections get the new client limits (keep-alive too)
             self._proxy_server.limits = _client_limits(fresh.config)
         if current.config.logging != fresh.config.logging:
             configure(fresh.config.logging.level, fresh.config.logging.format)
@@ -203,6 +207,8 @@ class Gateway:
         """
         self.drain()
         self.stopping = True
+        if self.generation is not None:  # one set of queues for every generation (policy/ratelimit.py)
+            self.generation.limiter.queues.stop()
         if self._tls is not None:
             await self._tls.close()
         timeout = self.config.shutdown_timeout_s
@@ -241,6 +247,11 @@ class Gateway:
         for task in self._handlers:
             task.cancel()
 
+    def _queued(self) -> int:
+        """Requests waiting for a rate-limit slot now (`on_limit: delay`), on every generation."""
+        generation = self.generation
+        return generation.limiter.queues.waiting if generation is not None else 0
+
     async def _not_ready(self) -> str | None:
         """`/readyz`: None when ready, else why (draining, or the rate-limit storage is unreachable)."""
         generation = self.generation
@@ -252,7 +263,13 @@ class Gateway:
 
 
 def _client_limits(config: GatewayConfig) -> ClientLimits:
-    return ClientLimits(config.limits.header_timeout_s, config.limits.max_client_connections)
+    limits = config.limits
+    return ClientLimits(
+        limits.header_timeout_s,
+        limits.max_client_connections,
+        limits.keepalive_timeout_s,
+        limits.max_header_kb * 1024,
+    )
 
 
 def admin_access(admin: Admin) -> AdminAccess:

@@ -7,6 +7,7 @@ quiet", so a test waits exactly as long as the gateway takes and no longer than 
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import os
@@ -23,6 +24,11 @@ from multidict import CIMultiDict
 from prometheus_client.parser import text_string_to_metric_families
 
 HANG_GUARD_S = 15.0  # a bound on how long a broken test may hang; never a timing assertion
+
+
+def basic(user: str, password: str) -> str:
+    """A `Proxy-Authorization: Basic` value."""
+    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
@@ -44,6 +50,13 @@ async def scrape(admin_url: str) -> Samples:
 def value(samples: Samples, name: str, **labels: str) -> float:
     """One sample's value; a labelled counter that never counted reads 0."""
     return samples.get((name, frozenset(labels.items())), 0.0)
+
+
+async def queued(admin_port: int, count: int) -> None:
+    """Wait until `count` requests wait for a rate-limit slot (a hang guard, not a timing check)."""
+    async with asyncio.timeout(HANG_GUARD_S):
+        while value(await scrape(f"http://127.0.0.1:{admin_port}"), "bt_gateway_rate_limit_queued") != count:
+            await asyncio.sleep(0.02)
 
 
 def run_cli(

@@ -10,6 +10,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, TextIO
@@ -29,13 +30,14 @@ class GatewayProcess:
         new_session: bool = False,
         args: Sequence[str] = (),
         prefix: Sequence[str] = (),
+        wait: bool = True,
     ) -> None:
         """Write `config` to `tmp_path/gateway.yaml` (through it, if it is a symlink) and run `serve` on it.
 
         `args` are extra `serve` arguments, such as `--watch`. `prefix` runs it under commands that exec it
         (`ip netns exec NS setpriv --reuid UID`), so the pid is still the gateway's. `new_session`: a process
         group of its own, so a Ctrl-C meant for the caller does not reach it too (the caller stops it with
-        one signal).
+        one signal). `wait=False`: return at once; `started()` waits for the start-up log line later.
         """
         config = {
             "listen": {"host": "127.0.0.1", "port": 0},
@@ -66,6 +68,16 @@ class GatewayProcess:
         )
         self._reader = threading.Thread(target=self._read, daemon=True)
         self._reader.start()
+        if wait:
+            self.started()
+
+    @property
+    def is_started(self) -> bool:
+        """Whether the start-up log line (or the end of the output) has been read."""
+        return self._started.is_set()
+
+    def started(self) -> None:
+        """Wait for the gateway's start-up log line and learn its ports from it."""
         started = next(iter(self.events("gateway_started")), None) if self._started.wait(30) else None
         if started is None:
             self.stop()
@@ -102,6 +114,28 @@ class GatewayProcess:
 
     def signal(self, sig: int) -> None:
         self.proc.send_signal(sig)
+
+    def handles(self, sig: int) -> bool:
+        """Whether the process has a handler for `sig` installed (its SigCgt mask in /proc)."""
+        return bool(self._mask("SigCgt:") & 1 << (sig - 1))
+
+    def signal_delivered(self, sig: int, within_s: float = 15) -> None:
+        """Send `sig` and return once the kernel delivered it (no longer pending), so that the next one
+        is a delivery of its own rather than merged into this one (a hang guard, not a timing check)."""
+        self.proc.send_signal(sig)
+        bit = 1 << (sig - 1)
+        deadline = time.monotonic() + within_s
+        while self._mask("SigPnd:", "ShdPnd:") & bit:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"signal {sig} still pending after {within_s} s")
+
+    def _mask(self, *fields: str) -> int:
+        """Signal masks from /proc/<pid>/status, or-ed (SigPnd and ShdPnd: pending; SigCgt: handled)."""
+        mask = 0
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith(fields):
+                mask |= int(line.split()[1], 16)
+        return mask
 
     def terminate(self) -> None:
         self.proc.send_signal(signal.SIGTERM)

@@ -88,6 +88,14 @@ class FailureWindow:
         self._max_keys = max_keys
         self._attempts: OrderedDict[str, deque[float]] = OrderedDict()
 
+    def with_limit(self, limit: int) -> FailureWindow:
+        """The same attempts under a new limit: for the next generation, while this one serves its last
+        requests. Failed attempts are facts about an address, so neither a reload nor a new limit gives
+        it a fresh allowance."""
+        carried = FailureWindow(limit, self._window, self._clock, self._max_keys)
+        carried._attempts = self._attempts
+        return carried
+
     def start(self, key: str) -> float | None:
         """Count an attempt and return None, or refuse it: the seconds until the oldest one ages out."""
         now = self._clock()
@@ -127,11 +135,19 @@ class ProxyAuth:
         users: dict[str, ScryptHash],
         max_failures_per_minute: int = 10,
         clock: Callable[[], float] = time.monotonic,
+        failures: FailureWindow | None = None,
     ) -> None:
+        """`failures`: the previous generation's failed attempts, which keep counting (under the new limit).
+
+        Verified headers are not carried: a reload that removes a user or changes a password applies.
+        """
         self._users = users
         self._decoy = _decoy_like(users.values())
         self._verified: OrderedDict[bytes, str] = OrderedDict()
-        self._failures = FailureWindow(max_failures_per_minute, 60.0, clock)
+        if failures is not None:
+            self.failures = failures.with_limit(max_failures_per_minute)
+        else:
+            self.failures = FailureWindow(max_failures_per_minute, 60.0, clock)
         self._pool: ThreadPoolExecutor | None = None
 
     async def check(self, header: str | None, client: str) -> str | GatewayError:
@@ -143,7 +159,7 @@ class ProxyAuth:
         if user is not None:
             self._verified.move_to_end(digest)
             return user
-        wait = self._failures.start(client)
+        wait = self.failures.start(client)
         if wait is not None:
             retry = str(max(1, math.ceil(wait)))
             return GatewayError(
@@ -156,7 +172,7 @@ class ProxyAuth:
         user = await asyncio.get_running_loop().run_in_executor(self._pool, self.verify_header, header)
         if user is None:
             return _challenge()
-        self._failures.succeeded(client)
+        self.failures.succeeded(client)
         self._verified[digest] = user
         if len(self._verified) > _CACHE_SIZE:
             self._verified.popitem(last=False)

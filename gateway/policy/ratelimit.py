@@ -11,6 +11,7 @@ limiting resumes by itself when the store comes back.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import math
 import time
 from collections.abc import Callable, Mapping
@@ -106,6 +107,64 @@ class _Waiters:
         self.turn = asyncio.Lock()  # FIFO: the head of the line waits for the window, the rest for it
 
 
+class DelayQueues:
+    """Every line of requests waiting for a slot (`on_limit: delay`), one per route and key.
+
+    Outlives a reload: each generation's limiter is handed the same queues, so a reload neither opens a
+    second line per key (doubling `max_queued`) nor lets requests that came after it overtake the ones
+    already waiting. Whatever the limits become, a key has one line, bounded by the newest `max_queued`.
+    """
+
+    __slots__ = ("_lines", "_stopped", "waiting")
+
+    def __init__(self) -> None:
+        self._lines: dict[tuple[str, str], _Waiters] = {}
+        self._stopped = asyncio.Event()
+        self.waiting = 0  # requests in every line now (a gauge)
+
+    @property
+    def stopping(self) -> bool:
+        return self._stopped.is_set()
+
+    def stop(self) -> None:
+        """The gateway stops: every request waiting (and any that would) is answered 503 at once, with
+        Retry-After, rather than held until the shutdown deadline cuts its connection."""
+        self._stopped.set()
+
+    async def pause(self, seconds: float) -> bool:
+        """Wait `seconds`, or less if the gateway begins to stop meanwhile: whether it still runs."""
+        with contextlib.suppress(TimeoutError):
+            async with asyncio.timeout(seconds):
+                await self._stopped.wait()
+        return not self._stopped.is_set()
+
+    def join(self, scope: tuple[str, str], max_queued: int) -> _Waiters | None:
+        """The line for `scope` with one more place taken, or None when it is full."""
+        line = self._lines.get(scope)
+        if line is None:
+            line = self._lines[scope] = _Waiters()
+        if line.count >= max_queued:
+            return None
+        line.count += 1
+        self.waiting += 1
+        return line
+
+    def leave(self, scope: tuple[str, str], line: _Waiters) -> None:
+        """A place is given back (served, refused or gone); an empty line is dropped."""
+        line.count -= 1
+        self.waiting -= 1
+        if not line.count:
+            del self._lines[scope]
+
+
+def _shutting_down(refused: RateDecision) -> RateDecision:
+    """503 for a request that waited for a slot when the gateway began to stop; Retry-After says when
+    the window frees one (a replica sharing the limit may serve it then)."""
+    retry = str(max(1, math.ceil(refused.wait_s)))
+    error = GatewayError(Code.SHUTTING_DOWN, "the gateway is shutting down", (("Retry-After", retry),))
+    return refused._replace(outcome="shutting_down", error=error)
+
+
 def storage_uri(uri: str) -> str:
     """Our config's URI -> the `limits` async storage URI (`redis://` -> `async+redis://`)."""
     return "async+" + uri
@@ -164,10 +223,12 @@ class RateLimiter:
         *,
         storage: Any = None,
         on_storage_error: Callable[[], None] = lambda: None,
+        queues: DelayQueues | None = None,
     ) -> None:
         """`storage`: a store taken over from an earlier limiter (see `hand_over_storage`), else a new one.
 
-        `on_storage_error` is called once per failed store call (the metrics count them).
+        `on_storage_error` is called once per failed store call (the metrics count them). `queues`: an
+        earlier limiter's waiting requests, which this one keeps in line (see `DelayQueues`).
         """
         self.settings = settings
         self._clock = clock
@@ -180,7 +241,7 @@ class RateLimiter:
         self._default = self._compile(settings.default)
         self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
         self._healthy = True
-        self._waiters: dict[tuple[str, str], _Waiters] = {}
+        self.queues = queues if queues is not None else DelayQueues()
 
     @staticmethod
     def _compile(spec: LimitSpec | None) -> _Limit | None:
@@ -223,27 +284,23 @@ class RateLimiter:
 
         A client that leaves while waiting is cancelled here, and its place is freed by the `finally`.
         """
-        scope = (route, key)
-        waiters = self._waiters.get(scope)
+        scope, queues = (route, key), self.queues
+        waiters = None if queues.stopping else queues.join(scope, spec.max_queued)
         if waiters is None:
-            waiters = self._waiters[scope] = _Waiters()
-        if waiters.count >= spec.max_queued:
-            return refused._replace(outcome="queue_full")
-        waiters.count += 1
+            return _shutting_down(refused) if queues.stopping else refused._replace(outcome="queue_full")
         deadline = self._clock() + spec.max_delay_s
         try:
             async with waiters.turn:
-                decision = await self.check(route, key)  # the one ahead may have taken the slot
-                while decision.outcome == "deny":
+                decision = refused if queues.stopping else await self.check(route, key)  # the one ahead
+                while decision.outcome == "deny":  # may have taken the slot
                     if self._clock() + decision.wait_s > deadline:
                         return decision._replace(outcome="delay_too_long")
-                    await asyncio.sleep(decision.wait_s)
+                    if queues.stopping or not await queues.pause(decision.wait_s):
+                        return _shutting_down(decision)
                     decision = await self.check(route, key)
                 return decision._replace(outcome="delayed") if decision.allowed else decision
         finally:
-            waiters.count -= 1
-            if not waiters.count:
-                del self._waiters[scope]
+            queues.leave(scope, waiters)
 
     @property
     def immediate(self) -> bool:

@@ -9,7 +9,6 @@ log events live in `test_forward_proxy_tunnels.py`.
 from __future__ import annotations
 
 import asyncio
-import base64
 import contextlib
 import json
 import ssl
@@ -23,17 +22,13 @@ import pytest
 import requests
 
 from gateway.policy.proxyauth import ScryptHash, hash_password
-from tests.clients import assert_error, curl, raw_connect, read_reply, send_raw
+from tests.clients import assert_error, basic, curl, raw_connect, read_reply, send_raw
 from tests.conftest import NAME, Canary, GatewayFactory, Logs, NamedUpstream, Upstream
 from tests.upstream_app import Recorder
 
 PLAIN = "plain.braintrust.test"  # the plain upstream's name (absolute-form)
 USER, PASSWORD = "alice", "pw-Zq8vN3-never-logged"
 REALM = 'Basic realm="bt-gateway"'
-
-
-def basic(user: str, password: str) -> str:
-    return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode()
 
 
 def requests_get(url: str, proxies: dict[str, str], **kwargs: Any) -> requests.Response:

@@ -21,14 +21,13 @@ import trustme
 
 from gateway.policy.proxyauth import hash_password
 from gateway.tunnel import TunnelStats
-from tests.clients import HANG_GUARD_S, assert_error, closed_by_peer, curl, raw_connect, read_reply
+from tests.clients import HANG_GUARD_S, assert_error, basic, closed_by_peer, curl, raw_connect, read_reply
 from tests.conftest import NAME, Canary, GatewayFactory, Logs, Upstream, serve_named_tls
 from tests.gateway_process import GatewayProcess
 from tests.integration.test_forward_proxy import (
     PASSWORD,
     PLAIN,
     USER,
-    basic,
     proxy_config,
     requests_get,
     settle,

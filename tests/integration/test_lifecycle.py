@@ -12,12 +12,13 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import aiohttp
 import pytest
 
-from tests.clients import closed_by_peer, raw_connect
+from tests.clients import HANG_GUARD_S, assert_error, closed_by_peer, queued, raw_connect, send_raw
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
 
@@ -143,3 +144,64 @@ def test_signals_that_keep_coming_while_it_exits_do_not_change_its_exit_code(
     finally:
         gw.stop()
     assert gw.events("gateway_stopped")
+
+
+def hangups_until_started(gw: GatewayProcess) -> int:
+    """SIGHUP, each one delivered, from the moment the process handles it until its start-up line is
+    read: the whole slow part of its start (imports, config, first generation). How many were sent."""
+    deadline = time.monotonic() + HANG_GUARD_S
+    while not (gw.handles(signal.SIGHUP) or gw.is_started):
+        if time.monotonic() > deadline:
+            raise TimeoutError("the gateway neither handled SIGHUP nor started")
+    sent = 0
+    while not gw.is_started:
+        gw.signal_delivered(signal.SIGHUP)
+        sent += 1
+    return sent
+
+
+async def test_a_sighup_during_start_up_is_held_then_applied_once_serving(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """Python's default for SIGHUP is death: it is handled from the first lines the gateway runs, and
+    whatever came before it serves becomes one reload once it does (the file may have changed)."""
+    config = config_for(upstream, listen={"host": "127.0.0.1", "port": 0})
+    gw = GatewayProcess(config, tmp_path, wait=False)
+    try:
+        sent = await asyncio.to_thread(hangups_until_started, gw)
+        gw.started()
+        held = await gw.event("reload_held_during_startup")
+        await gw.event("config_reloaded")
+        async with aiohttp.ClientSession() as client:
+            assert await status_of(client, gw.url + "/x") == 200
+    finally:
+        assert gw.stop() == 0
+    assert sent > 0 and held
+    assert gw.events("config_reload_failed") == []
+    names = [line.get("event") for line in gw.lines]
+    assert names.index("gateway_started") < names.index("reload_held_during_startup")
+
+
+async def test_a_request_waiting_for_a_slot_at_shutdown_gets_503_with_retry_after(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """An upload held by `on_limit: delay` when SIGTERM comes is answered, never cut at the deadline."""
+    limit = {"max_requests": 1, "window_minutes": 1, "on_limit": "delay", "max_delay_s": 90}
+    gw = GatewayProcess(config_for(upstream, rate_limit=limit, shutdown_timeout_s=5), tmp_path)
+    upload = (
+        b"POST /upload HTTP/1.1\r\nHost: gw\r\nAuthorization: Bearer tok\r\nContent-Length: 5\r\n\r\nhello"
+    )
+    try:
+        assert (await send_raw(gw.port, upload)).status == 200
+        waiting = asyncio.ensure_future(send_raw(gw.port, upload))
+        await queued(gw.admin_port, 1)
+        gw.terminate()
+        reply = await waiting
+        assert_error(reply, 503, "shutting_down")
+        assert 1 <= int(reply.headers["Retry-After"]) <= 60  # when the window frees a slot
+    finally:
+        assert gw.stop() == 0
+    refused = [a for a in gw.events("access") if a["status"] == 503]
+    assert [(a["error_code"], a["decisions"][-1]) for a in refused] == [
+        ("shutting_down", "ratelimit:shutting_down")
+    ]

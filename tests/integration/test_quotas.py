@@ -4,9 +4,9 @@ spelling the header differently or sending two."""
 from __future__ import annotations
 
 from gateway.policy.proxyauth import hash_password
-from tests.clients import assert_error, get, raw_connect, send_raw
+from tests.clients import assert_error, basic, get, raw_connect, send_raw
 from tests.conftest import NAME, Canary, GatewayFactory, Logs, NamedUpstream, Upstream, route_to
-from tests.integration.test_forward_proxy import basic, proxy_config
+from tests.integration.test_forward_proxy import proxy_config
 
 
 async def test_absolute_form_to_a_routes_upstream_shares_its_bucket(

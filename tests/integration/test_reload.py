@@ -15,7 +15,22 @@ from typing import Any
 import aiohttp
 import yaml
 
-from tests.clients import free_port, run_cli, scrape, value
+from gateway.policy.proxyauth import hash_password
+from tests.clients import (
+    HANG_GUARD_S,
+    Reply,
+    assert_error,
+    basic,
+    closed_by_peer,
+    free_port,
+    get,
+    queued,
+    read_reply,
+    run_cli,
+    scrape,
+    send_raw,
+    value,
+)
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
@@ -101,21 +116,29 @@ async def test_a_bad_file_changes_nothing_and_says_why_like_check_config(
         assert gw.stop() == 0
 
 
-async def test_moving_a_listener_needs_a_restart(tmp_path: Path, upstream: Upstream) -> None:
+async def test_moving_a_listener_needs_a_restart_and_the_rest_applies(
+    tmp_path: Path, upstream: Upstream
+) -> None:
     config = base_config(upstream)
     gw = GatewayProcess(config, tmp_path)
     try:
-        edit(gw, {**config, "admin": {"host": "127.0.0.1", "port": gw.admin_port + 1}})
+        edit(gw, {**config, "admin": {"host": "127.0.0.1", "port": gw.admin_port + 1}, "deny_paths": ["/x"]})
         status, body = await post_reload(gw)
-        assert status == 422
-        [line] = body["problems"]
+        assert (status, body["status"]) == (200, "restart_needed")
+        [line] = body["restart_needed"]
         assert line == (
             f"{gw.config_path}:1: admin: changing it needs a restart (running on 127.0.0.1:0, "
-            f"asked for 127.0.0.1:{gw.admin_port + 1}); nothing was reloaded"
+            f"asked for 127.0.0.1:{gw.admin_port + 1}); the rest of the config was reloaded"
         )
-        assert await statuses(gw, "/x", 1) == [200]
+        assert await statuses(gw, "/x", 1) == [403]  # the rest applied
+        again_status, again = await post_reload(gw)  # the old admin port still serves, and still says so
+        assert (again_status, again["restart_needed"]) == (200, [line])
+        await gw.event("config_restart_needed")
+        reloaded = gw.events("config_reloaded")
+        assert [e["restart_needed"] for e in reloaded[:1]] == [1]
     finally:
         assert gw.stop() == 0
+    assert [e["problem"] for e in gw.events("config_restart_needed")] == [line, line]
 
 
 async def test_changing_the_number_of_workers_needs_a_restart(tmp_path: Path, upstream: Upstream) -> None:
@@ -129,17 +152,54 @@ async def test_changing_the_number_of_workers_needs_a_restart(tmp_path: Path, up
             status, body = await post_reload(gw)
             lines = gw.config_path.read_text().splitlines()
             line = 1 + next(i for i, text in enumerate(lines) if text.startswith("workers:"))
-            assert (status, body["problems"]) == (
-                422,
+            assert (status, body["restart_needed"]) == (
+                200,
                 [
                     f"{gw.config_path}:{line}: workers: changing it needs a restart (running 1, asked "
-                    "for 2); nothing was reloaded"
+                    "for 2); the rest of the config was reloaded"
                 ],
             )
         finally:
             assert gw.stop() == 0
     finally:
         redis.stop()
+
+
+async def test_a_reload_shortens_keep_alive_for_new_connections(tmp_path: Path, upstream: Upstream) -> None:
+    config = base_config(upstream, limits={"keepalive_timeout_s": 75})
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        edit(gw, {**config, "limits": {"keepalive_timeout_s": 0.5}})
+        gw.signal(signal.SIGHUP)
+        await gw.event("config_reloaded")
+        reader, writer = await asyncio.open_connection("127.0.0.1", gw.port)
+        try:
+            writer.write(b"GET /kept HTTP/1.1\r\nHost: gw\r\n\r\n")  # keep-alive: HTTP/1.1's default
+            assert (await read_reply(reader)).status == 200
+            assert await closed_by_peer(reader)  # idle past 0.5 s: closed, well before 75 s
+        finally:
+            writer.close()
+    finally:
+        assert gw.stop() == 0
+
+
+async def test_a_reload_changes_the_header_limits_for_new_connections(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """The parser's bounds (one request line, one header field) follow `limits.max_header_kb` too."""
+    config = base_config(upstream, limits={"max_header_kb": 1})
+    gw = GatewayProcess(config, tmp_path)
+    target, header = "/" + "a" * 2000, f"Host: gw\r\nX-Big: {'b' * 2000}\r\n"
+    try:
+        assert_error(await get(gw.port, target), 431, "headers_too_large")
+        assert_error(await get(gw.port, "/x", header), 431, "headers_too_large")
+        edit(gw, {**config, "limits": {"max_header_kb": 64}})
+        status, body = await post_reload(gw)
+        assert (status, body["status"]) == (200, "reloaded")
+        assert (await get(gw.port, target)).status == 200
+        assert (await get(gw.port, "/x", header)).status == 200
+    finally:
+        assert gw.stop() == 0
 
 
 async def test_rate_limit_counters_survive_a_reload_that_keeps_the_limit(
@@ -157,6 +217,82 @@ async def test_rate_limit_counters_survive_a_reload_that_keeps_the_limit(
         assert await statuses(gw, "/x", 6) == [200] * 5 + [429]
     finally:
         assert gw.stop() == 0
+
+
+async def test_failed_proxy_logins_add_up_across_a_reload(tmp_path: Path, upstream: Upstream) -> None:
+    auth = {"users": {"alice": hash_password("right-password", log2_n=10)}, "max_failures_per_minute": 5}
+    config = base_config(upstream, forward_proxy={"auth": auth, "http_ports": [upstream.port]})
+    gw = GatewayProcess(config, tmp_path)
+
+    async def proxied(password: str) -> Reply:
+        host = f"127.0.0.1:{upstream.port}"
+        return await send_raw(
+            gw.port,
+            f"GET http://{host}/x HTTP/1.1\r\nHost: {host}\r\nProxy-Authorization: "
+            f"{basic('alice', password)}\r\nConnection: close\r\n\r\n".encode(),
+        )
+
+    try:
+        for _ in range(3):
+            assert_error(await proxied("guess"), 407, "proxy_auth_required")
+        edit(gw, {**config, "deny_paths": ["/nothing/**"]})  # an unrelated change
+        gw.signal(signal.SIGHUP)
+        await gw.event("config_reloaded")
+        for _ in range(2):
+            assert_error(await proxied("guess"), 407, "proxy_auth_required")
+        assert_error(await proxied("right-password"), 429, "too_many_auth_failures")  # 5 of 5 in all
+        raised = {**auth, "max_failures_per_minute": 6}  # a new limit applies to the same failures
+        edit(gw, {**config, "forward_proxy": {"auth": raised, "http_ports": [upstream.port]}})
+        assert (await post_reload(gw))[0] == 200
+        assert (await proxied("right-password")).status == 200
+    finally:
+        assert gw.stop() == 0
+
+
+async def test_delayed_requests_keep_their_order_and_one_bound_across_a_reload(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    """One request per 5 s, at most 2 waiting: the window must outlast the few steps before the 3rd ask."""
+    limit = {"max_requests": 1, "window_minutes": 5 / 60, "on_limit": "delay", "max_queued": 2}
+    config = base_config(upstream, rate_limit=limit)
+    gw = GatewayProcess(config, tmp_path)
+    try:
+        assert await statuses(gw, "/first", 1) == [200]
+        before = asyncio.ensure_future(statuses(gw, "/before", 1))
+        await queued(gw.admin_port, 1)
+        edit(gw, {**config, "deny_paths": ["/nothing/**"]})
+        assert (await post_reload(gw))[0] == 200
+        after = asyncio.ensure_future(statuses(gw, "/after", 1))
+        await queued(gw.admin_port, 2)
+        assert await statuses(gw, "/over", 1) == [429]  # 2 waiting across the reload: the line is full
+        assert [await before, await after] == [[200], [200]]
+    finally:
+        assert gw.stop() == 0
+    served = [a["path"] for a in gw.events("access") if a["status"] == 200]
+    assert served == ["/first", "/before", "/after"]  # first come, first served across the reload
+
+
+async def test_a_burst_of_sighups_builds_a_few_generations_and_applies_the_last_file(
+    tmp_path: Path, upstream: Upstream
+) -> None:
+    config = base_config(upstream)
+    gw = GatewayProcess(config, tmp_path)
+    burst = 100
+    try:
+        edit(gw, {**config, "deny_paths": ["/first/**"]})
+        for _ in range(burst):  # each one delivered, not merged by the kernel into the one before
+            gw.signal_delivered(signal.SIGHUP)
+        edit(gw, {**config, "deny_paths": ["/last/**"]})
+        gw.signal(signal.SIGHUP)
+        async with asyncio.timeout(HANG_GUARD_S):
+            while await statuses(gw, "/last/x", 1) != [403]:
+                await asyncio.sleep(0.02)
+        assert await statuses(gw, "/first/x", 1) == [200]
+    finally:
+        assert gw.stop() == 0
+    generations = len(gw.events("config_reloaded"))
+    assert 1 <= generations <= burst // 10, generations
+    assert gw.events("config_reload_failed") == []
 
 
 async def test_a_download_in_flight_finishes_intact_on_the_old_generation(

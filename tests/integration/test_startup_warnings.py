@@ -125,3 +125,20 @@ async def test_serve_logs_the_same_warnings_once_and_never_the_token(tmp_path: P
     assert gw.events("gateway_stopped") and quiet.events("gateway_stopped")
     assert quiet.events("forward_proxy_open") == [] and quiet.events("admin_reload_disabled") == []
     assert [line for line in quiet.raw_lines if TOKEN in line] == []
+
+
+def test_a_delay_that_outlasts_a_shutdown_is_one_warning_line(tmp_path: Path) -> None:
+    app = {**APP, "rate_limit": {"max_requests": 10, "on_limit": "delay", "max_delay_s": 40}}
+    no_proxy = {"enabled": False}
+    _, lines = check(tmp_path, {"routes": [app], "shutdown_timeout_s": 20, "forward_proxy": no_proxy})
+    path = tmp_path / "gateway.yaml"
+    line = 1 + next(
+        i for i, text in enumerate(path.read_text().splitlines()) if text.strip().startswith("max_delay_s")
+    )
+    assert lines == [
+        f"warning: {path}:{line}: routes[0].rate_limit.max_delay_s: on_limit: delay holds a request up to "
+        "40 s, longer than shutdown_timeout_s (20 s): at shutdown the requests still waiting get 503 "
+        "shutting_down with Retry-After (routes: app); lower max_delay_s or raise shutdown_timeout_s"
+    ]
+    _, quiet = check(tmp_path, {"routes": [app], "shutdown_timeout_s": 40, "forward_proxy": no_proxy})
+    assert quiet == []

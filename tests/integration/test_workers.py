@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import aiohttp
 import pytest
 import yaml
 
-from tests.clients import free_port, scrape
+from tests.clients import HANG_GUARD_S, free_port, scrape
 from tests.conftest import Upstream, route_to
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
@@ -81,20 +82,76 @@ async def test_two_workers_share_the_port_and_one_limit(
     assert len(gw.events("gateway_stopped")) == 2  # SIGTERM reached both and each drained
 
 
-async def test_a_worker_that_dies_stops_the_others_and_fails_the_supervisor(
+async def test_a_worker_that_dies_is_restarted_and_the_supervisor_stays_up(
     tmp_path: Path, upstream: Upstream, redis: RedisServer
 ) -> None:
     gw = await two_workers(tmp_path, upstream, redis)
     victim = gw.events("gateway_started")[0]
     try:
         os.kill(victim["pid"], signal.SIGKILL)
-        code = gw.wait()  # the supervisor exits by itself
+        restarted = await gw.event("worker_restarted")
+        async with asyncio.timeout(HANG_GUARD_S):
+            while len(started := gw.events("gateway_started")) < 3:
+                await asyncio.sleep(0.02)
+        fresh = started[2]
+        assert (fresh["worker"], fresh["pid"]) == (victim["worker"], restarted["pid"])
+        assert fresh["pid"] != victim["pid"]
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(force_close=True)) as client:
+            async with asyncio.timeout(HANG_GUARD_S):  # new connections, until the kernel picks the new one
+                while await requests_served(fresh["admin"]) == 0:
+                    async with client.get(gw.url + "/x", headers={"Authorization": f"Bearer {TOKEN}"}) as r:
+                        assert r.status == 200
+        assert gw.proc.poll() is None  # the supervisor stayed up
     finally:
-        gw.stop()
-    assert code == 1
+        assert gw.stop() == 0
     (exited,) = gw.events("worker_exited")
-    assert (exited["pid"], exited["exit_code"]) == (victim["pid"], -9)
-    assert len(gw.events("gateway_stopped")) == 1  # the survivor was stopped, and drained
+    assert (exited["worker"], exited["pid"], exited["exit_code"]) == (victim["worker"], victim["pid"], -9)
+    assert exited["restart_in_s"] == 0.5  # it died young: a short wait first
+    assert len(gw.events("gateway_stopped")) == 2  # the survivor and the new one, each drained
+
+
+async def test_a_worker_in_a_crash_loop_waits_longer_each_time_then_fails_the_supervisor(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer
+) -> None:
+    """Workers that cannot start (their port is taken) are restarted after 0.5, 1, 2, 4 s, then given up."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        config = {
+            **two_workers_config(upstream, redis),
+            "listen": {"host": "127.0.0.1", "port": taken.getsockname()[1]},
+        }
+        gw = GatewayProcess(config, tmp_path, wait=False)
+        try:
+            code = await asyncio.to_thread(gw.wait, 60)
+        finally:
+            gw.stop()
+    assert code == 1
+    exits = gw.events("worker_exited")
+    for worker in (0, 1):
+        waits = [e.get("restart_in_s") for e in exits if e["worker"] == worker]
+        assert waits[:4] == [0.5, 1.0, 2.0, 4.0]
+    assert "stopping the other workers" in exits[-1]["detail"]
+    assert gw.events("gateway_started") == []
+
+
+async def test_sighups_while_workers_start_kill_none(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer
+) -> None:
+    """The supervisor handles SIGHUP from its first lines and passes it on; a worker ignores it until it
+    handles it itself, so no SIGHUP during any start-up kills a process."""
+    gw = GatewayProcess(two_workers_config(upstream, redis), tmp_path, wait=False)
+    try:
+        deadline = asyncio.get_running_loop().time() + HANG_GUARD_S
+        while len(gw.events("gateway_started")) < 2:
+            assert asyncio.get_running_loop().time() < deadline, "the workers did not start"
+            if gw.handles(signal.SIGHUP):
+                await asyncio.to_thread(gw.signal_delivered, signal.SIGHUP)
+        assert gw.proc.poll() is None
+    finally:
+        assert gw.stop() == 0
+    assert gw.events("worker_exited") == []
+    assert len(gw.events("gateway_stopped")) == 2
 
 
 async def test_with_watch_each_worker_watches_and_reloads_the_edited_file(

@@ -208,12 +208,12 @@ async def test_a_waiter_that_leaves_frees_its_place() -> None:
     for _ in range(2):
         assert (await rl.decide("data", "d" * 64, "10.0.0.1")).outcome == "allow"
     waiting = asyncio.ensure_future(rl.decide("data", "d" * 64, "10.0.0.1"))
-    while not rl._waiters:  # the request is queued
+    while not rl.queues.waiting:  # the request is queued
         await asyncio.sleep(0)
     waiting.cancel()  # the client disconnected
     with pytest.raises(asyncio.CancelledError):
         await waiting
-    assert rl._waiters == {}
+    assert rl.queues.waiting == 0
     assert (await rl.decide("data", "d" * 64, "10.0.0.1")).outcome == "delayed"  # the place is free again
 
 
