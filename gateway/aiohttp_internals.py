@@ -57,6 +57,10 @@ class ServerProtocol(RequestHandler):
         """The parser took the last request for a CONNECT (or Upgrade): what follows is not HTTP."""
         return self._upgraded
 
+    def divert(self, parser: Any) -> None:
+        """Hand every byte after the current request to `parser` (how aiohttp's WebSocket takes over)."""
+        self.set_parser(parser)
+
 
 class ProtocolFactory(web.Server):
     """aiohttp's `web.Server`, building protocols of a class of the gateway's own."""
@@ -180,9 +184,13 @@ def refused_connect_target(exc: BaseException) -> bool:
 _CLASS_NEEDS: tuple[tuple[type, tuple[str, ...]], ...] = (
     (
         RequestHandler,
-        ("_manager", "_loop", "_request_count", "_current_request", "_messages", "_upgraded"),
+        ("_manager", "_loop", "_request_count", "_current_request", "_messages", "_upgraded", "set_parser"),
     ),
-    (ResponseHandler, ("_parser", "_drain_helper", "set_response_params", "writing_paused")),
+    (
+        ResponseHandler,
+        ("_parser", "_drain_helper", "set_response_params", "writing_paused", "start_timeout", "read"),
+    ),
+    (ResponseHandler, ("should_close", "is_connected", "set_exception", "close")),
     (web.StreamResponse, ("_prepare_headers", "_send_headers_immediately")),
     (aiohttp.TCPConnector, ("_create_connection",)),
     (web.TCPSite, ("_server", "_runner", "_host", "_port", "_ssl_context", "_backlog")),
@@ -212,7 +220,7 @@ def check() -> None:
             probe = build(loop)
             missing += [f"{label}.{name}" for name in names if not hasattr(probe, name)]
         if not missing:
-            missing += _parser_texts(loop)
+            missing += _parser_texts(loop) + _boundary_probe(loop)
     finally:
         loop.close()
     if missing:
@@ -220,6 +228,24 @@ def check() -> None:
             f"aiohttp {aiohttp.__version__} lacks what bt-gateway uses ({', '.join(missing)}); "
             f"install {PINNED}"
         )
+
+
+def _boundary_probe(loop: asyncio.AbstractEventLoop) -> list[str]:
+    """`parser_at_boundary` must see the start of a next message that the parser holds (the pure-Python
+    parser, AIOHTTP_NO_EXTENSIONS, does not keep one the same way)."""
+    probe = ClientProtocol(loop)
+    probe.use_parser(False)
+    parser = probe._parser
+    assert parser is not None
+    parser.feed_data(b"HTTP/1.1 204 No Content\r\n\r\n")
+    clean = probe.parser_at_boundary()
+    probe.use_parser(True)  # a new parser (the framing changed), fed a message and part of another
+    parser = probe._parser
+    assert parser is not None
+    parser.feed_data(b"HTTP/1.1 204 No Content\r\n\r\nHTTP/1.1 200 OK\r\nContent-Le")
+    if clean and not probe.parser_at_boundary():
+        return []
+    return ["the response parser's end-of-message state (is aiohttp's C parser in use?)"]
 
 
 def _parser_texts(loop: asyncio.AbstractEventLoop) -> list[str]:

@@ -18,6 +18,7 @@ upstream that answers before reading the whole upload has its answer relayed and
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import select
 import socket
@@ -58,14 +59,20 @@ class UpstreamProtocol(ClientProtocol):
     in_flight = False  # a request is on this connection, until its response is closed
     sent = False  # the whole request reached the transport
     received = 0  # bytes received since the request went out
+    wrote = False  # a byte of the request reached the transport
+    answered = False  # the final response head arrived
     fd = -1
     plain = False  # no TLS: bytes in the socket are HTTP
+    _poll: select.poll | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         sock = transport.get_extra_info("socket")
-        self.fd = sock.fileno() if sock is not None else -1
         self.plain = transport.get_extra_info("sslcontext") is None
+        if sock is not None:
+            self.fd = sock.fileno()
+            self._poll = select.poll()  # (not select(): it fails on descriptors past 1023)
+            self._poll.register(self.fd, select.POLLIN)
 
     def connection_lost(self, exc: BaseException | None) -> None:
         if exc is not None and self.in_flight and self.plain:
@@ -93,19 +100,29 @@ class UpstreamProtocol(ClientProtocol):
         super().data_received(data)
 
     def begin(self) -> None:
-        self.in_flight, self.sent, self.received = True, False, 0
+        self.in_flight, self.sent, self.received, self.wrote, self.answered = True, False, 0, False, False
+
+    def send(self, data: bytes) -> None:
+        """Write request bytes; ConnectionResetError once the connection is closed (not a dead write)."""
+        transport = self.transport
+        if transport is None or transport.is_closing():
+            raise ConnectionResetError("the upstream connection closed")
+        transport.write(data)
+        self.wrote = True
 
     def upload_ended(self, task: asyncio.Task[None]) -> None:
-        """A failed upload ends the wait for the head with its error (an answer already read still wins)."""
-        if not task.cancelled() and (exc := task.exception()) is not None:
+        """A failed upload ends the wait for the head with its error (an answer already read still wins);
+        after the head, it ends the connection, so the response's reader sees its body cut short."""
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        if not self.answered:
             self.set_exception(exc)
+        elif self.transport is not None:
+            self.transport.close()
 
     def readable(self) -> bool:
         """Bytes (or the upstream's close) wait in the socket, not yet seen by the event loop."""
-        try:
-            return bool(select.select([self.fd], [], [], 0)[0])
-        except (OSError, ValueError):
-            return True
+        return self._poll is None or bool(self._poll.poll(0))
 
 
 class Upload:
@@ -150,7 +167,7 @@ class Upload:
 class UpstreamResponse:
     """A response head and its streaming body; `close()` returns a drained connection to the pool."""
 
-    __slots__ = ("_client", "_key", "_message", "_protocol", "content")
+    __slots__ = ("_client", "_key", "_message", "_protocol", "_upload", "content")
 
     def __init__(
         self,
@@ -159,11 +176,14 @@ class UpstreamResponse:
         protocol: UpstreamProtocol,
         message: RawResponseMessage,
         content: StreamReader,
+        *,
+        upload: asyncio.Task[None] | None,
     ) -> None:
         self._client = client
         self._key = key
         self._protocol: UpstreamProtocol | None = protocol
         self._message = message
+        self._upload = upload  # still sending the body the upstream answered early (and without refusing)
         self.content = content
 
     @property
@@ -189,6 +209,8 @@ class UpstreamResponse:
 
     def close(self) -> None:
         protocol, self._protocol = self._protocol, None
+        if self._upload is not None:
+            self._upload.cancel()  # the answer is over: the rest of the body has no one to go to
         if protocol is not None:
             keep_alive = self._message.headers.get("Keep-Alive")
             keep_s = IDLE_S if keep_alive is None else keep_alive_s(keep_alive)
@@ -230,23 +252,26 @@ class HttpClient:
         """Send one request (head in one write, body streamed) and wait for the response head.
 
         A pooled connection that turns out closed before any response byte is replaced once, when the
-        request can be sent again: no body, or an idempotent one still kept, or none of it sent yet.
+        request can be sent again: an idempotent one (its body, if any, still kept), or one of which no
+        byte was written (aiohttp's rule, and Go's).
         """
         assert url.raw_host is not None and url.port is not None
         key = (url.scheme, url.raw_host, url.port)
         head = _head(method, url, headers)
-        upload = None if body is None else Upload(body, chunked=chunked, keep=method in IDEMPOTENT)
+        idempotent = method in IDEMPOTENT
+        upload = None if body is None else Upload(body, chunked=chunked, keep=idempotent)
         protocol = self._pooled(key)
         reused = protocol is not None  # (not `or`: an idle protocol is an empty queue, and so falsy)
         if protocol is None:
             protocol = await self._connect(key)
         while True:
             try:
-                message, content = await self._exchange(protocol, method == "HEAD", head, upload)
+                message, content, uploading = await self._exchange(protocol, method == "HEAD", head, upload)
             except (aiohttp.ClientConnectionError, ConnectionError) as exc:
                 protocol.close()
                 stale = reused and protocol.received == 0 and not isinstance(exc, TimeoutError)
-                if not (stale and (upload is None or upload.can_resend())):
+                resendable = (upload is None or upload.can_resend()) and (idempotent or not protocol.wrote)
+                if not (stale and resendable):
                     raise
                 reused = False
                 protocol = await self._connect(key)
@@ -254,27 +279,37 @@ class HttpClient:
             except BaseException:
                 protocol.close()
                 raise
-            return UpstreamResponse(self, key, protocol, message, content)
+            return UpstreamResponse(self, key, protocol, message, content, upload=uploading)
 
     async def _exchange(
         self, protocol: UpstreamProtocol, head_only: bool, head: bytes, upload: Upload | None
-    ) -> tuple[RawResponseMessage, StreamReader]:
-        """Write the request and read the response head; an early head stops the upload."""
+    ) -> tuple[RawResponseMessage, StreamReader, asyncio.Task[None] | None]:
+        """Write the request and read the response head, with the upload still running if it is.
+
+        An answer before the whole body went out stops the upload when it refuses (4xx, 5xx) or closes
+        the connection (RFC 9112 9.3's advice); any other answer lets it go on beside the response.
+        """
         protocol.use_parser(head_only, **self._parser_settings)
         protocol.begin()
         if upload is None:
-            _transport(protocol).write(head)
+            protocol.send(head)
             protocol.sent = True
             protocol.start_timeout()
-            return await _read_head(protocol)
+            message, content = await _read_head(protocol)
+            return message, content, None
         task = asyncio.get_running_loop().create_task(self._upload(protocol, head, upload))
         task.add_done_callback(protocol.upload_ended)
         try:
-            return await _read_head(protocol)
-        finally:
-            if not task.done():  # the upstream answered (or failed) before taking the whole body
-                task.cancel()
-                await asyncio.wait((task,))  # stopped before the body is read again, or not at all
+            message, content = await _read_head(protocol)
+        except BaseException:
+            await _stop(task)  # stopped before the body could be read again, or not at all
+            raise
+        if task.done():
+            return message, content, None
+        if message.code >= 400 or message.should_close:
+            await _stop(task)
+            return message, content, None
+        return message, content, task
 
     async def _upload(self, protocol: UpstreamProtocol, head: bytes, upload: Upload) -> None:
         """The head with the first body bytes, then the rest, each wait for the upstream bounded."""
@@ -282,13 +317,14 @@ class HttpClient:
         chunked = upload.chunked
         async for chunk in upload.chunks():
             data = b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk
-            _transport(protocol).write(pending + data if pending else data)
+            protocol.send(pending + data if pending else data)
             pending = b""
             if protocol.writing_paused:
                 await self._drain(protocol)
-        _transport(protocol).write(pending + CHUNK_END if chunked else pending)
+        protocol.send(pending + CHUNK_END if chunked else pending)
         protocol.sent = True
-        protocol.start_timeout()
+        if not protocol.answered:
+            protocol.start_timeout()  # the wait for the answer starts once the request is out
 
     async def _drain(self, protocol: UpstreamProtocol) -> None:
         timeout = self._settings.write_timeout_s
@@ -381,10 +417,12 @@ def keep_alive_s(value: str) -> float:
     for param in value.split(","):
         name, _, number = param.partition("=")
         if name.strip().lower() == "timeout":
-            number = number.strip()
-            if not number.isdigit():
+            try:
+                timeout = float(number)
+            except ValueError:
                 break
-            timeout = int(number)
+            if not math.isfinite(timeout) or timeout <= 0:
+                break
             return min(IDLE_S, max(timeout - 1, timeout / 2))
     return IDLE_S
 
@@ -392,16 +430,17 @@ def keep_alive_s(value: str) -> float:
 async def _read_head(protocol: UpstreamProtocol) -> tuple[RawResponseMessage, StreamReader]:
     message, content = await protocol.read()
     while 100 <= message.code < 200 and message.code != 101:  # interim answers are not relayed
+        if protocol.sent:
+            protocol.start_timeout()  # aiohttp drops the read timer at each interim answer
         message, content = await protocol.read()
+    protocol.answered = True
     return message, content
 
 
-def _transport(protocol: UpstreamProtocol) -> asyncio.Transport:
-    """The connection's transport, or ConnectionResetError once it is closed (no write to a dead socket)."""
-    transport = protocol.transport
-    if transport is None or transport.is_closing():
-        raise ConnectionResetError("the upstream connection closed")
-    return transport
+async def _stop(task: asyncio.Task[None]) -> None:
+    if not task.done():
+        task.cancel()
+        await asyncio.wait((task,))
 
 
 def _head(method: str, url: URL, headers: Iterable[tuple[str, str]]) -> bytes:

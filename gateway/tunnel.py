@@ -1,10 +1,10 @@
 """CONNECT tunnels in one unit: dial the judged target, answer 200, relay bytes, count, log one event.
 
 After the `200 Connection Established`, the client connection is taken from aiohttp's HTTP protocol the
-way aiohttp's own WebSocket support does it (`set_parser` to collect bytes already read, then
-`transport.set_protocol`), so half-close and back-pressure are plain asyncio streams. At the end the
+way aiohttp's own WebSocket support does it (`divert`, its `set_parser`, to collect bytes already read,
+then `transport.set_protocol`), so half-close and back-pressure are plain asyncio streams. At the end the
 transport is handed back to aiohttp's protocol before it closes, so aiohttp's bookkeeping sees the
-connection go. This leans on aiohttp internals: the aiohttp minor version is pinned and tests cover it.
+connection go. The aiohttp parts of this live in gateway/aiohttp_internals.py, checked at start-up.
 
 The client connection may be TLS (`listen.tls`: an https:// proxy, CONNECT inside TLS). asyncio's (and
 uvloop's) SSL transport is taken over the same way, but TLS has no half-close: the client's close_notify
@@ -145,7 +145,7 @@ async def relay(
     protocol: Any = request.protocol
     transport: Any = request.transport
     tail = _Tail()
-    protocol.set_parser(tail)
+    protocol.divert(tail)
     transport.write(ESTABLISHED)
     loop = asyncio.get_running_loop()
     client_reader = asyncio.StreamReader(limit=CHUNK)

@@ -167,7 +167,7 @@ class RateLimit(Section):
     storage_timeout_ms: Annotated[int, Field(ge=1, le=60000)] = 100
     anonymous: Literal["client-ip", "deny"] = "client-ip"
     on_limit: OnLimit = "reject"  # delay: wait for a free slot instead of 429 (uploads lose no data)
-    max_delay_s: Seconds = 30  # with delay: the longest wait; beyond it 429
+    max_delay_s: Seconds = 10  # with delay: the longest wait; beyond it 429 (below shutdown_timeout_s)
     max_queued: Annotated[int, Field(ge=1)] = 100  # with delay: requests waiting per key; beyond it 429
 
     @field_validator("storage")

@@ -27,14 +27,8 @@ from tests.tls_files import CERT, KEY, issue, leaf_pems
 ROOT = Path(__file__).resolve().parents[2]
 MANIFESTS = sorted((ROOT / "deploy" / "kubernetes").glob("*.yaml"))
 CONFIG_DIR = "/etc/bt-gateway"
-# The image's own config serves both modes to anyone its ports reach, as a quick start; it says so. Its
-# uploads may wait 30 s for a slot, longer than its 15 s shutdown: it says that too.
-CONTAINER_WARNINGS = (
-    "admin.token",
-    "forward_proxy.auth",
-    "forward_proxy.tunnel_to_limited_hosts",
-    "rate_limit.max_delay_s",
-)
+# The image's own config serves both modes to anyone its ports reach, as a quick start; it says so.
+CONTAINER_WARNINGS = ("admin.token", "forward_proxy.auth", "forward_proxy.tunnel_to_limited_hosts")
 SECRET_STAND_IN = "stand-in-for-the-secret-0123456789"  # a secretKeyRef has no value in a manifest
 TLS_SECRET = "bt-gateway-tls"
 

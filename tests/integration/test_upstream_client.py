@@ -145,15 +145,18 @@ async def test_a_stale_pooled_connection_is_replaced_for_a_request_that_can_be_s
     assert len(raw_upstream.connections) == 2 and served == [method, method]
 
 
-async def test_a_post_whose_body_went_out_is_not_sent_twice(
-    start_gateway: GatewayFactory, raw_upstream: RawUpstream, logs: Logs
+@pytest.mark.parametrize("body", [b"not idempotent", b""], ids=["with-body", "without-body"])
+async def test_a_post_whose_request_went_out_is_not_sent_twice(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream, body: bytes
 ) -> None:
+    """The upstream may have acted on it before closing: only a request of which nothing was written, or
+    an idempotent one, is sent again."""
     served: list[str] = []
     raw_upstream.replies["/r"] = closes_on_second_request(served)
     gw = await start_gateway(**route_to(raw_upstream))  # type: ignore[arg-type]
     port = gw.gateway.ports["listen"]
-    assert (await ask(port, "POST", "/r", b"first")).status == 200
-    assert_error(await ask(port, "POST", "/r", b"not idempotent"), 502, "upstream_unreachable")
+    assert (await ask(port, "POST", "/r", body)).status == 200
+    assert_error(await ask(port, "POST", "/r", body), 502, "upstream_unreachable")
     assert len(raw_upstream.connections) == 1 and served == ["POST"]
 
 
@@ -277,3 +280,44 @@ async def test_an_upstream_that_stops_reading_an_upload_gets_a_write_timeout(
     assert_error(reply, 504, "upstream_timeout")
     event = await logs.access("/upload")
     assert event["reason"] == "write_timeout"
+
+
+async def test_an_answer_that_does_not_refuse_lets_the_upload_finish(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream
+) -> None:
+    """Some upstreams send their head first and read the body after (a streaming handler): the whole body
+    still goes up, and the answer streams back beside it."""
+    size = 4 * 2**20
+
+    async def head_first(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes) -> bool:
+        writer.write(b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n")
+        await writer.drain()
+        received = len(await reader.readexactly(body_length(head)))
+        text = b"got %d" % received
+        writer.write(b"%x\r\n%b\r\n0\r\n\r\n" % (len(text), text))
+        await writer.drain()
+        return True
+
+    raw_upstream.replies["/stream"] = head_first
+    gw = await start_gateway(**route_to(raw_upstream))  # type: ignore[arg-type]
+    async with uploading(gw.gateway.ports["listen"], "/stream", size) as (reader, _):
+        reply = await read_reply(reader)
+    assert (reply.status, reply.body) == (200, b"got %d" % size)
+
+
+async def test_an_interim_answer_then_silence_is_a_read_timeout(
+    start_gateway: GatewayFactory, raw_upstream: RawUpstream, logs: Logs
+) -> None:
+    held: list[asyncio.StreamWriter] = []
+
+    async def hints_then_nothing(
+        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, head: bytes
+    ) -> bool:
+        writer.write(b"HTTP/1.1 103 Early Hints\r\nLink: </a.css>; rel=preload\r\n\r\n")
+        await writer.drain()
+        return await stall(writer, held)
+
+    raw_upstream.replies["/hints"] = hints_then_nothing
+    gw = await start_gateway(**route_to(raw_upstream), upstream={"read_timeout_s": 0.5})  # type: ignore[arg-type]
+    assert_error(await ask(gw.gateway.ports["listen"], "GET", "/hints"), 504, "upstream_timeout")
+    assert (await logs.access("/hints"))["reason"] == "read_timeout"
