@@ -105,6 +105,12 @@ class FailureWindow:
         times.append(now)
         return None
 
+    def blocked(self, key: str) -> float | None:
+        """What `start` would answer, counting nothing: None, or the seconds until an attempt is allowed."""
+        now = self._clock()
+        times = [t for t in self._attempts.get(key, ()) if t > now - self._window]
+        return times[0] + self._window - now if len(times) >= self._limit else None
+
     def succeeded(self, key: str) -> None:
         """Take back the newest attempt of `key`: it was not a failure."""
         times = self._attempts.get(key)
@@ -134,8 +140,11 @@ class ProxyAuth:
         self._failures = FailureWindow(max_failures_per_minute, 60.0, clock)
         self._pool: ThreadPoolExecutor | None = None
 
-    async def check(self, header: str | None, client: str) -> str | GatewayError:
-        """The authenticated user name, the 407 challenge, or 429 once `client` failed too often."""
+    async def check(self, header: str | None, client: str, *, count: bool = True) -> str | GatewayError:
+        """The authenticated user name, the 407 challenge, or 429 once `client` failed too often.
+
+        `count=False` (`bt-gateway explain`): the same answer, but a failure is not counted.
+        """
         if not header:
             return _challenge()
         digest = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest()
@@ -143,7 +152,7 @@ class ProxyAuth:
         if user is not None:
             self._verified.move_to_end(digest)
             return user
-        wait = self._failures.start(client)
+        wait = self._failures.start(client) if count else self._failures.blocked(client)
         if wait is not None:
             retry = str(max(1, math.ceil(wait)))
             return GatewayError(
@@ -156,7 +165,8 @@ class ProxyAuth:
         user = await asyncio.get_running_loop().run_in_executor(self._pool, self.verify_header, header)
         if user is None:
             return _challenge()
-        self._failures.succeeded(client)
+        if count:
+            self._failures.succeeded(client)
         self._verified[digest] = user
         if len(self._verified) > _CACHE_SIZE:
             self._verified.popitem(last=False)
