@@ -236,15 +236,17 @@ def _probe(loaded: LoadedConfig, ready: bool) -> int:
 
 def _explain(loaded: LoadedConfig, args: argparse.Namespace) -> int:
     """One request (text or `--json`), or every case of `--cases` (mismatches, one line each)."""
-    from gateway.explain import ExplainUsageError, exit_code, explain_all, explain_request, render_text
+    from gateway.explain import ExplainUsageError, exit_code, explain_all, explain_request
     from gateway.explain_cases import CasesError, load_cases, mismatches
+    from gateway.explain_text import render_text
     from gateway.generation import BuildError
 
     cases = []
     try:
         if args.cases is not None:
-            if args.url:
-                raise ExplainUsageError("give a URL or --cases FILE, not both")
+            given = args.url or args.token or args.no_token or args.method or args.header or args.json
+            if given:
+                raise ExplainUsageError("--cases FILE takes every request from the file: give no URL or flag")
             cases = load_cases(Path(args.cases))
             requests = [case.request for case in cases]
         else:

@@ -268,6 +268,9 @@ def test_a_config_error_exits_2_with_one_line(tmp_path: Path) -> None:
     done = run_cli("explain", "-c", config, "/v1/project")
     assert done.returncode == 2 and done.stdout == ""
     assert done.stderr == f"{config}:13: listn: unknown key; did you mean 'listen'?\n"
+    done = run_cli("explain", "-c", config_file(tmp_path), "-H", "X-Broken", "/v1/project")
+    assert (done.returncode, done.stdout) == (2, "")
+    assert done.stderr == "bt-gateway explain: header 'X-Broken' is not 'Name: value'\n"
 
 
 CASES = """\
