@@ -1,16 +1,21 @@
-"""The admin listener's application: probes, the metrics scrape and POST /reload, behind the access rules.
+"""The admin listener's application: probes, the metrics scrape, POST /reload and POST /explain, behind
+the access rules.
 
-It knows nothing of the gateway itself: it is given the readiness check, the metrics renderer, the reload
-and the current `AdminAccess` (gateway/policy/admin_access.py), which every request passes first.
+It knows nothing of the gateway itself: it is given the readiness check, the metrics renderer, the reload,
+the explainer (gateway/explain.py) and the current `AdminAccess` (gateway/policy/admin_access.py), which
+every request passes first. POST /explain changes nothing, but it is not open: its answers tell how to get
+past the policy and which token fingerprints are near their limit, so it is guarded as POST /reload is.
 """
 
 from __future__ import annotations
 
+import json
 from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiohttp import web
 
+from gateway.errors import Code, GatewayError
 from gateway.exchange import request_id
 from gateway.logs import get_logger, loggable_target
 from gateway.metrics import CONTENT_TYPE
@@ -22,6 +27,9 @@ log = get_logger("gateway.admin")
 
 Readiness = Callable[[], Awaitable[str | None]]  # None when ready, else the reason (the 503 body's status)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+# A POST /explain body -> the `explain --json` document; ValueError for a body that names no request.
+Explainer = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
+NOT_AN_OBJECT = 'the body must be a JSON object such as {"url": "/v1/project", "token": "..."}'
 
 
 def admin_app(
@@ -29,6 +37,7 @@ def admin_app(
     render_metrics: Callable[[], bytes],
     reload: Callable[[], Awaitable[ReloadResult]],
     access: Callable[[], AdminAccess],
+    explain: Explainer,
 ) -> web.Application:
     """The application; `access` is asked per request, so a reload that changes admin.token applies."""
 
@@ -54,6 +63,28 @@ def admin_app(
         if result.restart_needed:
             body["restart_needed"] = list(result.restart_needed)
         return web.json_response(body, status=200 if result.ok else 422)
+
+    async def explain_request(request: web.Request) -> web.Response:
+        rid = request_id(request.headers.get("X-Request-Id"))
+        try:
+            body = await request.json()
+            if not isinstance(body, dict):
+                raise ValueError(NOT_AN_OBJECT)
+            report = await explain(body)
+        except ValueError as exc:  # also a body that is not JSON (json.JSONDecodeError)
+            detail = str(exc) if type(exc) is not json.JSONDecodeError else NOT_AN_OBJECT
+            return error_response(GatewayError(Code.BAD_REQUEST, detail), rid)
+        log.info(
+            "explain",
+            method=report["request"]["method"],
+            path=loggable_target(report["request"]["url"]),
+            outcome=report["outcome"],
+            code=report["code"],
+            token_fp=report["request"]["token_fingerprint"],
+            client_ip=request.remote or "",
+            request_id=rid,
+        )
+        return web.json_response(report)
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
@@ -81,4 +112,5 @@ def admin_app(
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
     app.router.add_post("/reload", reload_config)
+    app.router.add_post("/explain", explain_request)
     return app

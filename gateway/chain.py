@@ -74,6 +74,24 @@ class Chain:
                 return cast(Decision, decision)
         return None
 
+    async def trace(self, exchange: Exchange) -> list[tuple[str, Decision | None]]:
+        """`run` for `bt-gateway explain`: each step reached, in order, with its decision (None: nothing to
+        decide); the last one is final when the chain ended early. A step that counts is asked through
+        its `peek`, so tracing changes no counter."""
+        reached: list[tuple[str, Decision | None]] = []
+        for step in self.steps:
+            ask = getattr(step, "peek", step.decide)  # `peek`: the same decision, counting nothing
+            decision = ask(exchange)
+            if inspect.isawaitable(decision):
+                decision = await decision
+            reached.append((step.name, decision))
+            if decision is None:
+                continue
+            exchange.decisions.append(f"{step.name}:{decision.outcome}")
+            if decision.final:
+                break
+        return reached
+
 
 def http_chain(
     *,

@@ -1,4 +1,4 @@
-"""Command line: `serve`, `check-config`, `probe`, `hash-password`, `egress-lock`, `--version`.
+"""Command line: `serve`, `check-config`, `probe`, `explain`, `hash-password`, `egress-lock`, `--version`.
 
 Config problems exit 2 with one line each and no traceback.
 """
@@ -10,10 +10,12 @@ import asyncio
 import contextlib
 import gc
 import getpass
+import json
 import os
 import signal
 import sys
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Any
 
 import yaml
@@ -71,7 +73,27 @@ def _parser() -> argparse.ArgumentParser:
     hasher = commands.add_parser("hash-password", help="print a scrypt hash for forward_proxy.auth.users")
     hasher.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
     _egress_lock_parser(commands)
+    _explain_parser(commands)
     return parser
+
+
+def _explain_parser(commands: Any) -> None:
+    sub = commands.add_parser(
+        "explain",
+        help="what the gateway would do with a request: each step's verdict, the route, the upstream "
+        "(exit 0 forwarded, 1 refused, 2 config error)",
+    )
+    sub.add_argument("-c", "--config", help="YAML file (found as for serve)")
+    tokens = sub.add_mutually_exclusive_group()
+    tokens.add_argument("--token", help="the caller's token (default: $BRAINTRUST_API_KEY)")
+    tokens.add_argument("--no-token", action="store_true", help="ask as a caller without a token")
+    sub.add_argument("-X", "--request", dest="method", metavar="METHOD", help="default GET")
+    sub.add_argument("-H", "--header", action="append", default=[], metavar="'NAME: VALUE'")
+    sub.add_argument("--client-ip", default="127.0.0.1", help="the caller's address (default 127.0.0.1)")
+    sub.add_argument("--no-resolve", action="store_true", help="do not resolve the upstream's name")
+    sub.add_argument("--json", action="store_true", help="one JSON document (see the README for its shape)")
+    sub.add_argument("--cases", metavar="FILE", help="a YAML list of requests and expected outcomes")
+    sub.add_argument("url", nargs="*", metavar="URL", help="/path, http(s)://host/path or CONNECT host:port")
 
 
 LOCK_HELP = """\
@@ -158,7 +180,7 @@ def _hash_password(args: argparse.Namespace) -> int:
 def _flags(args: argparse.Namespace) -> tuple[Override, ...]:
     found = []
     for option, key, _ in _FLAGS:
-        value = getattr(args, option.lstrip("-").replace("-", "_"))
+        value = getattr(args, option.lstrip("-").replace("-", "_"), None)  # explain takes none
         if value is not None:
             found.append(flag(option, value, *key))
     return tuple(found)
@@ -186,6 +208,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return check_config(loaded)
     if args.command == "probe":
         return _probe(loaded, args.ready)
+    if args.command == "explain":
+        return _explain(loaded, args)
     if args.watch and loaded.path is None:
         return _config_errors([f"--watch: there is no config file to watch ({DEFAULTS} are in use)"])
     if loaded.config.workers > 1 and worker_index() is None:  # each worker gets --watch with argv
@@ -210,6 +234,51 @@ def _probe(loaded: LoadedConfig, ready: bool) -> int:
         return 0
     print(f"bt-gateway: {problem}", file=sys.stderr)
     return 1
+
+
+def _explain(loaded: LoadedConfig, args: argparse.Namespace) -> int:
+    """One request (text or `--json`), or every case of `--cases` (mismatches, one line each)."""
+    from gateway.explain import ExplainUsageError, exit_code, explain_all, explain_request
+    from gateway.explain_cases import CasesError, load_cases, mismatches
+    from gateway.explain_text import render_text
+    from gateway.generation import BuildError
+
+    cases = []
+    try:
+        if args.cases is not None:
+            given = args.url or args.token or args.no_token or args.method or args.header or args.json
+            if given:
+                raise ExplainUsageError("--cases FILE takes every request from the file: give no URL or flag")
+            cases = load_cases(Path(args.cases))
+            requests = [case.request for case in cases]
+        else:
+            named = any(h.partition(":")[0].strip().lower() == "authorization" for h in args.header)
+            token = None if args.no_token or named else args.token or os.environ.get("BRAINTRUST_API_KEY")
+            resolve = not args.no_resolve
+            requests = [
+                explain_request(
+                    args.url,
+                    method=args.method,
+                    token=token,
+                    headers=args.header,
+                    client_ip=args.client_ip,
+                    resolve=resolve,
+                )
+            ]
+    except (ExplainUsageError, CasesError) as exc:
+        problems = exc.problems if isinstance(exc, CasesError) else [f"bt-gateway explain: {exc}"]
+        return _config_errors(problems)
+    try:
+        reports = _event_loop_runner()(explain_all(loaded.config, requests))
+    except BuildError as exc:
+        return _config_errors([loaded.problem(exc.key, exc.message)])
+    if args.cases is not None:
+        wrong = mismatches(Path(args.cases), cases, reports)
+        print("\n".join([*wrong, f"{len(cases)} cases, {len(wrong) or 'no'} mismatches"]))
+        return 1 if wrong else 0
+    report = reports[0]
+    print(json.dumps(report, indent=2) if args.json else render_text(report), end="\n" if args.json else "")
+    return exit_code(report)
 
 
 def _config_errors(problems: list[str]) -> int:

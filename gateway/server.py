@@ -21,6 +21,7 @@ from gateway.config.certs import CertProblem
 from gateway.config.model import Admin, GatewayConfig
 from gateway.errors import Code, GatewayError
 from gateway.exchange import Exchange, request_id
+from gateway.explain import Report, explain, request_from_json
 from gateway.generation import BuildError, Generation
 from gateway.handler import ProxyHandler
 from gateway.listener_tls import ListenerTls
@@ -105,7 +106,9 @@ class Gateway:
         if self._tls is not None:
             self._tls.watch()
         admin_port = admin.port + self.worker if admin.port else 0
-        app = admin_app(self._not_ready, self.metrics.render, self.reload, lambda: self._admin_access)
+        app = admin_app(
+            self._not_ready, self.metrics.render, self.reload, lambda: self._admin_access, self.explain
+        )
         admin_runner = web.AppRunner(app, access_log=None)
         self._runners.append(admin_runner)
         self.ports["admin"] = await listen(admin_runner, "admin", admin.host, admin_port)
@@ -173,6 +176,19 @@ class Gateway:
         if result.ok and tls is not None and settings is not None and not await tls.use(settings):
             return ReloadResult(False, result.origin, (TLS_KEPT,), result.restart_needed)  # changed since
         return result
+
+    async def explain(self, body: dict[str, Any]) -> Report:
+        """POST /explain: the request `body` names, explained on the live generation, which it holds (as
+        a request does) so a reload cannot close it meanwhile. ValueError for a body naming no request."""
+        request = request_from_json(body)
+        generation = self.generation
+        if generation is None:
+            raise ValueError("the gateway is shutting down")
+        generation.enter()
+        try:
+            return await explain(generation, request, live=True)
+        finally:
+            generation.leave()
 
     def swap(self, fresh: Generation) -> Generation:
         """Serve new requests on `fresh`; requests and tunnels in flight finish on the one it returns."""

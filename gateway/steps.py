@@ -17,24 +17,31 @@ from gateway.bypass import USE_REVERSE_MODE, Bypass
 from gateway.errors import Code, GatewayError, Reason
 from gateway.exchange import BAD_TARGET, FORWARD_PROXY_ROUTE, TUNNEL_ROUTE, Exchange, Target
 from gateway.policy.allowlist import Allowlist, canonical_host
+from gateway.policy.credentials import FINGERPRINT_HEX
 from gateway.policy.external_url import valid_host
 from gateway.policy.forward_proxy import ForwardProxyPolicy, parse_connect_target
 from gateway.policy.paths import PathDenyList
 from gateway.policy.proxyauth import ProxyAuth
-from gateway.policy.ratelimit import RateLimiter
+from gateway.policy.ratelimit import RateLimiter, RatePeek
 from gateway.policy.routes import RouteTable, RouteTarget
 from gateway.relay import DENIED as RELAY_DENIED
 from gateway.relay import PREFIX as RELAY_PREFIX
 from gateway.relay import Relay
 
+Fact = tuple[str, str | int | float | bool | None]
+
 
 @dataclass(frozen=True, slots=True)
 class Decision:
-    """One step's verdict: `outcome` for the log; `error` or `location` (a redirect) end the chain."""
+    """One step's verdict: `outcome` for the log; `error` or `location` (a redirect) end the chain.
+
+    `facts`: what a step's read-only `peek` looked at (a rate limit's key and count), for `explain`.
+    """
 
     outcome: str
     error: GatewayError | None = None
     location: str | None = None
+    facts: tuple[Fact, ...] = ()
 
     @property
     def final(self) -> bool:
@@ -42,7 +49,11 @@ class Decision:
 
 
 class Step(Protocol):
-    """A step decides synchronously; one that needs I/O (a store, a password hash) is a coroutine."""
+    """A step decides synchronously; one that needs I/O (a store, a password hash) is a coroutine.
+
+    A step whose decision counts something (a rate limit, a failed password) also has `peek`: the same
+    decision, counting nothing, for `bt-gateway explain` (see `Chain.trace`).
+    """
 
     name: str
 
@@ -359,6 +370,19 @@ class ProxyAuthenticated:
         if not is_proxied(exchange):
             return None
         user = await self._auth.check(exchange.headers.get("Proxy-Authorization"), exchange.client_ip)
+        return self._decided(exchange, user)
+
+    async def peek(self, exchange: Exchange) -> Decision | None:
+        """`decide` counting no failed attempt."""
+        if not is_proxied(exchange):
+            return None
+        user = await self._auth.check(
+            exchange.headers.get("Proxy-Authorization"), exchange.client_ip, count=False
+        )
+        return self._decided(exchange, user)
+
+    @staticmethod
+    def _decided(exchange: Exchange, user: str | GatewayError) -> Decision:
         if isinstance(user, GatewayError):
             return Decision("deny", user)
         exchange.proxy_user = user
@@ -400,6 +424,9 @@ class RateLimited:
         exchange.response_headers = decision.headers
         return Decision(decision.outcome, decision.error)
 
+    async def peek(self, exchange: Exchange) -> Decision:
+        return await peek_rate(self._limiter, exchange)
+
 
 class RateLimitedNow:
     """`RateLimited` for a limiter that never awaits (memory, no delay): no coroutine per request."""
@@ -415,9 +442,39 @@ class RateLimitedNow:
         exchange.response_headers = decision.headers
         return ALLOW if decision.outcome == "allow" else Decision(decision.outcome, decision.error)
 
+    async def peek(self, exchange: Exchange) -> Decision:
+        return await peek_rate(self._limiter, exchange)
+
 
 def rate_limited(limiter: RateLimiter) -> RateLimited | RateLimitedNow:
     return RateLimitedNow(limiter) if limiter.immediate else RateLimited(limiter)
+
+
+async def peek_rate(limiter: RateLimiter, exchange: Exchange) -> Decision:
+    """The rate-limit step's decision read without counting, with the key and count it read."""
+    assert exchange.route is not None
+    peeked = await limiter.peek(exchange.route, exchange.token_digest, exchange.client_ip)
+    return Decision(peeked.decision.outcome, peeked.decision.error, facts=rate_facts(limiter, peeked))
+
+
+def rate_facts(limiter: RateLimiter, peeked: RatePeek) -> tuple[Fact, ...]:
+    """A peeked limit as `explain` shows it: the key as the logs do (a token only as its fingerprint),
+    the count read, the limit and the kind of store (never its URI, which may hold a password)."""
+    kind, _, ident = (peeked.key or "").partition(":")
+    if kind == "tok":
+        kind, ident = "token", ident[:FINGERPRINT_HEX]
+    spec = peeked.spec
+    return (
+        ("key_kind", {"ip": "client_ip", "user": "proxy_user"}.get(kind, kind) or None),
+        ("key_id", ident or None),
+        ("count", peeked.in_window),
+        ("max_requests", spec.max_requests if spec else None),
+        ("window_s", spec.window_s if spec else None),
+        ("on_limit", spec.on_limit if spec else None),
+        ("storage", limiter.settings.storage.partition("://")[0]),
+        ("shared", limiter.shared),
+        ("wait_s", round(peeked.decision.wait_s, 3)),
+    )
 
 
 class TunnelLimited:
@@ -430,7 +487,17 @@ class TunnelLimited:
 
     async def decide(self, exchange: Exchange) -> Decision:
         """Per authenticated user when proxy auth is on (one NAT, many users), else per address."""
-        user = exchange.proxy_user
-        key = "user:" + user if user is not None else "ip:" + exchange.client_ip
-        decision = await self._limiter.check(TUNNEL_ROUTE, key)
+        decision = await self._limiter.check(TUNNEL_ROUTE, self._key(exchange))
         return Decision(decision.outcome, decision.error)
+
+    async def peek(self, exchange: Exchange) -> Decision:
+        """`decide` counting no tunnel."""
+        peeked = await self._limiter.peek_key(TUNNEL_ROUTE, self._key(exchange))
+        return Decision(
+            peeked.decision.outcome, peeked.decision.error, facts=rate_facts(self._limiter, peeked)
+        )
+
+    @staticmethod
+    def _key(exchange: Exchange) -> str:
+        user = exchange.proxy_user
+        return "user:" + user if user is not None else "ip:" + exchange.client_ip

@@ -72,6 +72,11 @@ class ForwardProxyPolicy:
         self._deny_private = deny_private
         self._literals = frozenset(e.host for e in allowlist.entries if not e.wildcard)
 
+    @property
+    def checks_addresses(self) -> bool:
+        """Whether `check_address` refuses anything (`deny_private_addresses`)."""
+        return self._deny_private
+
     def check_target(self, target: ConnectTarget) -> GatewayError | None:
         denied = self._allowlist.check(target.host, target.port)
         if denied is not None:

@@ -113,6 +113,12 @@ class FailureWindow:
         times.append(now)
         return None
 
+    def blocked(self, key: str) -> float | None:
+        """What `start` would answer, counting nothing: None, or the seconds until an attempt is allowed."""
+        now = self._clock()
+        times = [t for t in self._attempts.get(key, ()) if t > now - self._window]
+        return times[0] + self._window - now if len(times) >= self._limit else None
+
     def succeeded(self, key: str) -> None:
         """Take back the newest attempt of `key`: it was not a failure."""
         times = self._attempts.get(key)
@@ -150,8 +156,11 @@ class ProxyAuth:
             self.failures = FailureWindow(max_failures_per_minute, 60.0, clock)
         self._pool: ThreadPoolExecutor | None = None
 
-    async def check(self, header: str | None, client: str) -> str | GatewayError:
-        """The authenticated user name, the 407 challenge, or 429 once `client` failed too often."""
+    async def check(self, header: str | None, client: str, *, count: bool = True) -> str | GatewayError:
+        """The authenticated user name, the 407 challenge, or 429 once `client` failed too often.
+
+        `count=False` (`bt-gateway explain`): the same answer, but a failure is not counted.
+        """
         if not header:
             return _challenge()
         digest = hashlib.sha256(header.encode("utf-8", "surrogateescape")).digest()
@@ -159,7 +168,7 @@ class ProxyAuth:
         if user is not None:
             self._verified.move_to_end(digest)
             return user
-        wait = self.failures.start(client)
+        wait = self.failures.start(client) if count else self.failures.blocked(client)
         if wait is not None:
             retry = str(max(1, math.ceil(wait)))
             return GatewayError(
@@ -172,7 +181,8 @@ class ProxyAuth:
         user = await asyncio.get_running_loop().run_in_executor(self._pool, self.verify_header, header)
         if user is None:
             return _challenge()
-        self.failures.succeeded(client)
+        if count:
+            self.failures.succeeded(client)
         self._verified[digest] = user
         if len(self._verified) > _CACHE_SIZE:
             self._verified.popitem(last=False)

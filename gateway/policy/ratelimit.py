@@ -76,6 +76,15 @@ class RateDecision(NamedTuple):
     wait_s: float = 0.0  # for a refusal: until the oldest counted request leaves the window
 
 
+class RatePeek(NamedTuple):
+    """What the limiter would decide for one request, read without counting it (`bt-gateway explain`)."""
+
+    decision: RateDecision
+    key: str | None  # the storage key (`tok:<sha256>` or `ip:<addr>`); None when no key was needed
+    in_window: int | None  # requests in the window now; None when not read (no limit, or the store failed)
+    spec: LimitSpec | None  # None: the route has no limit
+
+
 OFF = RateDecision(allowed=True, outcome="off")
 FAIL_OPEN = RateDecision(allowed=True, outcome="storage_error_allow")
 ANONYMOUS_DENIED = RateDecision(
@@ -343,6 +352,48 @@ class RateLimiter:
         self._storage_ok()
         return self._decision(limit, allowed, remaining, reset)
 
+    async def peek(self, route: str, digest: str | None, client_ip: str) -> RatePeek:
+        """`decide` read only: the same key, limit and outcome, but nothing is counted, queued or logged.
+
+        Over the limit with `on_limit: delay`, the outcome is `delayed` (it would wait, then go on) or
+        `delay_too_long`; how many others wait in this process is not known to a reader.
+        """
+        limit = self._routes.get(route, self._default)
+        if limit is None:
+            return RatePeek(OFF, None, None, None)
+        key = rate_key(digest, client_ip, self.settings.anonymous)
+        if isinstance(key, GatewayError):
+            return RatePeek(ANONYMOUS_DENIED, None, None, limit.spec)
+        return await self.peek_key(route, key)
+
+    async def peek_key(self, route: str, key: str) -> RatePeek:
+        """`check` read only (see `peek`)."""
+        limit = self._routes.get(route, self._default)
+        if limit is None:
+            return RatePeek(OFF, key, None, None)
+        try:
+            async with asyncio.timeout(self._timeout):
+                allowed, remaining, reset = await self._read(limit, route, key)
+        except Exception:
+            return RatePeek(self._failed(), key, None, limit.spec)
+        decision = self._decision(limit, allowed, remaining - 1 if allowed else remaining, reset)
+        spec = limit.spec
+        if not allowed and spec.on_limit == "delay":
+            if decision.wait_s > spec.max_delay_s:
+                decision = decision._replace(outcome="delay_too_long")
+            else:
+                decision = decision._replace(allowed=True, outcome="delayed", error=None)
+        return RatePeek(decision, key, limit.amount - remaining, spec)
+
+    async def _read(self, limit: _Limit, route: str, key: str) -> tuple[bool, int, float]:
+        """(allowed, remaining before this request, reset) without counting."""
+        if self._strategy is None:
+            hit = await self._store.windows.peek(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
+            return hit.allowed, hit.remaining, hit.reset
+        allowed = await self._strategy.test(limit.item, route, key)
+        reset, remaining = await self._strategy.get_window_stats(limit.item, route, key)
+        return bool(allowed), int(remaining), float(reset)
+
     def _decision(self, limit: _Limit, allowed: bool, remaining: int, reset: float) -> RateDecision:
         seconds = max(0, math.ceil(reset - self._clock()))
         headers = (limit.policy_field, ("RateLimit", f'"{POLICY_NAME}";r={max(0, remaining)};t={seconds}'))
@@ -374,6 +425,10 @@ class RateLimiter:
                 error=type(exc).__name__,
                 on_storage_error=self.settings.on_storage_error,
             )
+        return self._failed()
+
+    def _failed(self) -> RateDecision:
+        """The decision while the store fails: `on_storage_error` says allow or deny."""
         if self.settings.on_storage_error == "allow":
             return FAIL_OPEN
         error = GatewayError(Code.RATE_LIMIT_UNAVAILABLE, "rate limit storage is unavailable")

@@ -290,16 +290,20 @@ class RewritePolicy:
         if cached is not None:
             self._cache.move_to_end(external_url)
             return cached
+        compiled = RuleSet(self.rule_pairs(external_url), self._max_buffer)
+        self._cache[external_url] = compiled
+        if len(self._cache) > _CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return compiled
+
+    def rule_pairs(self, external_url: str | None) -> list[tuple[str, str]]:
+        """The `(from, to)` rules for one external URL, as configured (JSON-escaped twins are implied)."""
         rules = list(self._static)
         if external_url is not None:
             for origin, prefix in self._advertised:
                 to = external_url + prefix.rstrip("/")
                 rules += [(origin, to), (_websocket(origin), _websocket(to))]  # realtime_url is wss://
-        compiled = RuleSet(rules, self._max_buffer)
-        self._cache[external_url] = compiled
-        if len(self._cache) > _CACHE_SIZE:
-            self._cache.popitem(last=False)
-        return compiled
+        return [(source, target) for source, target in rules if source and source != target]
 
     def body(
         self, rules: RuleSet, content_type: str | None, content_encoding: str | None

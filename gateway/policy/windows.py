@@ -63,6 +63,15 @@ class MemoryWindows:
         reset = times[0] + window if times else now + window
         return WindowHit(allowed, limit - len(times), reset)
 
+    async def peek(self, key: str, limit: int, window: float) -> WindowHit:
+        """What `hit_now` would decide, counting nothing and changing nothing (`bt-gateway explain`);
+        `remaining` is before this request."""
+        now = self._clock()
+        entry = self._windows.get(key)
+        live = [t for t in entry[0] if t >= now - window] if entry is not None else []
+        reset = live[0] + window if live else now + window
+        return WindowHit(len(live) < limit, limit - len(live), reset)
+
     def _sweep(self, now: float) -> None:
         """Forget keys whose newest request left its window: the least recently used come first."""
         windows = self._windows
@@ -94,6 +103,13 @@ local reset = now + window
 if oldest[2] then reset = tonumber(oldest[2]) + window end
 return {allowed, limit - count, tostring(reset)}
 """
+# The same window, read only: how many requests it holds now and when the oldest leaves (no write).
+_MOVING_WINDOW_PEEK = """
+local since = tonumber(ARGV[1]) - tonumber(ARGV[2])
+local count = redis.call('ZCOUNT', KEYS[1], since, '+inf')
+local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'LIMIT', 0, 1, 'WITHSCORES')
+return {count, oldest[2] or ''}
+"""
 
 
 class RedisWindows:
@@ -104,6 +120,7 @@ class RedisWindows:
     def __init__(self, client: Any, clock: Callable[[], float]) -> None:
         self._client = client
         self._script = client.register_script(_MOVING_WINDOW)
+        self._peek = client.register_script(_MOVING_WINDOW_PEEK)
         self._clock = clock
         self._origin = os.urandom(6).hex()  # members are unique across replicas without a syscall each
         self._sequence = itertools.count()
@@ -113,3 +130,11 @@ class RedisWindows:
         args = [repr(self._clock()), str(window), str(limit), member]
         allowed, remaining, reset = await self._script(keys=[self.PREFIX + key], args=args)
         return WindowHit(bool(allowed), int(remaining), float(reset))
+
+    async def peek(self, key: str, limit: int, window: float) -> WindowHit:
+        """What `hit` would decide, read only (`bt-gateway explain`); `remaining` is before this request."""
+        now = self._clock()
+        count, oldest = await self._peek(keys=[self.PREFIX + key], args=[repr(now), str(window)])
+        count = int(count)
+        reset = float(oldest) + window if oldest not in ("", b"") else now + window
+        return WindowHit(count < limit, limit - count, reset)

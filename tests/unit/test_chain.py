@@ -11,7 +11,9 @@ from multidict import CIMultiDict
 
 from gateway.config.model import GatewayConfig
 from gateway.exchange import Exchange
+from gateway.explain import explain, explain_request
 from gateway.generation import Generation
+from gateway.policy.credentials import digest_of
 from gateway.policy.proxyauth import ScryptHash, hash_password
 from gateway.policy.routes import RouteTable, RouteTarget
 from gateway.steps import SEEN_TARGET_CHARS, SEEN_TARGETS, Router
@@ -236,3 +238,51 @@ async def test_a_repeated_target_routes_the_same_and_the_memory_of_targets_is_bo
     router.decide(exchange("/v1/" + "x" * SEEN_TARGET_CHARS))  # too long to remember
     assert 0 < len(router._seen) <= SEEN_TARGETS
     assert all(len(target) <= SEEN_TARGET_CHARS for target in router._seen)
+
+
+async def test_tracing_counts_nothing_that_running_counts(build: Any) -> None:
+    """`Chain.trace` (explain) asks the counting steps through `peek`: a limit of 2 traced any number of
+    times is still whole, and failed passwords traced past the lock-out limit lock nobody out."""
+    auth = {"users": {"alice": hash_password(PASSWORD, log2_n=10)}, "max_failures_per_minute": 2}
+    generation = await build(
+        rate_limit={"max_requests": 2}, forward_proxy={"auth": auth, "http_ports": [443]}
+    )
+    for _ in range(3):
+        ex = exchange("/x")
+        assert [name for name, _ in await generation.http.trace(ex)][-1] == "ratelimit"
+        assert ex.decisions == ["route:app", "allowlist:allow", "ratelimit:allow"]
+    assert await generation.http.run(exchange("/x")) is None
+    traced = await generation.http.trace(exchange("/x"))
+    assert traced[-1][1] is not None and dict(traced[-1][1].facts)["count"] == 1
+    assert await generation.http.run(exchange("/x")) is None  # the second of two: no slot was taken
+    decision = (await generation.http.trace(exchange("/x")))[-1][1]
+    assert decision is not None and decision.error is not None and str(decision.error.code) == "rate_limited"
+    wrong = {"Proxy-Authorization": "Basic " + base64.b64encode(b"alice:guess").decode()}
+    for _ in range(3):
+        decision = (await generation.connect.trace(exchange("api.example.com:443", "CONNECT", **wrong)))[-1][
+            1
+        ]
+        assert decision is not None and decision.error is not None
+        assert str(decision.error.code) == "proxy_auth_required"
+    for code in ("proxy_auth_required", "proxy_auth_required", "too_many_auth_failures"):
+        decision = await generation.connect.run(exchange("api.example.com:443", "CONNECT", **wrong))
+        assert decision is not None and decision.error is not None and str(decision.error.code) == code
+    decision = (await generation.connect.trace(exchange("api.example.com:443", "CONNECT", **wrong)))[-1][1]
+    assert decision is not None and decision.error is not None
+    assert str(decision.error.code) == "too_many_auth_failures"  # a lock-out in force shows
+
+
+async def test_a_serving_process_shows_its_own_in_memory_count_and_a_delay(build: Any) -> None:
+    """POST /explain runs in the serving process: its in-memory count is real there. Over a limit with
+    `on_limit: delay`, the request would wait for a slot, then go on."""
+    generation = await build(rate_limit={"max_requests": 1, "on_limit": "delay", "max_delay_s": 120})
+    served = exchange("/x")
+    served.token_digest = digest_of("Bearer t")
+    assert await generation.http.run(served) is None
+    report = await explain(generation, explain_request(["/x"], token="t", resolve=False), live=True)
+    limit = report["rate_limit"]
+    assert (report["outcome"], limit["verdict"], limit["count"]) == ("forward", "delayed", 1)
+    assert limit["note"] == "this process's own count (in-memory storage: each process counts apart)"
+    assert 0 < limit["wait_s"] <= 60
+    report = await explain(generation, explain_request(["/x"], token="t", resolve=False))
+    assert report["rate_limit"]["count"] is None  # the CLI's fresh process would always read 0
