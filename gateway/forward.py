@@ -21,9 +21,9 @@ from multidict import CIMultiDict
 from gateway.aiohttp_internals import RelayedResponse, defer_head
 from gateway.audit import Audit
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
-from gateway.exchange import CLIENT_GONE, Exchange
+from gateway.exchange import CLIENT_GONE, FORWARD_PROXY_ROUTE, Exchange
 from gateway.headers import downstream_response_headers, relay_request_headers, upstream_request_headers
-from gateway.http_client import HttpClient, UpstreamResponse
+from gateway.http_client import AddressCheck, HttpClient, UpstreamResponse
 from gateway.logs import get_logger
 from gateway.policy.urlrewrite import REWRITE_HEADERS, RewriteAbandoned
 from gateway.pool import UpstreamPool
@@ -115,6 +115,7 @@ class Forwarder:
     proxy: str | None
     rewrite: ResponseRewrite | None
     audit: Audit | None
+    vet: AddressCheck | None = None  # forward-proxy requests: each resolved address (deny_private_addresses)
 
     async def forward(self, request: web.BaseRequest, exchange: Exchange) -> web.StreamResponse:
         """Send the request upstream and stream the answer back; raise GatewayFailure before any byte.
@@ -168,7 +169,12 @@ class Forwarder:
                 if chunked:
                     headers["Transfer-Encoding"] = "chunked"
                 upstream = await self.client.request(
-                    request.method, exchange.target.url, headers.items(), body, chunked=chunked
+                    request.method,
+                    exchange.target.url,
+                    headers.items(),
+                    body,
+                    chunked=chunked,
+                    vet=self.vet if exchange.route == FORWARD_PROXY_ROUTE else None,
                 )
             else:  # through the corporate proxy: aiohttp's session chains through it
                 upstream = await self.session.request(

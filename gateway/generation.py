@@ -352,6 +352,7 @@ class Generation:
             proxy=config.upstream.proxy,
             rewrite=rewrite,
             audit=audit,
+            vet=forward_proxy.check_address if forward_proxy and forward_proxy.checks_addresses else None,
         )
         if previous is not None:  # nothing below can fail: hand the stores over
             for old, new in ((previous.limiter, limiter), (previous.tunnel_limiter, tunnel_limiter)):

@@ -44,6 +44,9 @@ TRANSFER = frozenset(
         "accept",
         "accept-encoding",
         "range",
+        "content-range",  # a resumable or chunked upload's part (GCS, Azure)
+        "x-upload-content-type",  # GCS JSON-API resumable uploads announce the object this way
+        "x-upload-content-length",
         "if-match",
         "if-none-match",
         "if-modified-since",

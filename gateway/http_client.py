@@ -24,7 +24,7 @@ import select
 import socket
 import ssl
 import time
-from collections.abc import AsyncIterator, Iterable
+from collections.abc import AsyncIterator, Callable, Iterable
 from dataclasses import dataclass
 
 import aiohttp
@@ -34,13 +34,16 @@ from multidict import CIMultiDictProxy
 from yarl import URL
 
 from gateway.aiohttp_internals import ClientProtocol
+from gateway.errors import GatewayError, GatewayFailure
 from gateway.upstream import ConnectTimeout, EgressGuard, EgressResolver, NameNotResolved, WriteTimeout
 
 IDLE_S = 15.0  # a pooled connection unused this long is closed rather than reused
 CHUNK_END = b"0\r\n\r\n"
 REPLAY_LIMIT = 2**16  # body bytes of an idempotent request kept to send it again on a fresh connection
 IDEMPOTENT = frozenset({"GET", "HEAD", "OPTIONS", "PUT", "DELETE"})
-Key = tuple[str, str, int]
+Key = tuple[str, str, int, bool]  # scheme, host, port, and whether each address was vetted
+# Whether a name may be reached at the address it resolved to (forward_proxy.deny_private_addresses).
+AddressCheck = Callable[[str, str], GatewayError | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -248,22 +251,25 @@ class HttpClient:
         body: AsyncIterator[bytes] | None,
         *,
         chunked: bool,
+        vet: AddressCheck | None = None,
     ) -> UpstreamResponse:
         """Send one request (head in one write, body streamed) and wait for the response head.
 
         A pooled connection that turns out closed before any response byte is replaced once, when the
         request can be sent again: an idempotent one (its body, if any, still kept), or one of which no
-        byte was written (aiohttp's rule, and Go's).
+        byte was written (aiohttp's rule, and Go's). With `vet`, each address the name resolves to must
+        pass it (the forward proxy's private-address rule, where the connection is made); such connections
+        are pooled apart from those made without it.
         """
         assert url.raw_host is not None and url.port is not None
-        key = (url.scheme, url.raw_host, url.port)
+        key = (url.scheme, url.raw_host, url.port, vet is not None)
         head = _head(method, url, headers)
         idempotent = method in IDEMPOTENT
         upload = None if body is None else Upload(body, chunked=chunked, keep=idempotent)
         protocol = self._pooled(key)
         reused = protocol is not None  # (not `or`: an idle protocol is an empty queue, and so falsy)
         if protocol is None:
-            protocol = await self._connect(key)
+            protocol = await self._connect(key, vet)
         while True:
             try:
                 message, content, uploading = await self._exchange(protocol, method == "HEAD", head, upload)
@@ -274,7 +280,7 @@ class HttpClient:
                 if not (stale and resendable):
                     raise
                 reused = False
-                protocol = await self._connect(key)
+                protocol = await self._connect(key, vet)
                 continue
             except BaseException:
                 protocol.close()
@@ -346,9 +352,10 @@ class HttpClient:
             protocol.close()
         return None
 
-    async def _connect(self, key: Key) -> UpstreamProtocol:
-        """Open a connection to an allow-listed upstream: resolve (checked again), then try each address."""
-        scheme, host, port = key
+    async def _connect(self, key: Key, vet: AddressCheck | None) -> UpstreamProtocol:
+        """Open a connection to an allow-listed upstream: resolve (checked again), then try each address
+        (that `vet` passes, when given)."""
+        scheme, host, port, _ = key
         self._guard.require(host, port)
         loop = asyncio.get_running_loop()
         timeout = self._settings.connect_timeout_s
@@ -363,6 +370,10 @@ class HttpClient:
         last: BaseException = OSError(f"{host} has no address")
         for answer in answers:
             address = answer["host"]
+            refused = vet(host, address) if vet is not None else None
+            if refused is not None:
+                last = GatewayFailure(refused)
+                continue
             try:
                 async with asyncio.timeout(timeout):
                     _, protocol = await loop.create_connection(

@@ -96,7 +96,9 @@ class Reloader:
     async def reload(self) -> ReloadResult:
         """Re-read and rebuild the config, exactly as `check-config` would; on any problem keep serving."""
         current = self._live.generation
-        if self._source is None or current is None or self._live.stopping:
+        if current is None or self._live.stopping:
+            return self._failed("", ["the gateway is stopping"])
+        if self._source is None:
             return self._failed("", ["this gateway has no config source to reload from"])
         try:
             loaded = self._source()
@@ -107,6 +109,9 @@ class Reloader:
             fresh = await Generation.build(config, current, self._metrics.storage_error)
         except BuildError as exc:
             return self._failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
+        if self._live.stopping or self._live.generation is None:  # the stop began while it was built
+            await fresh.close()
+            return self._failed(loaded.origin, ["the gateway is stopping"])
         previous = self._live.swap(fresh)
         self._metrics.reloads.labels(result="success").inc()
         for line in restart:

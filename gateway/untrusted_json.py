@@ -10,6 +10,7 @@ accepted can be walked and dumped again safely. NaN and Infinity are not JSON (R
 from __future__ import annotations
 
 import json
+import math
 from typing import Any
 
 MAX_DEPTH = 32
@@ -23,10 +24,17 @@ def _refuse_constant(name: str) -> Any:
     raise ValueError(f"{name} is not JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"{text[:32]} is out of range")
+    return value
+
+
 def loads(text: str | bytes) -> Any:
     """The parsed document; ValueError when it is not JSON, JsonTooDeep when it nests past MAX_DEPTH."""
     try:
-        doc = json.loads(text, parse_constant=_refuse_constant)
+        doc = json.loads(text, parse_constant=_refuse_constant, parse_float=_finite)
     except RecursionError:
         raise JsonTooDeep(f"nested deeper than {MAX_DEPTH}") from None
     stack = [(doc, 1)]

@@ -82,6 +82,7 @@ class Supervisor:
         self._command = [sys.executable, "-m", "gateway", *argv]
         self._slots = [_Slot() for _ in range(count)]
         self._stopping = False
+        self._stop_signal = signal.SIGTERM  # as received: also sent to a worker started meanwhile
         self._stops = 0
         self.code = 0
 
@@ -91,7 +92,7 @@ class Supervisor:
             self._stops += 1
             if self._stops > 2:  # a worker acts on two (drain, then end the delay); more, arriving faster
                 return  # than they are forwarded, would re-enter this handler without end
-            self._stopping = True
+            self._stopping, self._stop_signal = True, signal.Signals(signum)
             if self._stops == 2:
                 for sig in (signal.SIGTERM, signal.SIGINT):
                     signal.signal(sig, signal.SIG_IGN)
@@ -107,6 +108,8 @@ class Supervisor:
         for sig in SIGNALS:
             signal.signal(sig, self.forward)
         for index, slot in enumerate(self._slots):
+            if self._stopping:
+                break
             self._start(index, slot)
         self._log.info("workers_started", workers=len(self._slots), pids=self._pids())
         try:
@@ -128,6 +131,8 @@ class Supervisor:
         slot.process = subprocess.Popen(self._command, env=env, preexec_fn=_hangup_ignored)  # noqa: PLW1509
         slot.pidfd = os.pidfd_open(slot.process.pid)
         slot.started, slot.restart_at = time.monotonic(), None
+        if self._stopping:  # the stop came while it was being started, before `forward` could see it
+            slot.process.send_signal(self._stop_signal)
 
     def _wait(self, wake_read: int) -> None:
         """Until a worker exits, a signal comes or a restart is due."""
@@ -153,8 +158,8 @@ class Supervisor:
     def _exited(self, index: int, slot: _Slot, process: subprocess.Popen[bytes]) -> None:
         exit_code = process.returncode
         failed = exit_code if exit_code > 0 else 1
-        if self._stopping:
-            if self.code == 0 and exit_code != 0:
+        if self._stopping:  # one killed by the stop itself, before it could handle it, did not fail
+            if self.code == 0 and exit_code not in (0, -self._stop_signal):
                 self.code = failed
             return
         lived = time.monotonic() - slot.started

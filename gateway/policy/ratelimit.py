@@ -147,6 +147,10 @@ class DelayQueues:
                 await self._stopped.wait()
         return not self._stopped.is_set()
 
+    def has_line(self, scope: tuple[str, str]) -> bool:
+        """Whether requests of `scope` wait now: a newcomer then queues behind them, never overtakes."""
+        return scope in self._lines
+
     def join(self, scope: tuple[str, str], max_queued: int) -> _Waiters | None:
         """The line for `scope` with one more place taken, or None when it is full."""
         line = self._lines.get(scope)
@@ -280,14 +284,19 @@ class RateLimiter:
         key = rate_key(digest, client_ip, self.settings.anonymous)
         if isinstance(key, GatewayError):
             return ANONYMOUS_DENIED
-        decision = await self.check(route, key)
         limit = self._routes.get(route, self._default)
-        if decision.outcome != "deny" or limit is None or limit.spec.on_limit != "delay":
+        delays = limit is not None and limit.spec.on_limit == "delay"
+        if delays and self.queues.has_line((route, key)):
+            assert limit is not None
+            return await self._wait_for_slot(route, key, limit.spec, None)  # behind those already waiting
+        decision = await self.check(route, key)
+        if decision.outcome != "deny" or not delays:
             return decision
+        assert limit is not None
         return await self._wait_for_slot(route, key, limit.spec, decision)
 
     async def _wait_for_slot(
-        self, route: str, key: str, spec: LimitSpec, refused: RateDecision
+        self, route: str, key: str, spec: LimitSpec, refused: RateDecision | None
     ) -> RateDecision:
         """Hold the request until the moving window frees a slot; 429 past `max_delay_s` or a full queue.
 
@@ -296,15 +305,21 @@ class RateLimiter:
         scope, queues = (route, key), self.queues
         waiters = None if queues.stopping else queues.join(scope, spec.max_queued)
         if waiters is None:
+            if refused is None:  # it came to join a line that is full (or the stop began): decide now
+                refused = await self.check(route, key)
+                if refused.outcome != "deny":
+                    return refused
             return _shutting_down(refused) if queues.stopping else refused._replace(outcome="queue_full")
         deadline = self._clock() + spec.max_delay_s
         try:
             async with waiters.turn:
-                decision = refused if queues.stopping else await self.check(route, key)  # the one ahead
-                while decision.outcome == "deny":  # may have taken the slot
+                decision = await self.check(route, key)  # the one ahead may have taken the slot
+                while decision.outcome == "deny":
+                    if queues.stopping:
+                        return _shutting_down(decision)
                     if self._clock() + decision.wait_s > deadline:
                         return decision._replace(outcome="delay_too_long")
-                    if queues.stopping or not await queues.pause(decision.wait_s):
+                    if not await queues.pause(decision.wait_s):
                         return _shutting_down(decision)
                     decision = await self.check(route, key)
                 return decision._replace(outcome="delayed") if decision.allowed else decision

@@ -394,3 +394,23 @@ async def test_proxy_auth_with_real_clients_and_never_forwarded(
             assert "proxy-authorization" not in names
             assert all(PASSWORD not in value for _, value in seen.headers)
     assert gw.gateway.tunnels.opened == 2
+
+
+async def test_deny_private_refuses_plain_http_to_a_name_resolving_to_loopback(
+    start_gateway: GatewayFactory, upstream: Upstream, logs: Logs
+) -> None:
+    """Checked where the connection is made, as for tunnels: an allow-listed name is not enough."""
+    config = absolute_config(upstream, deny_private_addresses=True)
+    config["routes"] = [{"name": "app", "prefix": "/", "upstream": "https://www.braintrust.dev"}]
+    config["allowlist"] = [*config["allowlist"], "www.braintrust.dev"]
+    gw = await start_gateway(**config)
+    target = f"http://{PLAIN}:{upstream.port}/private"
+    answer = await send_raw(
+        gw.gateway.ports["listen"],
+        f"GET {target} HTTP/1.1\r\nHost: {PLAIN}:{upstream.port}\r\nConnection: close\r\n\r\n".encode(),
+    )
+    assert_error(answer, 403, "egress_denied")
+    assert "127.0.0.1" not in answer.json()["error"]["message"]
+    assert upstream.recorder.requests == []
+    [event] = [e for e in logs.named("access") if e["status"] == 403]
+    assert (event["reason"], event["upstream_address"]) == ("private_address", "127.0.0.1")

@@ -86,7 +86,13 @@ CLIENTS_OWN = {
     "Forwarded": "for=10.9.8.7;host=inside.corp",
     "X-Real-IP": "10.9.8.7",
 }
-TRANSFER = {"Content-Type": "application/json", "x-amz-meta-batch": "7", "Range": "bytes=0-1"}
+TRANSFER = {  # what describes the transfer, a resumable upload's part included (GCS, Azure)
+    "Content-Type": "application/json",
+    "x-amz-meta-batch": "7",
+    "Range": "bytes=0-1",
+    "Content-Range": "bytes 0-11/12",
+    "X-Upload-Content-Type": "application/json",
+}
 
 
 async def test_nothing_of_the_clients_but_the_transfer_reaches_the_store(

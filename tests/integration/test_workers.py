@@ -6,6 +6,8 @@ import asyncio
 import os
 import signal
 import socket
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -180,3 +182,45 @@ async def test_the_supervisor_exits_0_however_many_signals_come(
     finally:
         gw.stop()
     assert len(gw.events("gateway_stopped")) == 2
+
+
+# The supervisor, with its second worker's start interrupted by a SIGTERM to itself: the signal lands
+# after that worker's fork, before the supervisor holds it, so only the supervisor's own bookkeeping can
+# pass it on. Prints the workers it started, then exits with the supervisor's code.
+STOP_DURING_A_START = """
+import os, signal, subprocess, sys
+from gateway import workers
+started = []
+class StopDuringTheSecondStart(subprocess.Popen):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        started.append(self.pid)
+        if len(started) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+workers.subprocess.Popen = StopDuringTheSecondStart
+from gateway.cli import main
+code = main()
+print("started", *started, flush=True)
+sys.exit(code)
+"""
+
+
+def test_a_stop_during_a_workers_start_reaches_it(
+    tmp_path: Path, upstream: Upstream, redis: RedisServer
+) -> None:
+    """No worker is started after the stop, the one being started is stopped too, and nothing hangs."""
+    config = {**two_workers_config(upstream, redis), "workers": 3}
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump(config))
+    result = subprocess.run(
+        [sys.executable, "-c", STOP_DURING_A_START, "serve", "-c", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=HANG_GUARD_S * 2,
+    )
+    [line] = [line for line in result.stdout.splitlines() if line.startswith("started")]
+    pids = [int(pid) for pid in line.split()[1:]]
+    assert (result.returncode, len(pids)) == (0, 2)  # the third was never started
+    for pid in pids:
+        with pytest.raises(ProcessLookupError):
+            os.kill(pid, 0)  # reaped: none left running

@@ -15,6 +15,7 @@ from gateway.errors import Code, GatewayError
 from gateway.policy.credentials import digest_of
 from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings, rate_key
 from gateway.policy.windows import MemoryWindows, WindowHit
+from tests.clients import HANG_GUARD_S
 
 
 class Clock:
@@ -236,3 +237,28 @@ def test_a_huge_limit_keeps_one_timestamp_per_counted_request() -> None:
     for _ in range(10):
         assert windows.hit_now("k", 1_000_000, 60).allowed
     assert windows.hit_now("k", 1_000_000, 60).remaining == 1_000_000 - 11
+
+
+async def test_a_newcomer_queues_behind_those_waiting_even_when_a_slot_is_free() -> None:
+    """First come, first served: the slot the head of the line waits for is not taken by a request that
+    arrives just as it frees (the loop busy, or a Redis round trip, delaying the head's wake-up)."""
+    now = [1000.0]
+    rl = RateLimiter(RateLimitSettings(default=LimitSpec(1, 1, on_limit="delay")), lambda: now[0])
+    assert (await rl.decide("data", "d" * 64, "10.0.0.1")).outcome == "allow"
+    first = asyncio.ensure_future(rl.decide("data", "d" * 64, "10.0.0.1"))
+    newcomer = None
+    try:
+        async with asyncio.timeout(HANG_GUARD_S):
+            while rl.queues.waiting < 1:  # the first is in line
+                await asyncio.sleep(0)
+            now[0] += 1.5  # its slot is free; it has not woken up yet
+            newcomer = asyncio.ensure_future(rl.decide("data", "d" * 64, "10.0.0.1"))
+            while rl.queues.waiting < 2 and not newcomer.done():
+                await asyncio.sleep(0)
+        assert not newcomer.done() and rl.queues.waiting == 2  # behind the first, not through
+    finally:
+        for task in (first, newcomer):
+            if task is not None:
+                task.cancel()
+        await asyncio.gather(first, *([newcomer] if newcomer else []), return_exceptions=True)
+        await rl.close()

@@ -22,7 +22,9 @@ def test_deeper_documents_are_refused(text: str) -> None:
         loads(text)
 
 
-@pytest.mark.parametrize("text", ["{", '{"a": NaN}', "[Infinity]", "-Infinity", b"\xff"])
+@pytest.mark.parametrize(
+    "text", ["{", '{"a": NaN}', "[Infinity]", "-Infinity", b"\xff", '{"e": 1e999}', "[-1e400]"]
+)
 def test_what_is_not_json_is_a_value_error(text: str | bytes) -> None:
     with pytest.raises(ValueError):
         loads(text)
