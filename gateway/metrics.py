@@ -38,6 +38,7 @@ class RequestCounts(Collector):
         self.bytes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (route, in|out)
         self.durations: dict[str, list[float]] = {}  # route -> [count per bucket..., +Inf, sum]
         self.bypasses: defaultdict[str, int] = defaultdict(int)  # bypass event
+        self.would_refuse: dict[tuple[str, str], int] = {}  # report mode: (step, reason), read by /status
 
     def observe(self, route: str, seconds: float) -> None:
         counts = self.durations.get(route)
@@ -85,7 +86,14 @@ class RequestCounts(Collector):
         )
         for event, count in self.bypasses.items():
             bypasses.add_metric((event,), count)
-        yield from (requests, refusals, relayed, durations, bypasses)
+        would_refuse = CounterMetricFamily(
+            "bt_gateway_would_refuse",
+            "Requests report mode let through that enforce mode would have refused, by step and reason.",
+            labels=("step", "reason"),
+        )
+        for labels, count in self.would_refuse.items():
+            would_refuse.add_metric(labels, count)
+        yield from (requests, refusals, relayed, durations, bypasses, would_refuse)
 
 
 class Metrics:
@@ -95,6 +103,7 @@ class Metrics:
         self.registry = registry = CollectorRegistry(auto_describe=True)
         self.counts = RequestCounts()
         registry.register(self.counts)
+        self.would_refuse = self.counts.would_refuse  # (step, reason) -> count, for the status page
         self.tunnels_active = Gauge(
             "bt_gateway_tunnels_active", "CONNECT tunnels open now.", registry=registry
         )
@@ -134,6 +143,10 @@ class Metrics:
             counts.bytes[route, "out"] += exchange.bytes_out
         for bypass in exchange.bypasses:
             counts.bypasses[bypass.event] += 1
+        if exchange.would_refuse is not None:
+            step, error = exchange.would_refuse
+            key = (step, error.why)
+            counts.would_refuse[key] = counts.would_refuse.get(key, 0) + 1
 
     def storage_error(self) -> None:
         self.storage_errors.inc()
