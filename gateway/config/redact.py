@@ -27,8 +27,9 @@ def redacted(config: GatewayConfig) -> dict[str, Any]:
     if upstream.get("proxy"):
         upstream["proxy"] = _redact_url(upstream["proxy"])
     data["rate_limit"]["storage"] = _redact_url(data["rate_limit"]["storage"])
-    if data["admin"]["token"] is not None:
-        data["admin"]["token"] = MASK
+    for section, key in (("admin", "token"), ("relay", "secret")):
+        if data[section][key] is not None:
+            data[section][key] = MASK
     if data["forward_proxy"]["auth"]:
         data["forward_proxy"]["auth"]["users"] = dict.fromkeys(data["forward_proxy"]["auth"]["users"], MASK)
     return data
