@@ -2,22 +2,33 @@
 
 One registry per gateway process (not the library's global one), living across reloads. Label values are
 bounded by construction: configured route names (or `forward_proxy`, `tunnel`, `none`), HTTP statuses, error
-codes, tunnel close reasons, `in`/`out`, `success`/`failure`. Never a token, a path or a client address.
+codes, tunnel close reasons, `in`/`out`, `success`/`failure`, the config's sha256. Never a token, a path or
+a client address. The standard `process_*` metrics come from prometheus-client's ProcessCollector, and no
+counter has a `_created` series (disabled for the process: a scrape's worth of noise per counter).
 """
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import defaultdict
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
+from gateway.errors import UPSTREAM_FAILURES
 from gateway.exchange import Exchange
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
@@ -39,6 +50,7 @@ class RequestCounts(Collector):
         self.durations: dict[str, list[float]] = {}  # route -> [count per bucket..., +Inf, sum]
         self.bypasses: defaultdict[str, int] = defaultdict(int)  # bypass event
         self.would_refuse: dict[tuple[str, str], int] = {}  # report mode: (step, reason), read by /status
+        self.upstream_failures: defaultdict[tuple[str, str], int] = defaultdict(int)  # (route, code)
 
     def observe(self, route: str, seconds: float) -> None:
         counts = self.durations.get(route)
@@ -93,14 +105,24 @@ class RequestCounts(Collector):
         )
         for labels, count in self.would_refuse.items():
             would_refuse.add_metric(labels, count)
-        yield from (requests, refusals, relayed, durations, bypasses, would_refuse)
+        failures = CounterMetricFamily(
+            "bt_gateway_upstream_failures",
+            "Requests that ended in 502/504 because the upstream failed (unreachable, timed out, a bad "
+            "response), apart from the policy's refusals.",
+            labels=("route", "code"),
+        )
+        for labels, count in self.upstream_failures.items():
+            failures.add_metric(labels, count)
+        yield from (requests, refusals, relayed, durations, bypasses, would_refuse, failures)
 
 
 class Metrics:
     """Every metric the gateway exports, and the one place an `Exchange` is counted."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide, and idempotent
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)  # process_*: memory, open fds, CPU, start time
         self.counts = RequestCounts()
         registry.register(self.counts)
         self.would_refuse = self.counts.would_refuse  # (step, reason) -> count, for the status page
@@ -123,18 +145,55 @@ class Metrics:
             "Polls of the config file by `serve --watch` (each compares its content with the last).",
             registry=registry,
         )
+        self.reload_last_success = Gauge(
+            "bt_gateway_reload_last_success",
+            "1 when the last config load (at start, then each reload) succeeded, 0 when it was refused.",
+            registry=registry,
+        )
+        self.reload_last_timestamp = Gauge(
+            "bt_gateway_reload_last_timestamp_seconds",
+            "When the last config load (at start, then each reload) ended, whatever its result.",
+            registry=registry,
+        )
+        self.config_info = Gauge(
+            "bt_gateway_config_info",
+            "The sha256 of the effective config serving now, secrets masked (as check-config prints it).",
+            ("sha256",),
+            registry=registry,
+        )
         build = Gauge("bt_gateway_build_info", "The running version.", ("version",), registry=registry)
         build.labels(version=__version__).set(1)
         for result in ("success", "failure"):
             self.reloads.labels(result=result)  # exported as 0 before the first reload
+        self.last_reload: tuple[bool, float] | None = None  # (succeeded, when): the status page reads it
+
+    def config_loaded(self, sha256: str) -> None:
+        """A config serves now (at start, or after a reload): its hash, and the load's success."""
+        self.config_info.clear()
+        self.config_info.labels(sha256=sha256).set(1)
+        self._load_ended(ok=True)
+
+    def reload_refused(self) -> None:
+        """A reload kept the old config: counted, and the last load's result is a failure."""
+        self.reloads.labels(result="failure").inc()
+        self._load_ended(ok=False)
+
+    def _load_ended(self, *, ok: bool) -> None:
+        now = time.time()
+        self.last_reload = (ok, now)
+        self.reload_last_success.set(1 if ok else 0)
+        self.reload_last_timestamp.set(now)
 
     def count(self, exchange: Exchange) -> None:
         """Count one finished request: its route and status, its error code, its bytes and upstream time."""
         counts = self.counts
         route = exchange.metric_route
         counts.requests[route, exchange.status] += 1
-        if exchange.error is not None:
-            counts.refusals[str(exchange.error.code)] += 1
+        error = exchange.error
+        if error is not None:
+            counts.refusals[str(error.code)] += 1
+            if error.code in UPSTREAM_FAILURES:
+                counts.upstream_failures[route, str(error.code)] += 1
         if exchange.upstream_seconds is not None:
             counts.observe(route, exchange.upstream_seconds)
         if exchange.bytes_in:

@@ -15,6 +15,7 @@ from typing import Protocol
 
 from gateway.config.load import ConfigError, LoadedConfig, format_key
 from gateway.config.model import GatewayConfig
+from gateway.config.redact import config_sha256
 from gateway.generation import BuildError, Generation
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -76,6 +77,7 @@ class Reloader:
                 return self._failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
             previous = self._live.swap(fresh)
             self._metrics.reloads.labels(result="success").inc()
+            self._metrics.config_loaded(config_sha256(loaded.config))
             log.info("config_reloaded", config=loaded.origin, in_flight_on_previous=previous.in_flight)
             log_warnings(fresh)
             return ReloadResult(True, loaded.origin)
@@ -84,7 +86,7 @@ class Reloader:
         for problem in problems:
             log.error("config_reload_problem", problem=problem)
         log.error("config_reload_failed", config=origin or None, problems=len(problems))
-        self._metrics.reloads.labels(result="failure").inc()
+        self._metrics.reload_refused()
         return ReloadResult(False, origin, tuple(problems))
 
 

@@ -19,6 +19,7 @@ from gateway import aiohttp_internals
 from gateway.admin import admin_app
 from gateway.config.certs import CertProblem
 from gateway.config.model import Admin, GatewayConfig
+from gateway.config.redact import config_sha256
 from gateway.errors import Code, GatewayError
 from gateway.exchange import Exchange, request_id
 from gateway.generation import BuildError, Generation
@@ -85,6 +86,7 @@ class Gateway:
         except aiohttp_internals.AiohttpMismatch as exc:
             raise StartupError(str(exc)) from None
         self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
+        self.metrics.config_loaded(config_sha256(config))
         header_bytes = config.limits.max_header_kb * 1024
         self._proxy_server = proxy = GatewayServer(
             self.handle,
