@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
 from prometheus_client import (
     CollectorRegistry,
@@ -34,6 +34,19 @@ from gateway.exchange import Exchange
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BUCKET_LABELS = (*map(floatToGoString, DURATION_BUCKETS), "+Inf")
+
+
+def _family(
+    name: str,
+    documentation: str,
+    labels: tuple[str, ...],
+    counts: Mapping[str, int] | Mapping[tuple[str, str], int],
+) -> CounterMetricFamily:
+    """A counter family from plain counts keyed by its label values (one label: the value alone)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in counts.items():
+        family.add_metric(key if isinstance(key, tuple) else (key,), count)
+    return family
 
 
 class RequestCounts(Collector):
@@ -67,18 +80,15 @@ class RequestCounts(Collector):
         )
         for (route, status), count in self.requests.items():
             requests.add_metric((route, str(status)), count)
-        refusals = CounterMetricFamily(
-            "bt_gateway_refusals", "Requests that ended with a gateway error code.", labels=("code",)
+        refusals = _family(
+            "bt_gateway_refusals", "Requests that ended with a gateway error code.", ("code",), self.refusals
         )
-        for code, count in self.refusals.items():
-            refusals.add_metric((code,), count)
-        relayed = CounterMetricFamily(
+        relayed = _family(
             "bt_gateway_bytes",
             "Body bytes relayed: in from clients, out to clients.",
-            labels=("route", "direction"),
+            ("route", "direction"),
+            self.bytes,
         )
-        for labels, count in self.bytes.items():
-            relayed.add_metric(labels, count)
         durations = HistogramMetricFamily(
             "bt_gateway_upstream_duration_seconds",
             "Time from sending a request upstream to its response head.",
@@ -90,29 +100,26 @@ class RequestCounts(Collector):
                 cumulative += in_bucket
                 buckets.append((bound, cumulative))
             durations.add_metric((route,), buckets, counts[-1])
-        bypasses = CounterMetricFamily(
+        bypasses = _family(
             "bt_gateway_bypass",
             "Ways around the gateway seen in traffic: data_plane_not_routed, relay_host_not_allowed, "
             "use_reverse_mode.",
-            labels=("event",),
+            ("event",),
+            self.bypasses,
         )
-        for event, count in self.bypasses.items():
-            bypasses.add_metric((event,), count)
-        would_refuse = CounterMetricFamily(
+        would_refuse = _family(
             "bt_gateway_would_refuse",
             "Requests report mode let through that enforce mode would have refused, by step and reason.",
-            labels=("step", "reason"),
+            ("step", "reason"),
+            self.would_refuse,
         )
-        for labels, count in self.would_refuse.items():
-            would_refuse.add_metric(labels, count)
-        failures = CounterMetricFamily(
+        failures = _family(
             "bt_gateway_upstream_failures",
             "Requests that ended in 502/504 because the upstream failed (unreachable, timed out, a bad "
             "response), apart from the policy's refusals.",
-            labels=("route", "code"),
+            ("route", "code"),
+            self.upstream_failures,
         )
-        for labels, count in self.upstream_failures.items():
-            failures.add_metric(labels, count)
         yield from (requests, refusals, relayed, durations, bypasses, would_refuse, failures)
 
 
