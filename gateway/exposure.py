@@ -1,9 +1,8 @@
 """Start-up warnings about who can reach what: said by `serve` (a log line) and `check-config` (stderr).
 
-Report mode is one of them: a gateway that lets through what it would refuse must say so at every start.
-
 A `Notice` is one thing an operator should know about a config that is valid but exposes something. Both
-commands render the same list (gateway/generation.py `warnings()`), so they never disagree.
+commands render the same list (gateway/generation.py `warnings()`), so they never disagree. Report mode is
+one: a gateway that lets through what it would refuse says so at every start and reload.
 """
 
 from __future__ import annotations

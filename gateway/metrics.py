@@ -210,8 +210,8 @@ class Metrics:
         for bypass in exchange.bypasses:
             counts.bypasses[bypass.event] += 1
         if exchange.would_refuse is not None:
-            step, error = exchange.would_refuse
-            key = (step, error.why)
+            step, refusal = exchange.would_refuse
+            key = (step, refusal.why)
             counts.would_refuse[key] = counts.would_refuse.get(key, 0) + 1
 
     def storage_error(self) -> None:

@@ -98,7 +98,7 @@ class SizeLimits:
 
 
 class MethodAllowed:
-    """TRACE and TRACK echo requests back, credentials included: a proxy never forwards them."""
+    """TRACE and TRACK echo requests back, credentials included: refused (report mode forwards and logs)."""
 
     name = "method"
     relaxable = frozenset({"trace"})

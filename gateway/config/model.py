@@ -428,9 +428,7 @@ class GatewayConfig(Section):
     trusted_proxies: tuple[str, ...] = ()
     deny_paths: tuple[PathGlob, ...] = ()  # for every route; DISABLE_SYSADMIN_TELEMETRY adds /brainstore/**
     workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes sharing the listen port (SO_REUSEPORT)
-    mode: Mode = (
-        "enforce"  # a route's own `mode` wins; requests with no route yet (tunnels) are judged by this
-    )
+    mode: Mode = "enforce"  # routes[].mode wins; tunnels and requests not yet routed follow this one
 
     _rate_limit_off = field_validator("rate_limit", mode="before")(limit_off)
 
