@@ -7,12 +7,17 @@
 
 The allow-list speaks before proxy auth, so a denied destination costs no password check. The runner
 records every step's decision in the `Exchange` as `step:outcome`; the first error or reply ends the chain.
+
+Report mode is the runner's, here, once: a refusal whose outcome its step lists as `relaxable`, on a
+request whose route is in report mode (the top-level mode before a route is known), is recorded as
+`step:would_refuse` and the chain goes on. No step knows the mode.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
 from typing import Any, cast
 
 from gateway.errors import GatewayError
@@ -43,19 +48,37 @@ from gateway.steps import (
     rate_limited,
 )
 
+NEVER: frozenset[str] = frozenset()  # the `relaxable` of a step that declares none
+
+
+@dataclass(frozen=True, slots=True)
+class Modes:
+    """Which requests report instead of refusing: a route's own mode, else the top-level one."""
+
+    report: bool = False  # the top-level mode: tunnels, and requests refused before a route is known
+    by_route: Mapping[str, bool] = field(default_factory=dict)  # route name -> in report mode
+
+
+ENFORCE = Modes()
+
 
 class Chain:
     """Runs steps in order; stops at the first decision that refuses or answers.
 
     Only the steps that do I/O are awaited: which ones is known when the chain is built, so a request
-    pays for no coroutine it does not need.
+    pays for no coroutine it does not need. Report mode costs a request nothing until a step refuses.
     """
 
-    __slots__ = ("_plan", "steps")
+    __slots__ = ("_by_route", "_plan", "_report", "steps")
 
-    def __init__(self, steps: Sequence[Step | None]) -> None:
+    def __init__(self, steps: Sequence[Step | None], modes: Modes = ENFORCE) -> None:
         self.steps = tuple(step for step in steps if step is not None)  # None: not configured
-        self._plan = tuple((step, inspect.iscoroutinefunction(step.decide)) for step in self.steps)
+        self._plan = tuple(
+            (step, inspect.iscoroutinefunction(step.decide), getattr(step, "relaxable", NEVER))
+            for step in self.steps
+        )
+        self._report = modes.report
+        self._by_route = modes.by_route
 
     @property
     def names(self) -> tuple[str, ...]:
@@ -63,15 +86,19 @@ class Chain:
 
     async def run(self, exchange: Exchange) -> Decision | None:
         """The decision that ends the request early, or None when it may go on to the terminal step."""
-        for step, waits in self._plan:
+        for step, waits, relaxable in self._plan:
             decision: Any = step.decide(exchange)  # Decision | None, or an awaitable of one
             if waits:
                 decision = await decision
             if decision is None:
                 continue
-            exchange.decisions.append(f"{step.name}:{decision.outcome}")
             if decision.final:
+                if decision.outcome in relaxable and self._by_route.get(exchange.route or "", self._report):
+                    exchange.relax(step.name, decision.error)
+                    continue
+                exchange.decisions.append(f"{step.name}:{decision.outcome}")
                 return cast(Decision, decision)
+            exchange.decisions.append(f"{step.name}:{decision.outcome}")
         return None
 
     async def trace(self, exchange: Exchange) -> list[tuple[str, Decision | None]]:
@@ -105,6 +132,7 @@ def http_chain(
     deny: DeniedPaths,
     limiter: RateLimiter,
     relay: Relay | None,
+    modes: Modes = ENFORCE,
 ) -> Chain:
     return Chain(
         (
@@ -119,7 +147,8 @@ def http_chain(
             ProxyAuthenticated(proxy_auth) if proxy_auth else None,
             deny,
             rate_limited(limiter),
-        )
+        ),
+        modes,
     )
 
 
@@ -131,6 +160,7 @@ def connect_chain(
     proxy_auth: ProxyAuth | None,
     tunnel_limiter: RateLimiter,
     reverse_only: dict[str, GatewayError],
+    modes: Modes = ENFORCE,
 ) -> Chain:
     return Chain(
         (
@@ -140,7 +170,8 @@ def connect_chain(
             ConnectAllowed(policy, allowlist, reverse_only),
             ProxyAuthenticated(proxy_auth) if proxy_auth else None,
             TunnelLimited(tunnel_limiter),
-        )
+        ),
+        modes,
     )
 
 

@@ -83,6 +83,12 @@ STATUS: dict[Code, int] = {
 }
 
 
+# The codes that say the upstream failed (no usable answer), not the policy: counted apart, by route.
+UPSTREAM_FAILURES = frozenset(
+    {Code.UPSTREAM_UNREACHABLE, Code.UPSTREAM_TIMEOUT, Code.UPSTREAM_BAD_ENCODING, Code.UPSTREAM_BAD_RESPONSE}
+)
+
+
 class Reason(StrEnum):
     """Why, more precisely than the code: logged with every refusal and failure, never sent to clients.
 

@@ -76,6 +76,14 @@ class Exchange:
     audit: dict[str, str] | None = None  # the upstream's x-bt-audit-* headers, when audit is on
     decisions: list[str] = field(default_factory=list)
     bypasses: tuple[Bypass, ...] = ()  # ways around the gateway this request revealed (gateway/bypass.py)
+    would_refuse: tuple[str, GatewayError] | None = None  # report mode: (step, error) enforce would have sent
+
+    def relax(self, step: str, error: GatewayError | None) -> None:
+        """Report mode let a refusal go. The first is the one enforce mode would have sent: it alone is
+        logged and counted; later ones show in `decisions` only."""
+        self.decisions.append(f"{step}:would_refuse")
+        if self.would_refuse is None and error is not None:
+            self.would_refuse = (step, error)
 
     def bypassed(self, bypass: Bypass) -> None:
         """Note a way around the gateway; the handler warns once per host and counts it."""

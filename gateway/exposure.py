@@ -1,7 +1,8 @@
 """Start-up warnings about who can reach what: said by `serve` (a log line) and `check-config` (stderr).
 
 A `Notice` is one thing an operator should know about a config that is valid but exposes something. Both
-commands render the same list (gateway/generation.py `warnings()`), so they never disagree.
+commands render the same list (gateway/generation.py `warnings()`), so they never disagree. Report mode is
+one: a gateway that lets through what it would refuse says so at every start and reload.
 """
 
 from __future__ import annotations
@@ -48,4 +49,28 @@ def exposure_notices(config: GatewayConfig) -> list[Notice]:
                 "forward_proxy.enabled: false, or listen.host: 127.0.0.1",
             )
         )
+    notice = report_mode_notice(config)
+    if notice is not None:
+        notices.append(notice)
     return notices
+
+
+def report_mode_notice(config: GatewayConfig) -> Notice | None:
+    """Which requests report mode lets through: the routes it is on, and the unrouted ones at top level."""
+    routes = config.reported_routes
+    if config.mode != "report" and not routes:
+        return None
+    scope = f"route{'s' if len(routes) > 1 else ''} {', '.join(routes)}" if routes else "no route"
+    if config.mode == "report":
+        key: KeyPath = ("mode",)
+        scope += ", tunnels and requests to no route"
+    else:
+        key = ("routes", next(i for i, r in enumerate(config.routes) if r.name == routes[0]), "mode")
+    return Notice(
+        "report_mode",
+        key,
+        f"report mode is on for {scope}: what the allow-list, deny_paths, rate limits, the method check, "
+        "forward_proxy ports and the tunnel policy would refuse is let through and logged as would_refuse; "
+        "set mode: enforce to refuse it",
+        {"routes": list(routes), "top_level": config.mode},
+    )

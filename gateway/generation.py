@@ -18,7 +18,7 @@ from limits.errors import ConfigurationError
 from yarl import URL
 
 from gateway.audit import Audit, AuditSink
-from gateway.chain import Chain, connect_chain, http_chain, path_deny_lists
+from gateway.chain import Chain, Modes, connect_chain, http_chain, path_deny_lists
 from gateway.config.model import GatewayConfig
 from gateway.config.overrides import APP_ROUTE, KeyPath
 from gateway.dial import TunnelDialer, UpstreamProxy
@@ -192,6 +192,12 @@ def reverse_only(config: GatewayConfig) -> dict[str, GatewayError]:
     return refusals
 
 
+def report_modes(config: GatewayConfig) -> Modes:
+    """Report or enforce, per route (its own `mode`, else the top-level one) and for the rest."""
+    reported = frozenset(config.reported_routes)
+    return Modes(config.mode == "report", {r.name: r.name in reported for r in config.routes})
+
+
 def _proxy_auth(config: GatewayConfig, previous: ProxyAuth | None) -> ProxyAuth | None:
     """With `previous`, its failed-login counts go on: a reload (or SIGHUP) must not reset them."""
     auth = config.forward_proxy.auth
@@ -300,12 +306,14 @@ class Generation:
         )
         proxy_auth = _proxy_auth(config, previous.proxy_auth if previous else None)
         proxy_host = URL(config.upstream.proxy).host if config.upstream.proxy else None
-        guard = EgressGuard(allowlist, frozenset({proxy_host} if proxy_host else ()))
+        report = config.mode == "report"  # off-list destinations reach public addresses only (upstream.py)
+        guard = EgressGuard(allowlist, frozenset({proxy_host} if proxy_host else ()), report)
         resolver = EgressResolver(guard, config.resolve)
         dialer = None
         if forward_proxy is not None:
             proxy = UpstreamProxy.parse(config.upstream.proxy)
             dialer = TunnelDialer(forward_proxy, resolver, config.upstream.connect_timeout_s, tls, proxy)
+        modes = report_modes(config)
         size_limits = SizeLimits(limits.max_header_kb * 1024, int(limits.max_body_mb * 2**20))
         http = http_chain(
             limits=size_limits,
@@ -320,6 +328,7 @@ class Generation:
             deny=path_deny_lists(config.deny_paths, {r.name: r.deny_paths for r in config.routes}),
             limiter=limiter,
             relay=relay,
+            modes=modes,
         )
         connect = connect_chain(
             limits=size_limits,
@@ -328,6 +337,7 @@ class Generation:
             proxy_auth=proxy_auth,
             tunnel_limiter=tunnel_limiter,
             reverse_only=reverse_only(config),
+            modes=modes,
         )
         client = None
         if config.upstream.proxy is None:

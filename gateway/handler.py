@@ -96,12 +96,29 @@ class ProxyHandler:
         error = exchange.error
         for bypass in exchange.bypasses:
             self._bypasses.report(bypass, exchange.request_id)
+        if exchange.would_refuse is not None:
+            self._log_would_refuse(exchange, *exchange.would_refuse)
         if info_enabled():
             self._log_access(exchange, started, error)
         if self._metrics is not None:
             self._metrics.count(exchange)
         if generation is not None and generation.audit is not None:
             generation.audit.record(exchange)
+
+    @staticmethod
+    def _log_would_refuse(exchange: Exchange, step: str, error: GatewayError) -> None:
+        """Report mode: what enforce mode would have sent this request (its access event says what was)."""
+        log.warning(
+            "would_refuse",
+            step=step,
+            reason=error.why,
+            code=str(error.code),
+            status=error.status,
+            route=exchange.route,
+            upstream_host=exchange.upstream_host,
+            path=exchange.path,
+            request_id=exchange.request_id,
+        )
 
     @staticmethod
     def _log_access(exchange: Exchange, started: float, error: GatewayError | None) -> None:

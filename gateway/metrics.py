@@ -2,27 +2,51 @@
 
 One registry per gateway process (not the library's global one), living across reloads. Label values are
 bounded by construction: configured route names (or `forward_proxy`, `tunnel`, `none`), HTTP statuses, error
-codes, tunnel close reasons, `in`/`out`, `success`/`failure`. Never a token, a path or a client address.
+codes, tunnel close reasons, `in`/`out`, `success`/`failure`, the config's sha256. Never a token, a path or
+a client address. The standard `process_*` metrics come from prometheus-client's ProcessCollector, and no
+counter has a `_created` series (disabled for the process: a scrape's worth of noise per counter).
 """
 
 from __future__ import annotations
 
+import time
 from bisect import bisect_left
 from collections import defaultdict
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    ProcessCollector,
+    disable_created_metrics,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
+from gateway.errors import UPSTREAM_FAILURES
 from gateway.exchange import Exchange
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BUCKET_LABELS = (*map(floatToGoString, DURATION_BUCKETS), "+Inf")
+
+
+def _family(
+    name: str,
+    documentation: str,
+    labels: tuple[str, ...],
+    counts: Mapping[str, int] | Mapping[tuple[str, str], int],
+) -> CounterMetricFamily:
+    """A counter family from plain counts keyed by its label values (one label: the value alone)."""
+    family = CounterMetricFamily(name, documentation, labels=labels)
+    for key, count in counts.items():
+        family.add_metric(key if isinstance(key, tuple) else (key,), count)
+    return family
 
 
 class RequestCounts(Collector):
@@ -38,6 +62,8 @@ class RequestCounts(Collector):
         self.bytes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (route, in|out)
         self.durations: dict[str, list[float]] = {}  # route -> [count per bucket..., +Inf, sum]
         self.bypasses: defaultdict[str, int] = defaultdict(int)  # bypass event
+        self.would_refuse: dict[tuple[str, str], int] = {}  # report mode: (step, reason), read by /status
+        self.upstream_failures: defaultdict[tuple[str, str], int] = defaultdict(int)  # (route, code)
 
     def observe(self, route: str, seconds: float) -> None:
         counts = self.durations.get(route)
@@ -54,18 +80,15 @@ class RequestCounts(Collector):
         )
         for (route, status), count in self.requests.items():
             requests.add_metric((route, str(status)), count)
-        refusals = CounterMetricFamily(
-            "bt_gateway_refusals", "Requests that ended with a gateway error code.", labels=("code",)
+        refusals = _family(
+            "bt_gateway_refusals", "Requests that ended with a gateway error code.", ("code",), self.refusals
         )
-        for code, count in self.refusals.items():
-            refusals.add_metric((code,), count)
-        relayed = CounterMetricFamily(
+        relayed = _family(
             "bt_gateway_bytes",
             "Body bytes relayed: in from clients, out to clients.",
-            labels=("route", "direction"),
+            ("route", "direction"),
+            self.bytes,
         )
-        for labels, count in self.bytes.items():
-            relayed.add_metric(labels, count)
         durations = HistogramMetricFamily(
             "bt_gateway_upstream_duration_seconds",
             "Time from sending a request upstream to its response head.",
@@ -77,24 +100,39 @@ class RequestCounts(Collector):
                 cumulative += in_bucket
                 buckets.append((bound, cumulative))
             durations.add_metric((route,), buckets, counts[-1])
-        bypasses = CounterMetricFamily(
+        bypasses = _family(
             "bt_gateway_bypass",
             "Ways around the gateway seen in traffic: data_plane_not_routed, relay_host_not_allowed, "
             "use_reverse_mode.",
-            labels=("event",),
+            ("event",),
+            self.bypasses,
         )
-        for event, count in self.bypasses.items():
-            bypasses.add_metric((event,), count)
-        yield from (requests, refusals, relayed, durations, bypasses)
+        would_refuse = _family(
+            "bt_gateway_would_refuse",
+            "Requests report mode let through that enforce mode would have refused, by step and reason.",
+            ("step", "reason"),
+            self.would_refuse,
+        )
+        failures = _family(
+            "bt_gateway_upstream_failures",
+            "Requests that ended in 502/504 because the upstream failed (unreachable, timed out, a bad "
+            "response), apart from the policy's refusals.",
+            ("route", "code"),
+            self.upstream_failures,
+        )
+        yield from (requests, refusals, relayed, durations, bypasses, would_refuse, failures)
 
 
 class Metrics:
     """Every metric the gateway exports, and the one place an `Exchange` is counted."""
 
     def __init__(self) -> None:
+        disable_created_metrics()  # type: ignore[no-untyped-call]  # process-wide, and idempotent
         self.registry = registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=registry)  # process_*: memory, open fds, CPU, start time
         self.counts = RequestCounts()
         registry.register(self.counts)
+        self.would_refuse = self.counts.would_refuse  # (step, reason) -> count, for the status page
         self.tunnels_active = Gauge(
             "bt_gateway_tunnels_active", "CONNECT tunnels open now.", registry=registry
         )
@@ -119,18 +157,55 @@ class Metrics:
             "Polls of the config file by `serve --watch` (each compares its content with the last).",
             registry=registry,
         )
+        self.reload_last_success = Gauge(
+            "bt_gateway_reload_last_success",
+            "1 when the last config load (at start, then each reload) succeeded, 0 when it was refused.",
+            registry=registry,
+        )
+        self.reload_last_timestamp = Gauge(
+            "bt_gateway_reload_last_timestamp_seconds",
+            "When the last config load (at start, then each reload) ended, whatever its result.",
+            registry=registry,
+        )
+        self.config_info = Gauge(
+            "bt_gateway_config_info",
+            "The sha256 of the effective config serving now, secrets masked (as check-config prints it).",
+            ("sha256",),
+            registry=registry,
+        )
         build = Gauge("bt_gateway_build_info", "The running version.", ("version",), registry=registry)
         build.labels(version=__version__).set(1)
         for result in ("success", "failure"):
             self.reloads.labels(result=result)  # exported as 0 before the first reload
+        self.last_reload: tuple[bool, float] | None = None  # (succeeded, when): the status page reads it
+
+    def config_loaded(self, sha256: str) -> None:
+        """A config serves now (at start, or after a reload): its hash, and the load's success."""
+        self.config_info.clear()
+        self.config_info.labels(sha256=sha256).set(1)
+        self._load_ended(ok=True)
+
+    def reload_refused(self) -> None:
+        """A reload kept the old config: counted, and the last load's result is a failure."""
+        self.reloads.labels(result="failure").inc()
+        self._load_ended(ok=False)
+
+    def _load_ended(self, *, ok: bool) -> None:
+        now = time.time()
+        self.last_reload = (ok, now)
+        self.reload_last_success.set(1 if ok else 0)
+        self.reload_last_timestamp.set(now)
 
     def count(self, exchange: Exchange) -> None:
         """Count one finished request: its route and status, its error code, its bytes and upstream time."""
         counts = self.counts
         route = exchange.metric_route
         counts.requests[route, exchange.status] += 1
-        if exchange.error is not None:
-            counts.refusals[str(exchange.error.code)] += 1
+        error = exchange.error
+        if error is not None:
+            counts.refusals[str(error.code)] += 1
+            if error.code in UPSTREAM_FAILURES:
+                counts.upstream_failures[route, str(error.code)] += 1
         if exchange.upstream_seconds is not None:
             counts.observe(route, exchange.upstream_seconds)
         if exchange.bytes_in:
@@ -139,6 +214,10 @@ class Metrics:
             counts.bytes[route, "out"] += exchange.bytes_out
         for bypass in exchange.bypasses:
             counts.bypasses[bypass.event] += 1
+        if exchange.would_refuse is not None:
+            step, refusal = exchange.would_refuse
+            key = (step, refusal.why)
+            counts.would_refuse[key] = counts.would_refuse.get(key, 0) + 1
 
     def storage_error(self) -> None:
         self.storage_errors.inc()

@@ -15,6 +15,7 @@ from typing import Generic, Protocol, TypeVar
 
 from gateway.config.load import ConfigError, LoadedConfig, format_key
 from gateway.config.model import GatewayConfig
+from gateway.config.redact import config_sha256
 from gateway.generation import BuildError, Generation
 from gateway.logs import get_logger
 from gateway.metrics import Metrics
@@ -114,6 +115,7 @@ class Reloader:
             return self._failed(loaded.origin, ["the gateway is stopping"])
         previous = self._live.swap(fresh)
         self._metrics.reloads.labels(result="success").inc()
+        self._metrics.config_loaded(config_sha256(config))
         for line in restart:
             log.warning("config_restart_needed", problem=line)
         log.info(
@@ -129,7 +131,7 @@ class Reloader:
         for problem in problems:
             log.error("config_reload_problem", problem=problem)
         log.error("config_reload_failed", config=origin or None, problems=len(problems))
-        self._metrics.reloads.labels(result="failure").inc()
+        self._metrics.reload_refused()
         return ReloadResult(False, origin, tuple(problems))
 
 

@@ -19,6 +19,7 @@ from gateway import aiohttp_internals
 from gateway.admin import admin_app
 from gateway.config.certs import CertProblem
 from gateway.config.model import Admin, GatewayConfig
+from gateway.config.redact import config_sha256
 from gateway.errors import Code, GatewayError
 from gateway.exchange import Exchange, request_id
 from gateway.explain import Report, explain, request_from_json
@@ -89,6 +90,7 @@ class Gateway:
         except aiohttp_internals.AiohttpMismatch as exc:
             raise StartupError(str(exc)) from None
         self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
+        self.metrics.config_loaded(config_sha256(config))
         self._proxy_server = proxy = GatewayServer(
             self.handle,
             limits=_client_limits(config),

@@ -3,6 +3,9 @@
 A step answers None when it has nothing to decide for this request (proxy auth on a reverse-proxy request),
 else a `Decision`: an outcome the runner records as `step:outcome`, and an error or a local reply that ends
 the chain. No step touches a socket; `gateway.chain` declares their order.
+
+A policy step lists in `relaxable` the outcomes report mode may let go (`mode: report`, judged by the
+runner); a step without one (size bounds, malformed requests, proxy auth, relay links) is never relaxed.
 """
 
 from __future__ import annotations
@@ -61,6 +64,7 @@ class Step(Protocol):
 
 
 ALLOW = Decision("allow")
+DENY = frozenset({"deny"})  # the `relaxable` of a step whose one policy refusal is `deny`
 BODY_TOO_LARGE = GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")
 HEADERS_TOO_LARGE = GatewayError(Code.HEADERS_TOO_LARGE, "request header fields are too large")
 BAD_ABSOLUTE_TARGET = GatewayError(
@@ -105,9 +109,10 @@ class SizeLimits:
 
 
 class MethodAllowed:
-    """TRACE and TRACK echo requests back, credentials included: a proxy never forwards them."""
+    """TRACE and TRACK echo requests back, credentials included: refused (report mode forwards and logs)."""
 
     name = "method"
+    relaxable = frozenset({"trace"})
     _REFUSED = Decision("trace", TRACE_REFUSED)
 
     def decide(self, exchange: Exchange) -> Decision | None:
@@ -269,6 +274,7 @@ class Allowlisted:
     """
 
     name = "allowlist"
+    relaxable = DENY
 
     def __init__(self, allowlist: Allowlist, routes: RouteTable) -> None:
         self._allowlist = allowlist
@@ -293,6 +299,7 @@ class ForwardProxyMode:
     """Absolute-form requests need forward-proxy mode and a port in `http_ports` (no port scanning)."""
 
     name = "forward_proxy"
+    relaxable = DENY  # a port outside http_ports; forward-proxy mode switched off stays refused
 
     def __init__(self, enabled: bool, http_ports: tuple[int, ...]) -> None:
         self._enabled = enabled
@@ -334,6 +341,7 @@ class ConnectAllowed:
     """Tunnels: allow-listed host and a port in `connect_ports`; CONNECT itself may be switched off."""
 
     name = "forward_proxy"
+    relaxable = DENY  # allow-list, connect_ports, a limited route's host; CONNECT switched off stays refused
 
     def __init__(
         self,
@@ -393,6 +401,7 @@ class DeniedPaths:
     """`deny_paths` globs, matched on the normalized path the upstream would receive."""
 
     name = "deny_paths"
+    relaxable = DENY
 
     def __init__(self, global_list: PathDenyList, per_route: dict[str, PathDenyList]) -> None:
         self._global = global_list
@@ -410,10 +419,16 @@ class DeniedPaths:
         return ALLOW if error is None else Decision("deny", error)
 
 
+# The limiter's verdicts on the request; `storage_error_deny` (a store outage with on_storage_error: deny)
+# is not one, and stays refused.
+RATE_REFUSALS = frozenset({"deny", "queue_full", "delay_too_long", "anonymous_denied"})
+
+
 class RateLimited:
     """The per-token limit of the request's route; its RateLimit fields go on the response."""
 
     name = "ratelimit"
+    relaxable = RATE_REFUSALS
 
     def __init__(self, limiter: RateLimiter) -> None:
         self._limiter = limiter
@@ -432,6 +447,7 @@ class RateLimitedNow:
     """`RateLimited` for a limiter that never awaits (memory, no delay): no coroutine per request."""
 
     name = "ratelimit"
+    relaxable = RATE_REFUSALS
 
     def __init__(self, limiter: RateLimiter) -> None:
         self._limiter = limiter
@@ -481,6 +497,7 @@ class TunnelLimited:
     """New tunnels per client address (the token travels inside TLS, out of sight)."""
 
     name = "tunnel_limit"
+    relaxable = DENY
 
     def __init__(self, limiter: RateLimiter) -> None:
         self._limiter = limiter

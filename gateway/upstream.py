@@ -8,6 +8,7 @@ name. Exceptions from aiohttp become `GatewayError` values through one table, he
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import socket
 import ssl
 from collections.abc import Mapping
@@ -23,6 +24,7 @@ from gateway.config.model import GatewayConfig
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
 from gateway.logs import loggable_text
 from gateway.policy.allowlist import Allowlist
+from gateway.policy.forward_proxy import not_public
 
 
 class ConnectTimeout(TimeoutError):
@@ -42,18 +44,46 @@ SKIP_AUTO_HEADERS = frozenset({"User-Agent", "Accept", "Accept-Encoding", "Conte
 
 
 class EgressGuard:
-    """The live allow-list seen by the connector and resolver; `allowlist` is swapped whole on reload."""
+    """The live allow-list seen by the connector and resolver; `allowlist` is swapped whole on reload.
 
-    __slots__ = ("allowlist", "extra_hosts")
+    In report mode (`report`, the top-level `mode`) a destination off the allow-list is let through, as the
+    chain let it, but to public addresses only: report mode never opens a way to private, loopback,
+    link-local or reserved addresses the allow-list does not name (with `upstream.proxy` the proxy
+    resolves names, so only IP literals can be judged).
+    """
 
-    def __init__(self, allowlist: Allowlist, extra_hosts: frozenset[str] = frozenset()) -> None:
+    __slots__ = ("allowlist", "extra_hosts", "report")
+
+    def __init__(
+        self, allowlist: Allowlist, extra_hosts: frozenset[str] = frozenset(), report: bool = False
+    ) -> None:
         self.allowlist = allowlist
         self.extra_hosts = extra_hosts  # e.g. the corporate proxy: resolvable, but never a destination
+        self.report = report
 
-    def require(self, host: str | None, port: int) -> None:
+    def require(self, host: str | None, port: int) -> bool:
+        """Raise for a destination the allow-list refuses; True when it allows it, False when only report
+        mode lets it go (then `public_only` vets its addresses)."""
         error = self.allowlist.check(host, port)
-        if error is not None:
+        if error is None:
+            return True
+        if not self.report or host is None:
             raise GatewayFailure(error)
+        try:
+            literal = ipaddress.ip_address(host.strip("[]"))
+        except ValueError:
+            return False  # a name: its addresses are vetted where it resolves
+        self.public_only(host, port, [literal.compressed])
+        return False
+
+    def public_only(self, host: str, port: int, addresses: list[str]) -> list[str]:
+        """The addresses report mode may reach for an off-list `host`: public, or allow-listed literally."""
+        admitted = [
+            a for a in addresses if ipaddress.ip_address(a).is_global or self.allowlist.allows(a, port)
+        ]
+        if not admitted:
+            raise GatewayFailure(not_public(host, addresses[0] if addresses else ""))
+        return admitted
 
 
 class EgressResolver(AbstractResolver):
@@ -67,13 +97,17 @@ class EgressResolver(AbstractResolver):
     async def resolve(
         self, host: str, port: int = 0, family: socket.AddressFamily = socket.AF_INET
     ) -> list[ResolveResult]:
-        if host.lower() not in self._guard.extra_hosts:
-            self._guard.require(host, port)
+        listed = host.lower() in self._guard.extra_hosts or self._guard.require(host, port)
         address = self._static.get(host.lower().rstrip("."))
         if address is not None:
             fam = socket.AF_INET6 if ":" in address else socket.AF_INET
-            return [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0, flags=0)]
-        return await self._inner.resolve(host, port, family)
+            answers = [ResolveResult(hostname=host, host=address, port=port, family=fam, proto=0, flags=0)]
+        else:
+            answers = await self._inner.resolve(host, port, family)
+        if listed:
+            return answers
+        admitted = self._guard.public_only(host, port, [answer["host"] for answer in answers])
+        return [answer for answer in answers if answer["host"] in admitted]
 
     async def close(self) -> None:
         await self._inner.close()

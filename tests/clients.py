@@ -34,12 +34,17 @@ def basic(user: str, password: str) -> str:
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
 
 
-async def scrape(admin_url: str) -> Samples:
-    """Every sample of a gateway's `/metrics` as {(name, labels): value}."""
+async def scrape_text(admin_url: str) -> str:
+    """A gateway's `/metrics` exposition, as sent."""
     async with aiohttp.ClientSession() as client, client.get(admin_url + "/metrics") as resp:
         assert resp.status == 200
         assert resp.headers["Content-Type"].startswith("text/plain; version=")
-        text = await resp.text()
+        return await resp.text()
+
+
+async def scrape(admin_url: str) -> Samples:
+    """Every sample of a gateway's `/metrics` as {(name, labels): value}."""
+    text = await scrape_text(admin_url)
     return {
         (sample.name, frozenset(sample.labels.items())): sample.value
         for family in text_string_to_metric_families(text)

@@ -16,6 +16,7 @@ import structlog
 import trustme
 from aiohttp import web
 
+from gateway.config.load import load_config
 from gateway.config.model import GatewayConfig
 from gateway.server import Gateway
 from tests.upstream_app import Recorder, make_app
@@ -105,6 +106,17 @@ async def upstream(canary: Canary) -> AsyncIterator[Upstream]:
 
 
 @pytest.fixture
+async def private_upstream(canary: Canary) -> AsyncIterator[Upstream]:
+    """The upstream app on 127.0.0.2, an address no test allow-list names: what must stay out of reach."""
+    recorder = Recorder()
+    runner, port = await _serve(
+        make_app(recorder, f"http://127.0.0.1:{canary.port}/stolen"), host="127.0.0.2"
+    )
+    yield Upstream(url=f"http://127.0.0.2:{port}", port=port, recorder=recorder)
+    await runner.cleanup()
+
+
+@pytest.fixture
 async def host_upstream(canary: Canary) -> AsyncIterator[Upstream]:
     """The upstream on every host address: containers reach it as `host.containers.internal`."""
     recorder = Recorder()
@@ -159,10 +171,35 @@ async def named_tls(test_ca: trustme.CA, canary: Canary) -> AsyncIterator[NamedU
 GatewayFactory = Callable[..., Awaitable[RunningGateway]]
 
 
+YamlGatewayFactory = Callable[[str], Awaitable[RunningGateway]]
+TEST_LISTENERS = (
+    "listen: {host: 127.0.0.1, port: 0}\nadmin: {host: 127.0.0.1, port: 0}\nshutdown_timeout_s: 2\n"
+)
+
+
 @pytest.fixture
-async def start_gateway() -> AsyncIterator[GatewayFactory]:
-    """Start gateways in-process on free ports; each is drained and stopped at teardown."""
+async def started_gateways() -> AsyncIterator[list[Gateway]]:
+    """The in-process gateways a test started; each is drained and stopped at teardown."""
     started: list[Gateway] = []
+    yield started
+    for gateway in started:
+        await gateway.stop()
+
+
+async def _start(config: GatewayConfig, started: list[Gateway]) -> RunningGateway:
+    gateway = Gateway(config)
+    await gateway.start()
+    started.append(gateway)
+    return RunningGateway(
+        gateway=gateway,
+        url=f"http://127.0.0.1:{gateway.ports['listen']}",
+        admin_url=f"http://127.0.0.1:{gateway.ports['admin']}",
+    )
+
+
+@pytest.fixture
+def start_gateway(started_gateways: list[Gateway]) -> GatewayFactory:
+    """Start gateways in-process on free ports, from config keys given as keyword arguments."""
 
     async def start(**overrides: Any) -> RunningGateway:
         data: dict[str, Any] = {
@@ -171,18 +208,22 @@ async def start_gateway() -> AsyncIterator[GatewayFactory]:
             "shutdown_timeout_s": 2,
         }
         data.update(overrides)
-        gateway = Gateway(GatewayConfig.model_validate(data))
-        await gateway.start()
-        started.append(gateway)
-        return RunningGateway(
-            gateway=gateway,
-            url=f"http://127.0.0.1:{gateway.ports['listen']}",
-            admin_url=f"http://127.0.0.1:{gateway.ports['admin']}",
-        )
+        return await _start(GatewayConfig.model_validate(data), started_gateways)
 
-    yield start
-    for gateway in started:
-        await gateway.stop()
+    return start
+
+
+@pytest.fixture
+def start_yaml(started_gateways: list[Gateway], tmp_path: Path) -> YamlGatewayFactory:
+    """Start an in-process gateway on a YAML file as a user writes it, read by the real loader (the
+    listeners on free loopback ports are prepended)."""
+
+    async def start(text: str) -> RunningGateway:
+        path = tmp_path / "gateway.yaml"
+        path.write_text(TEST_LISTENERS + text)
+        return await _start(load_config(path, env={}).config, started_gateways)
+
+    return start
 
 
 def route_to(target: Upstream, /, **extra: Any) -> dict[str, Any]:

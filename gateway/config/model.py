@@ -192,6 +192,10 @@ def limit_off(value: object) -> object:
     raise ValueError("must be off or a mapping such as {max_requests: 100, window_minutes: 1}")
 
 
+# enforce: refusals are sent. report: the refusals a step may relax (steps.py `relaxable`) are logged as
+# `would_refuse` and counted, and the request goes on; what guards the gateway itself is never relaxed.
+Mode = Literal["enforce", "report"]
+
 RESERVED_ROUTE_NAMES = frozenset({"forward_proxy", "tunnel"})  # the gateway's own names for its buckets
 _ROUTE_NAME = re.compile(r"^[A-Za-z0-9_.-]{1,64}$")
 
@@ -205,6 +209,7 @@ class Route(Section):
     rate_limit: RouteLimit | None = None
     advertise: bool = False
     deny_paths: tuple[PathGlob, ...] = ()  # refused with 403 path_denied; see policy/paths.py
+    mode: Mode | None = None  # null: the top-level `mode`
 
     @field_validator("name")
     @classmethod
@@ -423,6 +428,7 @@ class GatewayConfig(Section):
     trusted_proxies: tuple[str, ...] = ()
     deny_paths: tuple[PathGlob, ...] = ()  # for every route; DISABLE_SYSADMIN_TELEMETRY adds /brainstore/**
     workers: Annotated[int, Field(ge=1, le=256)] = 1  # processes sharing the listen port (SO_REUSEPORT)
+    mode: Mode = "enforce"  # routes[].mode wins; tunnels and requests not yet routed follow this one
 
     _rate_limit_off = field_validator("rate_limit", mode="before")(limit_off)
 
@@ -504,6 +510,11 @@ class GatewayConfig(Section):
 
     def route(self, name: str) -> Route | None:
         return next((r for r in self.routes if r.name == name), None)
+
+    @property
+    def reported_routes(self) -> tuple[str, ...]:
+        """The routes in report mode, their own setting or the top-level one."""
+        return tuple(r.name for r in self.routes if (r.mode or self.mode) == "report")
 
 
 class KeyedError(ValueError):

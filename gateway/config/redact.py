@@ -1,7 +1,10 @@
-"""The effective config as plain data with secrets hidden, for `check-config` and start-up logs."""
+"""The effective config as plain data with secrets hidden, for `check-config` and start-up logs, and its
+sha256 (`bt_gateway_config_info`)."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from typing import Any
 
 from yarl import URL
@@ -27,8 +30,18 @@ def redacted(config: GatewayConfig) -> dict[str, Any]:
     if upstream.get("proxy"):
         upstream["proxy"] = _redact_url(upstream["proxy"])
     data["rate_limit"]["storage"] = _redact_url(data["rate_limit"]["storage"])
-    if data["admin"]["token"] is not None:
-        data["admin"]["token"] = MASK
+    for section, key in (("admin", "token"), ("relay", "secret")):
+        if data[section][key] is not None:
+            data[section][key] = MASK
     if data["forward_proxy"]["auth"]:
         data["forward_proxy"]["auth"]["users"] = dict.fromkeys(data["forward_proxy"]["auth"]["users"], MASK)
     return data
+
+
+def config_sha256(config: GatewayConfig) -> str:
+    """The sha256 of the effective config (file, env, flags and defaults) as `check-config` prints it, in
+    canonical JSON (sorted keys, no spaces): replicas that behave alike share it, whatever the file's
+    layout or comments. Secrets are masked first: /metrics is unauthenticated, and a hash of a document
+    holding a secret is a fingerprint of that secret, so rotating a secret alone leaves it unchanged."""
+    text = json.dumps(redacted(config), sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    return hashlib.sha256(text.encode()).hexdigest()

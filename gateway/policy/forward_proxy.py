@@ -61,6 +61,16 @@ def parse_connect_target(target: str) -> ConnectTarget | GatewayError:
     return ConnectTarget(canonical, int(port_text))
 
 
+def not_public(host: str, address: str) -> GatewayError:
+    """The refusal of a non-public address; the client learns the host, the log the address."""
+    return GatewayError(
+        Code.EGRESS_DENIED,
+        f"egress to {host!r} is not allowed: it does not resolve to a public address",
+        reason=Reason.PRIVATE_ADDRESS,
+        context=(("upstream_address", address),),
+    )
+
+
 class ForwardProxyPolicy:
     """Allow-list + port + resolved-address rules for tunnels; built once from config."""
 
@@ -98,10 +108,5 @@ class ForwardProxyPolicy:
             return None
         ip = ipaddress.ip_address(address)
         if not ip.is_global and ip.compressed not in self._literals:
-            return GatewayError(
-                Code.EGRESS_DENIED,
-                f"egress to {host!r} is not allowed: it does not resolve to a public address",
-                reason=Reason.PRIVATE_ADDRESS,
-                context=(("upstream_address", ip.compressed),),
-            )
+            return not_public(host, ip.compressed)
         return None

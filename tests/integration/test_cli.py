@@ -170,6 +170,16 @@ def test_check_config_prints_effective_config_with_precedence(tmp_path: Path) ->
     assert "http://user:***@proxy.corp:3128" in result.stdout
 
 
+def test_check_config_never_prints_the_relay_secret(tmp_path: Path) -> None:
+    secret = "relay-secret-never-printed-0123456789"
+    text = GOOD + f"relay: {{allow_hosts: [store.example], secret: {secret}}}\n"
+    for env in ({}, {"BT_GATEWAY_RELAY_SECRET": secret + "-from-env"}):
+        result = run_cli("check-config", "-c", write(tmp_path, text), env={"PATH": "/usr/bin:/bin", **env})
+        assert result.returncode == 0, result.stderr
+        assert secret not in result.stdout
+        assert "  secret: '***'" in result.stdout.splitlines()
+
+
 def test_version() -> None:
     result = run_cli("--version")
     assert result.returncode == 0

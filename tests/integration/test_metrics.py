@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
+import asyncio
+import os
+from pathlib import Path
+
 import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 from gateway import __version__
-from tests.clients import raw_connect, read_reply, scrape, send_raw, value
+from tests.clients import (
+    HANG_GUARD_S,
+    assert_error,
+    free_port,
+    get,
+    raw_connect,
+    read_reply,
+    scrape,
+    scrape_text,
+    send_raw,
+    value,
+)
 from tests.conftest import GatewayFactory, Logs, Upstream, route_to
+from tests.gateway_process import GatewayProcess
 
 TOKEN = "sk-metrics-token-never-a-label"
 
@@ -64,3 +81,110 @@ async def test_tunnels_are_counted_by_close_reason(
     assert value(samples, "bt_gateway_tunnels_active") == 0
     assert value(samples, "bt_gateway_tunnels_total", reason="closed") == 1
     assert value(samples, "bt_gateway_requests_total", route="tunnel", status="200") == 1
+
+
+async def test_upstream_failures_are_counted_by_route_apart_from_refusals(
+    start_gateway: GatewayFactory, upstream: Upstream, logs: Logs
+) -> None:
+    """Unreachable (502) and timed out (504) count; the upstream's own 502 and a policy's 403 do not."""
+    host = upstream.url.split("://")[1]
+    gone = f"http://127.0.0.1:{free_port()}"
+    gw = await start_gateway(
+        allowlist=[host, gone.split("://")[1]],
+        routes=[
+            {"name": "gone", "prefix": "/gone", "upstream": gone},
+            {"name": "app", "prefix": "/", "upstream": upstream.url},
+        ],
+        deny_paths=["/denied"],
+        upstream={"read_timeout_s": 0.3},
+    )
+    port = gw.gateway.ports["listen"]
+    for target, status, code in (
+        ("/gone/a", 502, "upstream_unreachable"),
+        ("/gone/b", 502, "upstream_unreachable"),
+        ("/hang", 504, "upstream_timeout"),
+        ("/denied", 403, "path_denied"),
+    ):
+        assert_error(await get(port, target), status, code)
+    assert (await get(port, "/status/502")).status == 502  # the upstream's answer, relayed
+    await logs.access("/status/502")
+    samples = await scrape(gw.admin_url)
+    failures = "bt_gateway_upstream_failures_total"
+    assert {labels: v for (name, labels), v in samples.items() if name == failures} == {
+        frozenset({("route", "gone"), ("code", "upstream_unreachable")}): 2,
+        frozenset({("route", "app"), ("code", "upstream_timeout")}): 1,
+    }
+    assert value(samples, "bt_gateway_refusals_total", code="path_denied") == 1
+    assert value(samples, "bt_gateway_requests_total", route="app", status="502") == 1
+
+
+async def test_no_created_series_anywhere(start_gateway: GatewayFactory, upstream: Upstream) -> None:
+    """Every counter has counted (tunnels, reloads, storage, requests): still no `_created` line."""
+    gw = await start_gateway(**route_to(upstream), forward_proxy={"connect_ports": [upstream.port]})
+    port = gw.gateway.ports["listen"]
+    assert (await get(port, "/x")).status == 200
+    async with raw_connect(port, f"127.0.0.1:{upstream.port}") as (answer, _, _):
+        assert answer.status == 200
+    assert not (await gw.gateway.reload()).ok  # no config source: a refused reload, counted
+    async with asyncio.timeout(HANG_GUARD_S):
+        while value(await scrape(gw.admin_url), "bt_gateway_tunnels_total", reason="closed") != 1:
+            await asyncio.sleep(0.01)
+    text = await scrape_text(gw.admin_url)
+    names = {line.split("{")[0].split(" ")[0] for line in text.splitlines() if not line.startswith("#")}
+    assert {"bt_gateway_tunnels_total", "bt_gateway_requests_total", "process_cpu_seconds_total"} <= names
+    assert [name for name in names if name.endswith("_created")] == []
+    assert "_created" not in text
+
+
+def proc_stat(pid: int) -> list[str]:
+    """/proc/<pid>/stat's fields after the command name (field 3 onwards, 0-based here)."""
+    text = Path(f"/proc/{pid}/stat").read_text()
+    return text[text.rindex(")") + 2 :].split()
+
+
+def boot_time() -> float:
+    return next(
+        float(line.split()[1])
+        for line in Path("/proc/stat").read_text().splitlines()
+        if line.startswith("btime")
+    )
+
+
+def max_open_files(pid: int) -> float:
+    limits = Path(f"/proc/{pid}/limits").read_text().splitlines()
+    return float(next(line.split()[3] for line in limits if line.startswith("Max open files")))
+
+
+async def test_process_metrics_are_the_gateway_process_own(tmp_path: Path, upstream: Upstream) -> None:
+    """Read by prometheus-client from the gateway's /proc: fixed values exact, moving ones bracketed by
+    readings taken just before and after the scrape."""
+    gw = await asyncio.to_thread(GatewayProcess, route_to(upstream), tmp_path)
+    try:
+        pid, ticks, page = gw.proc.pid, os.sysconf("SC_CLK_TCK"), os.sysconf("SC_PAGE_SIZE")
+        boot, max_files = boot_time(), max_open_files(pid)
+        before = proc_stat(pid)
+        async with (
+            aiohttp.ClientSession() as client
+        ):  # the connection stays open: the same fds as during the scrape
+            async with client.get(f"http://127.0.0.1:{gw.admin_port}/metrics") as resp:
+                text = await resp.text()
+            fds = len(os.listdir(f"/proc/{pid}/fd"))
+        after = proc_stat(pid)
+        samples = {
+            sample.name: sample.value
+            for family in text_string_to_metric_families(text)
+            for sample in family.samples
+        }
+        assert samples["process_max_fds"] == max_files
+        assert samples["process_start_time_seconds"] == float(before[19]) / ticks + boot
+        assert samples["process_open_fds"] == fds + 1  # + the directory the collector lists them from
+        cpu = [
+            float(stat[11]) / ticks + float(stat[12]) / ticks for stat in (before, after)
+        ]  # as summed there
+        assert cpu[0] <= samples["process_cpu_seconds_total"] <= cpu[1]
+        vsize = sorted(float(stat[20]) for stat in (before, after))
+        assert vsize[0] <= samples["process_virtual_memory_bytes"] <= vsize[1]
+        rss = sorted(float(stat[21]) * page for stat in (before, after))
+        assert rss[0] <= samples["process_resident_memory_bytes"] <= rss[1]
+    finally:
+        gw.stop()

@@ -7,8 +7,11 @@ a bad file changes nothing, and says why exactly as `check-config` would.
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import os
 import signal
+import time
 from pathlib import Path
 from typing import Any
 
@@ -405,3 +408,76 @@ async def test_watch_logs_a_bad_file_once_like_check_config_then_applies_the_fix
         assert gw.stop() == 0
     assert [e["problem"] for e in gw.events("config_reload_problem")] == [line]  # all output read now
     assert gw.events("config_watch_error") == []
+
+
+def effective_sha256(path: Path) -> str:
+    """The sha256 of the effective config as `check-config` prints it, in canonical JSON: computed here from
+    the command's output, not by the gateway's own function."""
+    result = run_cli("check-config", "-c", str(path))
+    assert result.returncode == 0, result.stderr
+    text = json.dumps(
+        yaml.safe_load(result.stdout), sort_keys=True, separators=(",", ":"), ensure_ascii=False
+    )
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+async def reload_state(gw: GatewayProcess) -> tuple[float, float, list[str]]:
+    """(last_success, last_timestamp, the config_info hashes) from /metrics."""
+    samples = await scrape(f"http://127.0.0.1:{gw.admin_port}")
+    hashes = [
+        dict(labels)["sha256"]
+        for (name, labels), v in samples.items()
+        if name == "bt_gateway_config_info" and v == 1
+    ]
+    return (
+        value(samples, "bt_gateway_reload_last_success"),
+        value(samples, "bt_gateway_reload_last_timestamp_seconds"),
+        hashes,
+    )
+
+
+async def test_the_last_reload_and_the_config_hash_are_exported(tmp_path: Path, upstream: Upstream) -> None:
+    config = base_config(upstream)
+    started = time.time()
+    gw = await asyncio.to_thread(GatewayProcess, config, tmp_path)
+    try:
+        first = effective_sha256(gw.config_path)
+        ok, at, hashes = await reload_state(gw)
+        assert (ok, hashes) == (1, [first])  # the start is the first load
+        assert started <= at <= time.time()
+
+        gw.config_path.write_text(yaml.safe_dump({**config, "rate_limit": {"max_request": 1}}))
+        before = time.time()
+        assert (await post_reload(gw))[0] == 422
+        ok, at, hashes = await reload_state(gw)
+        assert (ok, hashes) == (0, [first])  # refused: the old config serves on, and says so
+        assert before <= at <= time.time()
+
+        gw.config_path.write_text("# a comment changes nothing that runs\n" + yaml.safe_dump(config))
+        assert (await post_reload(gw))[0] == 200
+        assert (await reload_state(gw))[::2] == (1, [first])
+
+        edit(gw, {**config, "deny_paths": ["/admin/**"]})
+        second = effective_sha256(gw.config_path)
+        before = time.time()
+        assert (await post_reload(gw))[0] == 200
+        ok, at, hashes = await reload_state(gw)
+        assert (ok, hashes) == (1, [second]) and second != first
+        assert before <= at <= time.time()
+        assert await reload_counts(gw) == {"success": 2, "failure": 1}
+    finally:
+        assert gw.stop() == 0
+
+
+async def test_a_secret_alone_leaves_the_config_hash_unchanged(tmp_path: Path, upstream: Upstream) -> None:
+    """/metrics is open to anyone who reaches the admin port: the hash is no fingerprint of a secret."""
+    config = base_config(upstream, relay={"allow_hosts": ["store.example"], "secret": "a" * 40})
+    config["allowlist"] = [*config["allowlist"], "store.example"]
+    gw = await asyncio.to_thread(GatewayProcess, config, tmp_path)
+    try:
+        first = (await reload_state(gw))[2]
+        edit(gw, {**config, "relay": {"allow_hosts": ["store.example"], "secret": "b" * 40}})
+        assert (await post_reload(gw))[0] == 200
+        assert (await reload_state(gw))[2] == first == [effective_sha256(gw.config_path)]
+    finally:
+        assert gw.stop() == 0

@@ -142,3 +142,37 @@ def test_a_delay_that_outlasts_a_shutdown_is_one_warning_line(tmp_path: Path) ->
     ]
     _, quiet = check(tmp_path, {"routes": [app], "shutdown_timeout_s": 40, "forward_proxy": no_proxy})
     assert quiet == []
+
+
+REPORT = (
+    "what the allow-list, deny_paths, rate limits, the method check, forward_proxy ports and the tunnel "
+    "policy would refuse is let through and logged as would_refuse; set mode: enforce to refuse it"
+)
+REPORT_ROUTES = """\
+allowlist: [www.braintrust.dev]
+routes:
+  - {name: app, prefix: /, upstream: 'https://www.braintrust.dev', rate_limit: off}
+  - {name: trial, prefix: /trial, upstream: 'https://www.braintrust.dev', rate_limit: off, mode: report}
+"""
+
+
+def check_yaml(tmp_path: Path, text: str) -> list[str]:
+    """check-config on a YAML file as written: its warning lines; it must succeed."""
+    path = tmp_path / "gateway.yaml"
+    path.write_text(text)
+    result = run_cli("check-config", "-c", str(path), env={"PATH": os.environ["PATH"]})
+    assert result.returncode == 0, result.stderr
+    *lines, ok = result.stderr.splitlines()
+    assert ok == f"config ok: {path}"
+    return lines
+
+
+def test_report_mode_is_one_warning_naming_its_routes(tmp_path: Path) -> None:
+    path = tmp_path / "gateway.yaml"
+    assert check_yaml(tmp_path, REPORT_ROUTES) == [
+        f"warning: {path}:4: routes[1].mode: report mode is on for route trial: {REPORT}"
+    ]
+    top = check_yaml(tmp_path, "mode: report\n" + REPORT_ROUTES.replace(", mode: report", ", mode: enforce"))
+    scope = "route app, tunnels and requests to no route"
+    assert top == [f"warning: {path}:1: mode: report mode is on for {scope}: {REPORT}"]
+    assert check_yaml(tmp_path, REPORT_ROUTES.replace(", mode: report", "")) == []

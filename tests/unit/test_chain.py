@@ -81,6 +81,32 @@ async def test_the_declared_order(build: Any) -> None:
     assert (await build()).http.names == tuple(n for n in generation.http.names if n != "proxy_auth")
 
 
+async def test_only_policy_refusals_are_relaxable(build: Any) -> None:
+    """What report mode may let go, step by step: size bounds, malformed requests, proxy auth, relay links
+    and switched-off modes never; a change to this list is a change to the README's promise."""
+    auth = {"users": {"alice": hash_password(PASSWORD, log2_n=10)}}
+    generation = await build(forward_proxy={"auth": auth})
+    relaxable = {
+        step.name: sorted(getattr(step, "relaxable", ()))
+        for step in (*generation.http.steps, *generation.connect.steps)
+    }
+    assert relaxable == {
+        "limits": [],
+        "method": ["trace"],
+        "host": [],
+        "credentials": [],
+        "redirect": [],
+        "route": [],
+        "allowlist": ["deny"],
+        "forward_proxy": ["deny"],
+        "proxy_auth": [],
+        "deny_paths": ["deny"],
+        "ratelimit": ["anonymous_denied", "delay_too_long", "deny", "queue_full"],
+        "connect": [],
+        "tunnel_limit": ["deny"],
+    }
+
+
 async def test_an_admitted_request_records_each_decision(build: Any) -> None:
     generation = await build()
     ex = exchange("/data-plane/logs3?x=1")
