@@ -1,7 +1,9 @@
-"""The admin listener's application: probes, the metrics scrape and POST /reload, behind the access rules.
+"""The admin listener's application: probes, the metrics scrape, the status page and POST /reload, behind
+the access rules.
 
-It knows nothing of the gateway itself: it is given the readiness check, the metrics renderer, the reload
-and the current `AdminAccess` (gateway/policy/admin_access.py), which every request passes first.
+It knows nothing of the gateway itself: it is given the readiness check, the metrics renderer, the status
+snapshot and page, the reload and the current `AdminAccess` (gateway/policy/admin_access.py), which every
+request passes first.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from gateway.metrics import CONTENT_TYPE
 from gateway.policy.admin_access import AdminAccess
 from gateway.reload import ReloadResult
 from gateway.responses import SERVER, error_response
+from gateway.status_page import StatusPage
 
 log = get_logger("gateway.admin")
 
 Readiness = Callable[[], Awaitable[str | None]]  # None when ready, else the reason (the 503 body's status)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+NOT_CACHED = {"Cache-Control": "no-store"}
 
 
 def admin_app(
@@ -29,6 +34,9 @@ def admin_app(
     render_metrics: Callable[[], bytes],
     reload: Callable[[], Awaitable[ReloadResult]],
     access: Callable[[], AdminAccess],
+    *,
+    status: Snapshot,
+    page: StatusPage,
 ) -> web.Application:
     """The application; `access` is asked per request, so a reload that changes admin.token applies."""
 
@@ -43,6 +51,12 @@ def admin_app(
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=render_metrics(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def status_page(_: web.Request) -> web.Response:
+        return web.Response(body=page.body, headers=dict(page.headers))
+
+    async def status_json(_: web.Request) -> web.Response:
+        return web.json_response(await status(), headers=NOT_CACHED)
 
     async def reload_config(_: web.Request) -> web.Response:
         result = await reload()
@@ -76,5 +90,7 @@ def admin_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/status.json", status_json)
     app.router.add_post("/reload", reload_config)
     return app

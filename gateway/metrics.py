@@ -3,6 +3,8 @@
 One registry per gateway process (not the library's global one), living across reloads. Label values are
 bounded by construction: configured route names (or `forward_proxy`, `tunnel`, `none`), HTTP statuses, error
 codes, tunnel close reasons, `in`/`out`, `success`/`failure`. Never a token, a path or a client address.
+What has no bounded label (denied host names, token fingerprints) is kept apart, in fixed-size top-k
+counters for the status page (gateway/status.py), and never exported here.
 """
 
 from __future__ import annotations
@@ -18,11 +20,20 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
-from gateway.exchange import Exchange
+from gateway.errors import Code
+from gateway.exchange import TUNNEL_ROUTE, Exchange
+from gateway.policy.credentials import FINGERPRINT_HEX
+from gateway.topk import TopK
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BUCKET_LABELS = (*map(floatToGoString, DURATION_BUCKETS), "+Inf")
+TOP_K = 64  # keys each top-k counter holds: the page shows the first 10, the rest keep the estimates honest
+UPSTREAM_FAILURES = frozenset(  # no upstream status to show: the route's last answer is the failure's code
+    {Code.UPSTREAM_UNREACHABLE, Code.UPSTREAM_TIMEOUT, Code.UPSTREAM_BAD_RESPONSE, Code.UPSTREAM_BAD_ENCODING}
+)
+HOST_REFUSALS = frozenset({Code.EGRESS_DENIED, Code.USE_REVERSE_MODE})  # refused for where they were going
+MAX_HOST = 253  # the longest DNS name: a hostile absolute-form target holds no more of a counter's memory
 
 
 class RequestCounts(Collector):
@@ -38,6 +49,7 @@ class RequestCounts(Collector):
         self.bytes: defaultdict[tuple[str, str], int] = defaultdict(int)  # (route, in|out)
         self.durations: dict[str, list[float]] = {}  # route -> [count per bucket..., +Inf, sum]
         self.bypasses: defaultdict[str, int] = defaultdict(int)  # bypass event
+        self.last_upstream: dict[str, int | Code] = {}  # route -> the last upstream status, or failure code
 
     def observe(self, route: str, seconds: float) -> None:
         counts = self.durations.get(route)
@@ -114,6 +126,13 @@ class Metrics:
             "Polls of the config file by `serve --watch` (each compares its content with the last).",
             registry=registry,
         )
+        self.delayed = Gauge(
+            "bt_gateway_delayed_requests",
+            "Requests held in `on_limit: delay` queues now, waiting for a rate-limit slot.",
+            registry=registry,
+        )
+        self.denied_hosts = TopK(TOP_K)  # hosts of HOST_REFUSALS
+        self.limited_tokens = TopK(TOP_K)  # fingerprints of tokens refused by their rate limit
         build = Gauge("bt_gateway_build_info", "The running version.", ("version",), registry=registry)
         build.labels(version=__version__).set(1)
         for result in ("success", "failure"):
@@ -124,8 +143,11 @@ class Metrics:
         counts = self.counts
         route = exchange.metric_route
         counts.requests[route, exchange.status] += 1
-        if exchange.error is not None:
-            counts.refusals[str(exchange.error.code)] += 1
+        if exchange.upstream_status is not None:
+            counts.last_upstream[route] = exchange.upstream_status
+        error = exchange.error
+        if error is not None:
+            self._refused(exchange, route, error.code)
         if exchange.upstream_seconds is not None:
             counts.observe(route, exchange.upstream_seconds)
         if exchange.bytes_in:
@@ -134,6 +156,19 @@ class Metrics:
             counts.bytes[route, "out"] += exchange.bytes_out
         for bypass in exchange.bypasses:
             counts.bypasses[bypass.event] += 1
+
+    def _refused(self, exchange: Exchange, route: str, code: Code) -> None:
+        """A refusal: by code, and the denied host or the rate-limited token's fingerprint (O(1) each)."""
+        counts = self.counts
+        counts.refusals[str(code)] += 1
+        if code in HOST_REFUSALS:
+            if exchange.upstream_host is not None:
+                self.denied_hosts.add(exchange.upstream_host[:MAX_HOST])
+        elif code is Code.RATE_LIMITED:
+            if exchange.token_digest is not None and route != TUNNEL_ROUTE:  # tunnels: counted per address
+                self.limited_tokens.add(exchange.token_digest[:FINGERPRINT_HEX])
+        elif code in UPSTREAM_FAILURES:
+            counts.last_upstream[route] = code
 
     def storage_error(self) -> None:
         self.storage_errors.inc()

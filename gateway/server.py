@@ -31,6 +31,8 @@ from gateway.policy.admin_access import AdminAccess
 from gateway.policy.credentials import digest_of
 from gateway.protocol import ClientLimits, GatewayServer
 from gateway.reload import ConfigSource, Reloader, ReloadResult, log_warnings
+from gateway.status import StatusBoard
+from gateway.status_page import StatusPage
 from gateway.tunnel import Tunnels, TunnelStats
 
 log = get_logger("gateway.server")
@@ -55,6 +57,8 @@ class Gateway:
         self.generation: Generation | None = None
         self.metrics = Metrics()
         self.handler = ProxyHandler(Tunnels(self.metrics), self.metrics)
+        self.status = StatusBoard(self, self.metrics)
+        self.metrics.delayed.set_function(self.delayed_requests)
         self.ready = False
         self.started = False
         self.stopping = False
@@ -72,6 +76,15 @@ class Gateway:
     @property
     def tunnels(self) -> TunnelStats:
         return self.handler.tunnels.stats
+
+    @property
+    def open_connections(self) -> int:
+        return self._proxy_server.open_connections if self._proxy_server is not None else 0
+
+    def delayed_requests(self) -> int:
+        """Requests held for a rate-limit slot, on the live generation and on any retired one still open."""
+        live = [self.generation] if self.generation is not None else []
+        return sum(g.limiter.delayed for g in (*live, *self._retired))
 
     async def start(self, origin: str = "") -> None:
         """Build the generation, then listen. On failure, `stop()` releases whatever was opened.
@@ -106,12 +119,21 @@ class Gateway:
         if self._tls is not None:
             self._tls.watch()
         admin_port = admin.port + self.worker if admin.port else 0
-        app = admin_app(self._not_ready, self.metrics.render, self.reload, lambda: self._admin_access)
+        app = admin_app(
+            self._not_ready,
+            self.metrics.render,
+            self.reload,
+            lambda: self._admin_access,
+            status=self.status.snapshot,
+            page=StatusPage.load(),
+        )
         admin_runner = web.AppRunner(app, access_log=None)
         self._runners.append(admin_runner)
         self.ports["admin"] = await listen(admin_runner, "admin", admin.host, admin_port)
         warn_if_admin_unreachable(admin.host, self.ports["admin"])
         self.ready = self.started = True
+        self.status.serving(config, origin)
+        self.status.history.start(self._loop)
         where = {"worker": self.worker, "pid": os.getpid()} if shared else {}
         log.info(
             "gateway_started",
@@ -165,9 +187,12 @@ class Gateway:
         and key are read again too (the config check has just loaded them).
         """
         result = await self._reloader.reload()
+        if result.ok:
+            self.status.serving(self.config, result.origin)
         tls, settings = self._tls, self.config.listen.tls
         if result.ok and tls is not None and settings is not None and not await tls.use(settings):
-            return ReloadResult(False, result.origin, (TLS_KEPT,))  # the files changed since the check
+            result = ReloadResult(False, result.origin, (TLS_KEPT,))  # the files changed since the check
+        self.status.reloaded(result)
         return result
 
     def swap(self, fresh: Generation) -> Generation:
@@ -203,6 +228,7 @@ class Gateway:
         """
         self.drain()
         self.stopping = True
+        self.status.history.stop()
         if self._tls is not None:
             await self._tls.close()
         timeout = self.config.shutdown_timeout_s

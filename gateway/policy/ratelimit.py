@@ -181,6 +181,7 @@ class RateLimiter:
         self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
         self._healthy = True
         self._waiters: dict[tuple[str, str], _Waiters] = {}
+        self._delayed = 0  # requests of every key waiting for a slot now
 
     @staticmethod
     def _compile(spec: LimitSpec | None) -> _Limit | None:
@@ -230,6 +231,7 @@ class RateLimiter:
         if waiters.count >= spec.max_queued:
             return refused._replace(outcome="queue_full")
         waiters.count += 1
+        self._delayed += 1
         deadline = self._clock() + spec.max_delay_s
         try:
             async with waiters.turn:
@@ -241,9 +243,15 @@ class RateLimiter:
                     decision = await self.check(route, key)
                 return decision._replace(outcome="delayed") if decision.allowed else decision
         finally:
+            self._delayed -= 1
             waiters.count -= 1
             if not waiters.count:
                 del self._waiters[scope]
+
+    @property
+    def delayed(self) -> int:
+        """Requests held for a slot now (`on_limit: delay`), every route and key together."""
+        return self._delayed
 
     @property
     def immediate(self) -> bool:
@@ -310,6 +318,13 @@ class RateLimiter:
 
     def _storage_failed(self, exc: BaseException) -> RateDecision:
         self._on_storage_error()
+        self._storage_down(exc)
+        if self.settings.on_storage_error == "allow":
+            return FAIL_OPEN
+        error = GatewayError(Code.RATE_LIMIT_UNAVAILABLE, "rate limit storage is unavailable")
+        return RateDecision(allowed=False, outcome="storage_error_deny", error=error)
+
+    def _storage_down(self, exc: BaseException) -> None:
         if self._healthy:
             self._healthy = False
             log.warning(
@@ -317,10 +332,6 @@ class RateLimiter:
                 error=type(exc).__name__,
                 on_storage_error=self.settings.on_storage_error,
             )
-        if self.settings.on_storage_error == "allow":
-            return FAIL_OPEN
-        error = GatewayError(Code.RATE_LIMIT_UNAVAILABLE, "rate limit storage is unavailable")
-        return RateDecision(allowed=False, outcome="storage_error_deny", error=error)
 
     def _storage_ok(self) -> None:
         if not self._healthy:
@@ -335,17 +346,31 @@ class RateLimiter:
         """
         if not self.shared or self.settings.on_storage_error == "allow":
             return True
+        return await self.storage_up(count=True)
+
+    async def storage_up(self, *, count: bool = False) -> bool:
+        """Whether the store answers now (process memory always does); an outage and its end are logged
+        once each, as for requests. `count`: a failure is a store error in the metrics (a readiness probe
+        decides by it; a look at the status page is no failed call of the gateway's)."""
+        if not self.shared:
+            return True
+        failure = await self._ping()
+        if failure is not None:
+            if count:
+                self._on_storage_error()
+            self._storage_down(failure)
+            return False
+        self._storage_ok()
+        return True
+
+    async def _ping(self) -> BaseException | None:
+        """Why a shared store did not answer a PING within `storage_timeout_ms`, or None when it did."""
         try:
             async with asyncio.timeout(self._timeout):
                 alive = bool(await self._store.limits.check())
         except Exception as exc:
-            self._storage_failed(exc)
-            return False
-        if not alive:
-            self._storage_failed(ConnectionError("store did not answer PING"))
-            return False
-        self._storage_ok()
-        return True
+            return exc
+        return None if alive else ConnectionError("store did not answer PING")
 
     @property
     def storage(self) -> RateStore:
