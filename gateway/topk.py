@@ -96,6 +96,9 @@ class TopK:
         bucket = counter.bucket
         higher = bucket.higher
         if higher is None or higher.count != bucket.count + 1:
+            if len(bucket.keys) == 1:  # alone in its bucket (a key pulling ahead): the bucket moves with it
+                bucket.count += 1
+                return
             higher = self._link(_Bucket(bucket.count + 1), bucket, higher)
         del bucket.keys[counter.key]
         higher.keys[counter.key] = counter
