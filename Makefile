@@ -24,7 +24,7 @@ IMAGE_FLAGS = $(if $(filter podman,$(ENGINE)),--format docker) $(if $(PYTHON_IMA
 LOCK_ENV := PIP_CONFIG_FILE=/dev/null $(if $(PIP_CERT),PIP_CERT=$(PIP_CERT),$(if $(wildcard /etc/ssl/certs/ca-certificates.crt),PIP_CERT=/etc/ssl/certs/ca-certificates.crt))
 LOCK_FLAGS := --quiet --generate-hashes --strip-extras --allow-unsafe --no-emit-index-url --no-emit-find-links
 
-.PHONY: run test test-aiohttp-lowest lint bench soak clean no-node image lock try
+.PHONY: run test test-aiohttp-lowest docs-screenshot lint bench soak clean no-node image lock try
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -64,6 +64,10 @@ test-aiohttp-lowest: $(TEST_STAMP) $(JS_DEPS)
 		$(LOWEST_VENV)/bin/pip install --quiet -e '.[test,dev]' 'aiohttp==$(AIOHTTP_LOWEST)'; \
 		$(LOWEST_VENV)/bin/python -m pytest -q -p no:cacheprovider; \
 	fi
+
+# docs/status.png, the README's picture of the status page: taken by the browser test, kept only when it passes.
+docs-screenshot: $(TEST_STAMP)
+	UPDATE_DOCS_SCREENSHOT=1 $(BIN)/python -m pytest -q -p no:cacheprovider tests/integration/test_status_page.py
 
 lint: $(TEST_STAMP)
 	$(BIN)/ruff check gateway tests bench

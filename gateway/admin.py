@@ -1,10 +1,11 @@
-"""The admin listener's application: probes, the metrics scrape, POST /reload and POST /explain, behind
-the access rules.
+"""The admin listener's application: probes, the metrics scrape, the status page, POST /reload and
+POST /explain, behind the access rules.
 
-It knows nothing of the gateway itself: it is given the readiness check, the metrics renderer, the reload,
-the explainer (gateway/explain.py) and the current `AdminAccess` (gateway/policy/admin_access.py), which
-every request passes first. POST /explain changes nothing, but it is not open: its answers tell how to get
-past the policy and which token fingerprints are near their limit, so it is guarded as POST /reload is.
+It knows nothing of the gateway itself: it is given the readiness check, the metrics renderer, the status
+snapshot and page, the reload, the explainer (gateway/explain.py) and the current `AdminAccess`
+(gateway/policy/admin_access.py), which every request passes first. POST /explain changes nothing, but it
+is not open: its answers tell how to get past the policy and which token fingerprints are near their
+limit, so it is guarded as POST /reload is.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from gateway.metrics import CONTENT_TYPE
 from gateway.policy.admin_access import AdminAccess
 from gateway.reload import ReloadResult
 from gateway.responses import SERVER, error_response
+from gateway.status_page import StatusPage
 
 log = get_logger("gateway.admin")
 
@@ -30,6 +32,8 @@ Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A POST /explain body -> the `explain --json` document; ValueError for a body that names no request.
 Explainer = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
 NOT_AN_OBJECT = 'the body must be a JSON object such as {"url": "/v1/project", "token": "..."}'
+Snapshot = Callable[[], Awaitable[dict[str, Any]]]
+NOT_CACHED = {"Cache-Control": "no-store"}
 
 
 def admin_app(
@@ -38,6 +42,9 @@ def admin_app(
     reload: Callable[[], Awaitable[ReloadResult]],
     access: Callable[[], AdminAccess],
     explain: Explainer,
+    *,
+    status: Snapshot,
+    page: StatusPage,
 ) -> web.Application:
     """The application; `access` is asked per request, so a reload that changes admin.token applies."""
 
@@ -52,6 +59,12 @@ def admin_app(
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=render_metrics(), headers={"Content-Type": CONTENT_TYPE})
+
+    async def status_page(_: web.Request) -> web.Response:
+        return web.Response(body=page.body, headers=dict(page.headers))
+
+    async def status_json(_: web.Request) -> web.Response:
+        return web.json_response(await status(), headers=NOT_CACHED)
 
     async def reload_config(_: web.Request) -> web.Response:
         """200 `reloaded`; 200 `restart_needed` (applied but for the settings it names); 422 `failed`."""
@@ -111,6 +124,8 @@ def admin_app(
     app.router.add_get("/healthz", healthz)
     app.router.add_get("/readyz", readyz)
     app.router.add_get("/metrics", metrics)
+    app.router.add_get("/status", status_page)
+    app.router.add_get("/status.json", status_json)
     app.router.add_post("/reload", reload_config)
     app.router.add_post("/explain", explain_request)
     return app

@@ -4,7 +4,9 @@ One registry per gateway process (not the library's global one), living across r
 bounded by construction: configured route names (or `forward_proxy`, `tunnel`, `none`), HTTP statuses, error
 codes, tunnel close reasons, `in`/`out`, `success`/`failure`, the config's sha256. Never a token, a path or
 a client address. The standard `process_*` metrics come from prometheus-client's ProcessCollector, and no
-counter has a `_created` series (disabled for the process: a scrape's worth of noise per counter).
+counter has a `_created` series (disabled for the process: a scrape's worth of noise per counter). What
+has no bounded label (denied host names, token fingerprints) is kept apart, in fixed-size top-k counters
+for the status page (gateway/status.py), and never exported here.
 """
 
 from __future__ import annotations
@@ -28,12 +30,17 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
-from gateway.errors import UPSTREAM_FAILURES
-from gateway.exchange import Exchange
+from gateway.errors import UPSTREAM_FAILURES, Code
+from gateway.exchange import TUNNEL_ROUTE, Exchange
+from gateway.policy.credentials import FINGERPRINT_HEX
+from gateway.topk import TopK
 
 CONTENT_TYPE = CONTENT_TYPE_LATEST
 DURATION_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 _BUCKET_LABELS = (*map(floatToGoString, DURATION_BUCKETS), "+Inf")
+TOP_K = 64  # keys each top-k counter holds: the page shows the first 10, the rest keep the estimates honest
+HOST_REFUSALS = frozenset({Code.EGRESS_DENIED, Code.USE_REVERSE_MODE})  # refused for where they were going
+MAX_HOST = 253  # the longest DNS name: a hostile absolute-form target holds no more of a counter's memory
 
 
 def _family(
@@ -64,6 +71,7 @@ class RequestCounts(Collector):
         self.bypasses: defaultdict[str, int] = defaultdict(int)  # bypass event
         self.would_refuse: dict[tuple[str, str], int] = {}  # report mode: (step, reason), read by /status
         self.upstream_failures: defaultdict[tuple[str, str], int] = defaultdict(int)  # (route, code)
+        self.last_upstream: dict[str, int | Code] = {}  # route -> the last upstream status, or failure code
 
     def observe(self, route: str, seconds: float) -> None:
         counts = self.durations.get(route)
@@ -173,6 +181,8 @@ class Metrics:
             ("sha256",),
             registry=registry,
         )
+        self.denied_hosts = TopK(TOP_K)  # hosts of HOST_REFUSALS
+        self.limited_tokens = TopK(TOP_K)  # fingerprints of tokens refused by their rate limit
         build = Gauge("bt_gateway_build_info", "The running version.", ("version",), registry=registry)
         build.labels(version=__version__).set(1)
         for result in ("success", "failure"):
@@ -201,11 +211,11 @@ class Metrics:
         counts = self.counts
         route = exchange.metric_route
         counts.requests[route, exchange.status] += 1
+        if exchange.upstream_status is not None:
+            counts.last_upstream[route] = exchange.upstream_status
         error = exchange.error
         if error is not None:
-            counts.refusals[str(error.code)] += 1
-            if error.code in UPSTREAM_FAILURES:
-                counts.upstream_failures[route, str(error.code)] += 1
+            self._refused(exchange, route, error.code)
         if exchange.upstream_seconds is not None:
             counts.observe(route, exchange.upstream_seconds)
         if exchange.bytes_in:
@@ -218,6 +228,20 @@ class Metrics:
             step, refusal = exchange.would_refuse
             key = (step, refusal.why)
             counts.would_refuse[key] = counts.would_refuse.get(key, 0) + 1
+
+    def _refused(self, exchange: Exchange, route: str, code: Code) -> None:
+        """A refusal: by code, and the denied host or the rate-limited token's fingerprint (O(1) each)."""
+        counts = self.counts
+        counts.refusals[str(code)] += 1
+        if code in HOST_REFUSALS:
+            if exchange.upstream_host is not None:
+                self.denied_hosts.add(exchange.upstream_host[:MAX_HOST])
+        elif code is Code.RATE_LIMITED:
+            if exchange.token_digest is not None and route != TUNNEL_ROUTE:  # tunnels: counted per address
+                self.limited_tokens.add(exchange.token_digest[:FINGERPRINT_HEX])
+        elif code in UPSTREAM_FAILURES:  # no upstream status to show: the route's last answer is the code
+            counts.last_upstream[route] = code
+            counts.upstream_failures[route, str(code)] += 1
 
     def storage_error(self) -> None:
         self.storage_errors.inc()

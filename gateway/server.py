@@ -33,6 +33,8 @@ from gateway.policy.admin_access import AdminAccess
 from gateway.policy.credentials import digest_of
 from gateway.protocol import ClientLimits, GatewayServer
 from gateway.reload import Coalesced, ConfigSource, Reloader, ReloadResult, log_warnings
+from gateway.status import StatusBoard
+from gateway.status_page import StatusPage
 from gateway.tunnel import Tunnels, TunnelStats
 
 log = get_logger("gateway.server")
@@ -58,6 +60,7 @@ class Gateway:
         self.generation: Generation | None = None
         self.metrics = Metrics()
         self.handler = ProxyHandler(Tunnels(self.metrics), self.metrics)
+        self.status = StatusBoard(self, self.metrics)
         self.ready = False
         self.started = False
         self.stopping = False
@@ -67,7 +70,7 @@ class Gateway:
         self._retired: list[Generation] = []
         self._reloader = Reloader(self, source, self.metrics)
         self._reloads = Coalesced(self._reload_now)
-        self.metrics.delay_queued.set_function(self._queued)
+        self.metrics.delay_queued.set_function(self.delayed_requests)
         self._proxy_server: GatewayServer | None = None
         self._tls: ListenerTls | None = None  # the proxy listener's, with `listen.tls`
         self._deadline_passed = False  # stop() cancelled what was still running
@@ -77,6 +80,16 @@ class Gateway:
     @property
     def tunnels(self) -> TunnelStats:
         return self.handler.tunnels.stats
+
+    @property
+    def open_connections(self) -> int:
+        return self._proxy_server.open_connections if self._proxy_server is not None else 0
+
+    def delayed_requests(self) -> int:
+        """Requests waiting for a rate-limit slot now (`on_limit: delay`): one set of queues serves every
+        generation (gateway/policy/ratelimit.py), so the live one's count is all of them."""
+        generation = self.generation
+        return generation.limiter.queues.waiting if generation is not None else 0
 
     async def start(self, origin: str = "") -> None:
         """Build the generation, then listen. On failure, `stop()` releases whatever was opened.
@@ -109,13 +122,21 @@ class Gateway:
             self._tls.watch()
         admin_port = admin.port + self.worker if admin.port else 0
         app = admin_app(
-            self._not_ready, self.metrics.render, self.reload, lambda: self._admin_access, self.explain
+            self._not_ready,
+            self.metrics.render,
+            self.reload,
+            lambda: self._admin_access,
+            self.explain,
+            status=self.status.snapshot,
+            page=StatusPage.load(),
         )
         admin_runner = web.AppRunner(app, access_log=None)
         self._runners.append(admin_runner)
         self.ports["admin"] = await listen(admin_runner, "admin", admin.host, admin_port)
         warn_if_admin_unreachable(admin.host, self.ports["admin"])
         self.ready = self.started = True
+        self.status.serving(config, origin)
+        self.status.history.start(self._loop)
         where = {"worker": self.worker, "pid": os.getpid()} if shared else {}
         log.info(
             "gateway_started",
@@ -174,9 +195,12 @@ class Gateway:
         """One reload. With TLS, the certificate and key are read again too (the check has just loaded
         them)."""
         result = await self._reloader.reload()
+        if result.ok:
+            self.status.serving(self.config, result.origin)
         tls, settings = self._tls, self.config.listen.tls
         if result.ok and tls is not None and settings is not None and not await tls.use(settings):
-            return ReloadResult(False, result.origin, (TLS_KEPT,), result.restart_needed)  # changed since
+            result = ReloadResult(False, result.origin, (TLS_KEPT,), result.restart_needed)  # changed since
+        self.status.reloaded(result)
         return result
 
     async def explain(self, body: dict[str, Any]) -> Report:
@@ -227,6 +251,7 @@ class Gateway:
         self.stopping = True
         if self.generation is not None:  # one set of queues for every generation (policy/ratelimit.py)
             self.generation.limiter.queues.stop()
+        self.status.history.stop()
         if self._tls is not None:
             await self._tls.close()
         timeout = self.config.shutdown_timeout_s
@@ -264,11 +289,6 @@ class Gateway:
         self._deadline_passed = True
         for task in self._handlers:
             task.cancel()
-
-    def _queued(self) -> int:
-        """Requests waiting for a rate-limit slot now (`on_limit: delay`), on every generation."""
-        generation = self.generation
-        return generation.limiter.queues.waiting if generation is not None else 0
 
     async def _not_ready(self) -> str | None:
         """`/readyz`: None when ready, else why (draining, or the rate-limit storage is unreachable)."""

@@ -1,4 +1,5 @@
-"""The test suite's one raw-HTTP client and its command-line clients (curl), shared by every test file.
+"""The test suite's one raw-HTTP client and its command-line clients (curl, headless Chromium), shared by
+every test file.
 
 Raw replies are read to their framing (Content-Length, chunked, or the server's close), never "until
 quiet", so a test waits exactly as long as the gateway takes and no longer than the hang guard.
@@ -16,6 +17,7 @@ import subprocess
 import sys
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from html.parser import HTMLParser
 from pathlib import Path
 from typing import Any
 
@@ -243,3 +245,221 @@ async def curl_reply(*args: str) -> Reply:
     _, out, _ = await curl("-i", *args)
     head, _, body = out.partition("\r\n\r\n")
     return Reply(*parse_head(head.encode("latin-1")), body.encode())
+
+
+@dataclass
+class Rendered:
+    """A page's DOM as the browser holds it: each element's text by id, and each table's body rows."""
+
+    html: str
+    texts: dict[str, str]
+    attributes: dict[str, dict[str, str]]  # id -> that element's attributes
+    tables: dict[str, list[list[str]]]  # table id -> body rows -> cell texts
+
+
+class _DomReader(HTMLParser):
+    """Collects `Rendered` from serialized HTML (the browser's `outerHTML`, not the page's source)."""
+
+    VOID = frozenset({"meta", "link", "br", "img", "input", "hr", "col", "source", "wbr", "area", "base"})
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.texts: dict[str, str] = {}
+        self.attributes: dict[str, dict[str, str]] = {}
+        self.tables: dict[str, list[list[str]]] = {}
+        self._open: list[str | None] = []  # the ids of the open elements (None: no id)
+        self._table: str | None = None
+        self._in_body = False
+        self._cell: list[str] | None = None
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        values = {name: value or "" for name, value in attrs}
+        ident = values.get("id")
+        if ident is not None:
+            self.texts[ident] = ""
+            self.attributes[ident] = values
+        if tag == "table" and ident is not None:
+            self._table = ident
+            self.tables[ident] = []
+        elif tag == "tbody" and self._table is not None:
+            self._in_body = True
+        elif tag == "tr" and self._in_body and self._table is not None:
+            self.tables[self._table].append([])
+        elif tag == "td" and self._in_body and self._table is not None:
+            self._cell = []
+        if tag not in self.VOID:
+            self._open.append(ident)
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag in self.VOID:
+            return
+        if self._open:
+            self._open.pop()
+        if tag == "td" and self._cell is not None and self._table is not None:
+            self.tables[self._table][-1].append("".join(self._cell))
+            self._cell = None
+        elif tag == "tbody":
+            self._in_body = False
+        elif tag == "table":
+            self._table = None
+
+    def handle_data(self, data: str) -> None:
+        for ident in self._open:
+            if ident is not None:
+                self.texts[ident] += data
+        if self._cell is not None:
+            self._cell.append(data)
+
+
+def rendered(html: str) -> Rendered:
+    reader = _DomReader()
+    reader.feed(html)
+    reader.close()
+    return Rendered(html, reader.texts, reader.attributes, reader.tables)
+
+
+class BrowserPage:
+    """One tab of `HeadlessChromium`: what it requested, what it logged, its DOM and its looks."""
+
+    def __init__(self, browser: HeadlessChromium, session: str) -> None:
+        self._browser = browser
+        self.session = session
+        self.requests: list[str] = []  # every URL the page asked for (Network.requestWillBeSent)
+        self.log: list[dict[str, Any]] = []  # browser messages: CSP violations, failed loads, script errors
+
+    async def call(self, method: str, **params: Any) -> dict[str, Any]:
+        return await self._browser.call(method, session=self.session, **params)
+
+    async def evaluate(self, expression: str) -> Any:
+        reply = await self.call("Runtime.evaluate", expression=expression, returnByValue=True)
+        if "exceptionDetails" in reply:
+            raise AssertionError(f"{expression}: {reply['exceptionDetails']}")
+        return reply["result"].get("value")
+
+    async def wait_for(self, expression: str, within_s: float = HANG_GUARD_S) -> Any:
+        """The value of `expression` once it is truthy in the page (polled; a hang guard, not a timing)."""
+        async with asyncio.timeout(within_s):
+            while not (value := await self.evaluate(expression)):
+                await asyncio.sleep(0.05)
+        return value
+
+    async def dom(self) -> Rendered:
+        return rendered(await self.evaluate("document.documentElement.outerHTML"))
+
+    async def screenshot(self, path: Path) -> None:
+        reply = await self.call("Page.captureScreenshot", format="png", captureBeyondViewport=True)
+        await asyncio.to_thread(path.write_bytes, base64.b64decode(reply["data"]))
+
+
+class HeadlessChromium:
+    """Debian's `chromium`, headless, driven over the DevTools protocol (a WebSocket, with aiohttp).
+
+    It runs with a profile of its own, no background networking, and no name resolving but 127.0.0.1's, so
+    even a request the test failed to notice could not leave the machine.
+    """
+
+    def __init__(self, proc: asyncio.subprocess.Process, socket: aiohttp.ClientWebSocketResponse) -> None:
+        self._proc = proc
+        self._socket = socket
+        self._ids = 0
+        self._waiting: dict[int, asyncio.Future[dict[str, Any]]] = {}
+        self._pages: dict[str, BrowserPage] = {}
+        self._reader = asyncio.get_running_loop().create_task(self._read())
+
+    async def _read(self) -> None:
+        async for message in self._socket:
+            data = json.loads(message.data)
+            if "id" in data:
+                future = self._waiting.pop(data["id"])
+                if "error" in data:
+                    future.set_exception(AssertionError(f"DevTools: {data['error']}"))
+                else:
+                    future.set_result(data.get("result", {}))
+                continue
+            page = self._pages.get(data.get("sessionId", ""))
+            if page is None:
+                continue
+            params = data.get("params", {})
+            if data["method"] == "Network.requestWillBeSent":
+                page.requests.append(params["request"]["url"])
+            elif data["method"] == "Log.entryAdded":
+                page.log.append(params["entry"])
+            elif data["method"] == "Runtime.exceptionThrown":
+                page.log.append(params["exceptionDetails"])
+
+    def close(self) -> None:
+        self._reader.cancel()
+
+    async def call(self, method: str, session: str | None = None, **params: Any) -> dict[str, Any]:
+        self._ids += 1
+        future: asyncio.Future[dict[str, Any]] = asyncio.get_running_loop().create_future()
+        self._waiting[self._ids] = future
+        message: dict[str, Any] = {"id": self._ids, "method": method, "params": params}
+        if session is not None:
+            message["sessionId"] = session
+        await self._socket.send_json(message)
+        async with asyncio.timeout(HANG_GUARD_S):
+            return await future
+
+    async def open(self, url: str, width: int = 1280, height: int = 900) -> BrowserPage:
+        """A new tab, recording its requests and messages from before it asks for `url`."""
+        target = await self.call("Target.createTarget", url="about:blank")
+        attached = await self.call("Target.attachToTarget", targetId=target["targetId"], flatten=True)
+        page = self._pages[attached["sessionId"]] = BrowserPage(self, attached["sessionId"])
+        for domain in ("Network", "Page", "Runtime", "Log"):
+            await page.call(f"{domain}.enable")
+        await page.call(
+            "Emulation.setDeviceMetricsOverride",
+            width=width,
+            height=height,
+            deviceScaleFactor=1,
+            mobile=False,
+        )
+        await page.call("Page.navigate", url=url)
+        return page
+
+
+@contextlib.asynccontextmanager
+async def headless_chromium(binary: str, profile: Path) -> AsyncIterator[HeadlessChromium]:
+    """Start Chromium on a free DevTools port (it prints the WebSocket URL) and stop it at the end."""
+    proc = await asyncio.create_subprocess_exec(
+        binary,
+        "--headless",
+        "--disable-gpu",
+        "--no-sandbox",
+        "--no-first-run",
+        "--no-default-browser-check",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--host-resolver-rules=MAP * ~NOTFOUND, EXCLUDE 127.0.0.1",
+        "--remote-debugging-port=0",
+        f"--user-data-dir={profile}",
+        "--window-size=1280,900",
+        "about:blank",
+        stdout=asyncio.subprocess.DEVNULL,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    assert proc.stderr is not None
+    output: list[bytes] = []
+    drain: asyncio.Task[bytes] | None = None
+    try:
+        async with asyncio.timeout(30):  # a cold start of Chromium on a busy machine
+            while not (line := await proc.stderr.readline()).startswith(b"DevTools listening on "):
+                output.append(line)
+                if not line:
+                    raise RuntimeError(f"chromium exited: {b''.join(output).decode(errors='replace')}")
+        drain = asyncio.get_running_loop().create_task(proc.stderr.read())  # never let the pipe fill
+        url = line.decode().removeprefix("DevTools listening on ").strip()
+        async with aiohttp.ClientSession() as client, client.ws_connect(url, max_msg_size=0) as socket:
+            browser = HeadlessChromium(proc, socket)
+            try:
+                yield browser
+            finally:
+                browser.close()
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+        await proc.wait()
+        if drain is not None:
+            await drain

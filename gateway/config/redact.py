@@ -14,7 +14,8 @@ from gateway.config.model import GatewayConfig
 MASK = "***"
 
 
-def _redact_url(value: str) -> str:
+def redact_url(value: str) -> str:
+    """The URL with its password masked (or its user, when it carries no password)."""
     url = URL(value)
     if url.raw_password is not None:
         return str(url.with_password(MASK))
@@ -28,8 +29,8 @@ def redacted(config: GatewayConfig) -> dict[str, Any]:
     data = config.model_dump(mode="json", by_alias=True)
     upstream = data["upstream"]
     if upstream.get("proxy"):
-        upstream["proxy"] = _redact_url(upstream["proxy"])
-    data["rate_limit"]["storage"] = _redact_url(data["rate_limit"]["storage"])
+        upstream["proxy"] = redact_url(upstream["proxy"])
+    data["rate_limit"]["storage"] = redact_url(data["rate_limit"]["storage"])
     for section, key in (("admin", "token"), ("relay", "secret")):
         if data[section][key] is not None:
             data[section][key] = MASK

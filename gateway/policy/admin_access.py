@@ -7,8 +7,8 @@ requests: a browser form on any site can POST to 127.0.0.1; browsers mark those 
 `Sec-Fetch-Site` and can only send "simple" content types without a preflight, so either refuses a
 state-changing request. Anyone on the network: a non-loopback listener needs `admin.token` for them.
 
-Endpoints are open only when listed in `OPEN` (read-only probes and the scrape); everything else is
-state-changing, so a new endpoint is guarded unless someone deliberately opens it.
+Endpoints are open only when listed in `OPEN` (read-only probes, the scrape and the status page); everything
+else is state-changing, so a new endpoint is guarded unless someone deliberately opens it.
 """
 
 from __future__ import annotations
@@ -23,7 +23,9 @@ from gateway.policy.addresses import WILDCARDS, is_loopback
 from gateway.policy.credentials import token_digest
 
 OPEN: frozenset[tuple[str, str]] = frozenset(
-    (method, path) for path in ("/healthz", "/readyz", "/metrics") for method in ("GET", "HEAD")
+    (method, path)
+    for path in ("/healthz", "/readyz", "/metrics", "/status", "/status.json")
+    for method in ("GET", "HEAD")
 )
 SIMPLE_CONTENT_TYPES = frozenset({"application/x-www-form-urlencoded", "multipart/form-data", "text/plain"})
 SAME_ORIGIN_FETCH = frozenset({"same-origin", "none"})  # `none`: typed in the address bar, no page asked

@@ -433,6 +433,10 @@ class RateLimiter:
 
     def _storage_failed(self, exc: BaseException) -> RateDecision:
         self._on_storage_error()
+        self._storage_down(exc)
+        return self._failed()
+
+    def _storage_down(self, exc: BaseException) -> None:
         if self._healthy:
             self._healthy = False
             log.warning(
@@ -440,7 +444,6 @@ class RateLimiter:
                 error=type(exc).__name__,
                 on_storage_error=self.settings.on_storage_error,
             )
-        return self._failed()
 
     def _failed(self) -> RateDecision:
         """The decision while the store fails: `on_storage_error` says allow or deny."""
@@ -462,17 +465,31 @@ class RateLimiter:
         """
         if not self.shared or self.settings.on_storage_error == "allow":
             return True
+        return await self.storage_up(count=True)
+
+    async def storage_up(self, *, count: bool = False) -> bool:
+        """Whether the store answers now (process memory always does); an outage and its end are logged
+        once each, as for requests. `count`: a failure is a store error in the metrics (a readiness probe
+        decides by it; a look at the status page is no failed call of the gateway's)."""
+        if not self.shared:
+            return True
+        failure = await self._ping()
+        if failure is not None:
+            if count:
+                self._on_storage_error()
+            self._storage_down(failure)
+            return False
+        self._storage_ok()
+        return True
+
+    async def _ping(self) -> BaseException | None:
+        """Why a shared store did not answer a PING within `storage_timeout_ms`, or None when it did."""
         try:
             async with asyncio.timeout(self._timeout):
                 alive = bool(await self._store.limits.check())
         except Exception as exc:
-            self._storage_failed(exc)
-            return False
-        if not alive:
-            self._storage_failed(ConnectionError("store did not answer PING"))
-            return False
-        self._storage_ok()
-        return True
+            return exc
+        return None if alive else ConnectionError("store did not answer PING")
 
     @property
     def storage(self) -> RateStore:

@@ -116,7 +116,7 @@ async def open_admin(start_gateway: GatewayFactory) -> RunningGateway:
     return await start_gateway(admin={**OPEN_ADMIN, "token": TOKEN})
 
 
-@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics"])
+@pytest.mark.parametrize("path", ["/healthz", "/readyz", "/metrics", "/status", "/status.json"])
 async def test_probes_by_address_or_own_name_pass_and_a_rebinding_name_gets_403(
     open_admin: RunningGateway, path: str
 ) -> None:

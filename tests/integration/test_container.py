@@ -135,6 +135,9 @@ async def test_the_image_serves_locked_down_through_published_ports(
         async with aiohttp.ClientSession() as client:
             await until_ok(client, admin + "/healthz")
             assert await status_of(client, admin + "/readyz") == 200
+            async with client.get(admin + "/status") as resp:  # the page is package data of the wheel
+                assert resp.status == 200
+                assert "<title>bt-gateway status</title>" in await resp.text()
             async with client.get(proxy + "/v1/ping", headers={"Authorization": "Bearer sk-1"}) as resp:
                 assert resp.status == 200
                 echo = await resp.json()

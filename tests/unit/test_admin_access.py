@@ -127,9 +127,9 @@ def test_own_names_are_localhost_this_host_a_named_bind_and_the_allowed_list() -
     assert access("gw.internal").own_names == {"localhost", "gw-pod-7", "gw.internal"}
 
 
-def test_probes_and_the_scrape_need_no_token_but_a_right_host() -> None:
+def test_probes_the_scrape_and_the_status_page_need_no_token_but_a_right_host() -> None:
     guarded = access("0.0.0.0", TOKEN)
-    assert {path for _, path in OPEN} == {"/healthz", "/readyz", "/metrics"}
+    assert {path for _, path in OPEN} == {"/healthz", "/readyz", "/metrics", "/status", "/status.json"}
     for method, path in sorted(OPEN):
         assert guarded.check(method, path, headers(Host="10.0.0.5:9901")) is None
         refusal = guarded.check(method, path, headers(Host="evil.example:9901"))
