@@ -153,6 +153,9 @@ class StatusBoard:
             "generation": self._generation(),
             "requests": _rates(first, later),
             "refusals": dict(sorted(metrics.counts.refusals.items())),
+            "would_refuse": {
+                f"{step}/{why}": n for (step, why), n in sorted(metrics.counts.would_refuse.items())
+            },
             "denied_hosts": [
                 {"host": f.key, "count": f.count, "error": f.error}
                 for f in metrics.denied_hosts.top(TOP_SHOWN)

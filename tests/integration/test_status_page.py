@@ -23,6 +23,7 @@ from tests.clients import (
     HANG_GUARD_S,
     Rendered,
     free_port,
+    get,
     headless_chromium,
     raw_connect,
     scrape,
@@ -191,6 +192,7 @@ async def test_status_json_has_exact_figures_and_the_page_a_strict_policy(
         {"fingerprint": fingerprint(TOKEN_A), "count": 2, "error": 0},
     ]
     assert status["delayed_requests"] == 1
+    assert status["would_refuse"] == {}  # enforce mode
     assert status["connections"]["tunnels"] == 1
     assert status["rate_limit"] == {
         "storage": "memory",
@@ -284,3 +286,14 @@ async def test_the_generation_follows_reloads_and_a_failed_one_is_shown_with_its
     assert "rate_limit.max_requests" in problem
     assert reloaded["last_reload"]["ok"] is True
     assert reloaded["config"] == str(gw.config_path)
+
+
+async def test_report_modes_would_refuse_counts_are_on_the_page(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    gw = await start_gateway(**route_to(upstream), mode="report", deny_paths=["/admin/**"])
+    for _ in range(2):
+        assert (await get(gw.gateway.ports["listen"], "/admin/users")).status == 200  # let through
+    async with aiohttp.ClientSession() as client, client.get(gw.admin_url + "/status.json") as resp:
+        status = await resp.json()
+    assert status["would_refuse"] == {"deny_paths/path_denied": 2}
