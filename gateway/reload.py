@@ -71,7 +71,7 @@ class Reloader:
             if problems:
                 return self._failed(loaded.origin, problems)
             try:
-                fresh = await Generation.build(loaded.config, current, self._metrics.storage_error)
+                fresh = await Generation.build(loaded.config, current, self._metrics)
             except BuildError as exc:
                 return self._failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
             previous = self._live.swap(fresh)

@@ -7,6 +7,7 @@ from typing import Any
 from yarl import URL
 
 from gateway.config.model import GatewayConfig
+from gateway.policy.storage_uri import parse_storage_uri
 
 MASK = "***"
 
@@ -26,7 +27,10 @@ def redacted(config: GatewayConfig) -> dict[str, Any]:
     upstream = data["upstream"]
     if upstream.get("proxy"):
         upstream["proxy"] = _redact_url(upstream["proxy"])
-    data["rate_limit"]["storage"] = _redact_url(data["rate_limit"]["storage"])
+    rate_limit = data["rate_limit"]
+    rate_limit["storage"] = parse_storage_uri(rate_limit["storage"]).masked()
+    if rate_limit["storage_password"] is not None:
+        rate_limit["storage_password"] = MASK
     if data["admin"]["token"] is not None:
         data["admin"]["token"] = MASK
     if data["forward_proxy"]["auth"]:

@@ -4,8 +4,8 @@ The key is the sha256 of the caller's token (never the token); each route counts
 strategy, moving-window, is exact: no interval of one window ever holds more than `max_requests` allowed
 requests; it runs on our own stores (`policy/windows.py`: O(1) in memory, one round trip to Redis).
 The other strategies, and every storage URI, are the `limits` library's. Every Redis call is bounded by
-`storage_timeout_ms`; a dead store fails open or closed as configured, with one warning per outage, and
-limiting resumes by itself when the store comes back.
+`storage_timeout_ms`; a dead store fails open or closed as configured, visibly while it lasts
+(`policy/ratestore.py`), and limiting resumes by itself when the store comes back.
 """
 
 from __future__ import annotations
@@ -19,13 +19,17 @@ from typing import Any, Literal, NamedTuple
 
 from limits import RateLimitItemPerSecond
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
-from limits.storage import storage_from_string
 
 from gateway.errors import Code, GatewayError
-from gateway.logs import get_logger
-from gateway.policy.windows import MemoryWindows, RedisWindows
-
-log = get_logger("gateway.ratelimit")
+from gateway.policy.ratestore import (
+    CHECK_TIMEOUT_S,
+    NO_OBSERVER,
+    RateStore,
+    StorageObserver,
+    StorageOptions,
+    StorageUnusable,
+)
+from gateway.policy.windows import MemoryWindows
 
 _STRATEGIES: dict[str, Any] = {  # the moving window runs on our own stores (policy/windows.py)
     "sliding-window-counter": SlidingWindowCounterRateLimiter,
@@ -57,6 +61,7 @@ class RateLimitSettings:
     routes: Mapping[str, LimitSpec | None] = field(default_factory=dict)  # None: `off` for that route
     strategy: Literal["moving-window", "sliding-window-counter", "fixed-window"] = "moving-window"
     storage: str = "memory://"
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
     on_storage_error: Literal["allow", "deny"] = "allow"
     storage_timeout_ms: int = 100
     anonymous: Literal["client-ip", "deny"] = "client-ip"
@@ -106,42 +111,6 @@ class _Waiters:
         self.turn = asyncio.Lock()  # FIFO: the head of the line waits for the window, the rest for it
 
 
-def storage_uri(uri: str) -> str:
-    """Our config's URI -> the `limits` async storage URI (`redis://` -> `async+redis://`)."""
-    return "async+" + uri
-
-
-def _open_storage(uri: str) -> Any:
-    """The `limits` storage for a config URI. Redis clients get no retry policy: a failed call fails
-    at once, bounded by `storage_timeout_ms`, and the outage is reported once by us, not per request."""
-    if uri.startswith("memory://"):
-        return storage_from_string(storage_uri(uri))
-    from coredis.retry import NoRetryPolicy
-
-    no_retries: Any = NoRetryPolicy()
-    return storage_from_string(storage_uri(uri), retry_policy=no_retries)
-
-
-class RateStore:
-    """Where counters live: a `limits` storage (its URI grammar and its Redis client) and, for the
-    moving window, our own windows over the same place. Handed whole to the next generation on reload."""
-
-    def __init__(self, uri: str, clock: Callable[[], float]) -> None:
-        self.uri = uri
-        self.limits = _open_storage(uri)
-        self.memory = uri.startswith("memory://")
-        self.windows: MemoryWindows | RedisWindows = (
-            MemoryWindows(clock) if self.memory else RedisWindows(self.limits.bridge.get_connection(), clock)
-        )
-
-    def disconnect(self) -> None:
-        """Close a Redis store's connection pool. Never `reset()`: that deletes every replica's counters."""
-        client = getattr(getattr(self.limits, "bridge", None), "storage", None)
-        pool = getattr(client, "connection_pool", None)
-        if pool is not None:
-            pool.disconnect()
-
-
 def rate_key(digest: str | None, client_ip: str, anonymous: str) -> str | GatewayError:
     """Storage key: `tok:<sha256 of the token>`, or `ip:<addr>` without one; 401 when anonymous is denied.
 
@@ -162,24 +131,20 @@ class RateLimiter:
         settings: RateLimitSettings,
         clock: Callable[[], float] = time.time,
         *,
-        storage: Any = None,
-        on_storage_error: Callable[[], None] = lambda: None,
+        storage: RateStore | None = None,
+        observer: StorageObserver = NO_OBSERVER,
     ) -> None:
-        """`storage`: a store taken over from an earlier limiter (see `hand_over_storage`), else a new one.
-
-        `on_storage_error` is called once per failed store call (the metrics count them).
-        """
+        """`storage`: a store taken over from an earlier limiter (see `hand_over_storage`), else a new one
+        whose health `observer` exports (the metrics)."""
         self.settings = settings
         self._clock = clock
         self._timeout = settings.storage_timeout_ms / 1000
-        self._store: RateStore = storage if storage is not None else RateStore(settings.storage, clock)
+        self._store = storage or RateStore(settings.storage, clock, settings.storage_options, observer)
         self._owns_storage = True
-        self._on_storage_error = on_storage_error
         strategy = _STRATEGIES.get(settings.strategy)  # None: the moving window, on our own stores
         self._strategy = strategy(self._store.limits) if strategy is not None else None
         self._default = self._compile(settings.default)
         self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
-        self._healthy = True
         self._waiters: dict[tuple[str, str], _Waiters] = {}
 
     @staticmethod
@@ -309,43 +274,39 @@ class RateLimiter:
         return bool(allowed), int(remaining), float(reset)
 
     def _storage_failed(self, exc: BaseException) -> RateDecision:
-        self._on_storage_error()
-        if self._healthy:
-            self._healthy = False
-            log.warning(
-                "rate_limit_storage_unavailable",
-                error=type(exc).__name__,
-                on_storage_error=self.settings.on_storage_error,
-            )
+        self._store.health.failed(exc, self.settings.on_storage_error, decided=True)
         if self.settings.on_storage_error == "allow":
             return FAIL_OPEN
         error = GatewayError(Code.RATE_LIMIT_UNAVAILABLE, "rate limit storage is unavailable")
         return RateDecision(allowed=False, outcome="storage_error_deny", error=error)
 
     def _storage_ok(self) -> None:
-        if not self._healthy:
-            self._healthy = True
-            log.info("rate_limit_storage_recovered")
+        self._store.health.ok()
 
-    async def ready(self) -> bool:
-        """Whether requests can be decided as configured: false only while a fail-closed store is down.
+    async def readiness(self) -> Literal["ready", "degraded", "unavailable"]:
+        """`ready`, or while a shared store is down: `degraded` (failing open) or `unavailable` (closed).
 
-        Asks the store (bounded by `storage_timeout_ms`), so a load balancer sees an outage even when no
-        request has hit it yet; the outage and the recovery are logged once each, as for requests.
+        Asks the store (bounded by `storage_timeout_ms`), so a load balancer and an operator see an outage
+        even when no request has hit it yet; it is reported as for requests.
         """
-        if not self.shared or self.settings.on_storage_error == "allow":
-            return True
+        if not self.shared:
+            return "ready"
         try:
-            async with asyncio.timeout(self._timeout):
-                alive = bool(await self._store.limits.check())
-        except Exception as exc:
-            self._storage_failed(exc)
-            return False
-        if not alive:
-            self._storage_failed(ConnectionError("store did not answer PING"))
-            return False
-        self._storage_ok()
-        return True
+            error = await self._store.check(self._timeout)
+        except StorageUnusable as exc:  # it answers, wrongly: as down for requests (they fail the same way)
+            error = exc
+        if error is None:
+            self._storage_ok()
+            return "ready"
+        self._store.health.failed(error, self.settings.on_storage_error, decided=False)
+        return "degraded" if self.settings.on_storage_error == "allow" else "unavailable"
+
+    async def check_storage(self) -> BaseException | None:
+        """At start-up: None, or why the store is unreachable now; raises StorageUnusable if it cannot
+        serve at all (see `RateStore.check`)."""
+        if not self.shared:
+            return None
+        return await self._store.check(max(self._timeout, CHECK_TIMEOUT_S))
 
     @property
     def storage(self) -> RateStore:
