@@ -11,6 +11,7 @@ before the gateway serves. `StorageHealth` makes an outage visible for as long a
 from __future__ import annotations
 
 import asyncio
+import re
 import ssl
 import time
 from collections.abc import Callable
@@ -25,6 +26,7 @@ from gateway.policy.windows import MemoryWindows, RedisWindows
 
 log = get_logger("gateway.ratelimit")
 
+_NETWORK_ERROR = re.compile(r"Errno|[Cc]onnect|[Tt]imeout|timed out")  # coredis on a node it cannot reach
 CHECK_TIMEOUT_S = 3.0  # the start-up check's bound: a first connection (TLS, HELLO) takes longer than a call
 WARN_EVERY_S = 60.0  # an outage's warning is repeated this often while it lasts
 
@@ -201,9 +203,12 @@ class RateStore:
 def unreachable(exc: BaseException) -> bool:
     """A network failure (refused, reset, timed out, no master elected yet), not a wrong answer."""
     from coredis.exceptions import ConnectionError as RedisConnectionError
-    from coredis.exceptions import PrimaryNotFoundError, ProtocolError
+    from coredis.exceptions import PrimaryNotFoundError, ProtocolError, RedisClusterException
     from coredis.exceptions import TimeoutError as RedisTimeoutError
 
+    if isinstance(exc, RedisClusterException):  # one line per start-up node: unreachable if all are
+        nodes = str(exc).partition("Underlying errors:")[2].strip().splitlines()
+        return bool(nodes) and all(_NETWORK_ERROR.search(node) for node in nodes)
     if isinstance(exc, ssl.SSLError | ProtocolError):
         return False
     if isinstance(exc, RedisConnectionError) and isinstance(exc.__cause__, ssl.SSLError):
@@ -214,5 +219,5 @@ def unreachable(exc: BaseException) -> bool:
 
 def describe(exc: BaseException) -> str:
     """One line for a store that cannot serve; Redis error texts carry no secret (AUTH's reply does not)."""
-    detail = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+    detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
     return f"the store answered but cannot serve ({type(exc).__name__}{': ' + detail if detail else ''})"

@@ -31,20 +31,21 @@ class StorageUri:
     password: str | None = field(default=None, repr=False)
 
     def text(self, *, password: str | None = None) -> str:
-        """The canonical URI, with `password` in place of the given one (None: none at all)."""
-        if self.scheme == "memory":
-            return "memory://"
-        auth = ""
-        if self.user is not None or password is not None:
-            auth = quote(self.user or "", safe="")
-            auth += f":{quote(password, safe='')}" if password is not None else ""
-            auth += "@"
-        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
-        return f"{self.scheme}://{auth}{hosts}" + (f"/{self.path}" if self.path else "")
+        """The canonical URI, with `password` (percent-encoded) in place of the given one (None: none)."""
+        return self._with_password(None if password is None else quote(password, safe=""))
 
     def masked(self) -> str:
         """For printing: the password, if the URI carries one, is `***`."""
-        return self.text(password=MASK if self.password is not None else None)
+        return self._with_password(MASK if self.password is not None else None)
+
+    def _with_password(self, encoded: str | None) -> str:
+        if self.scheme == "memory":
+            return "memory://"
+        auth = ""
+        if self.user is not None or encoded is not None:
+            auth = quote(self.user or "", safe="") + (f":{encoded}" if encoded is not None else "") + "@"
+        hosts = ",".join(f"[{h}]:{p}" if ":" in h else f"{h}:{p}" for h, p in self.hosts)
+        return f"{self.scheme}://{auth}{hosts}" + (f"/{self.path}" if self.path else "")
 
 
 def parse_storage_uri(text: str) -> StorageUri:

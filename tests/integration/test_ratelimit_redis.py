@@ -13,10 +13,11 @@ from typing import Any
 import aiohttp
 import pytest
 import trustme
+import yaml
 from structlog.testing import capture_logs
 
 from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings
-from tests.clients import run_cli
+from tests.clients import free_port, run_cli
 from tests.conftest import Upstream
 from tests.gateway_process import GatewayProcess
 from tests.integration.test_ratelimit import _spread, _two_gateways, hit
@@ -221,3 +222,56 @@ async def test_idle_keys_expire_and_what_a_token_costs(tmp_path: Path) -> None:
     print(dict(zip(keys, zip(encodings, sizes, strict=True), strict=True)))
     by_limit = {("100/" in key): size for key, size in zip(keys, sizes, strict=True)}
     assert by_limit[True] <= 8 * 1024 and by_limit[False] <= 1.5 * 2**20  # 4.1 KiB and 1.23 MiB measured
+
+
+def _storage_config(tmp_path: Path, rate_limit: dict[str, Any]) -> Path:
+    path = tmp_path / "gateway.yaml"
+    path.write_text(yaml.safe_dump({"rate_limit": rate_limit}))
+    return path
+
+
+@pytest.mark.parametrize("case", ["wrong_password", "no_password", "not_a_cluster", "untrusted_tls"])
+def test_a_store_that_cannot_serve_is_refused_at_start(
+    tmp_path: Path, test_ca: trustme.CA, case: str
+) -> None:
+    """Not an outage but a config error: check-config and serve both exit 2 with the same one line."""
+    tls = _tls_files(tmp_path, test_ca) if case == "untrusted_tls" else None
+    redis = RedisServer(tmp_path, tls=tls, password=None if case == "not_a_cluster" else PASSWORD)
+    rate_limit: dict[str, Any] = {"storage": redis.url, "storage_password": "not-it"}
+    expected = "AuthenticationFailureError: invalid username-password pair or user is disabled."
+    if case == "no_password":
+        del rate_limit["storage_password"]
+        expected = "AuthenticationRequiredError: Authentication required."
+    elif case == "not_a_cluster":
+        rate_limit = {"storage": f"redis+cluster://127.0.0.1:{redis.port}"}
+        expected = "This instance has cluster support disabled"
+    elif case == "untrusted_tls":
+        other = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        rate_limit.update(storage_password=PASSWORD, storage_ca_bundle=str(other))
+        expected = "certificate verify failed"
+    path = _storage_config(tmp_path, rate_limit)
+    try:
+        checked = run_cli("check-config", "-c", str(path))
+        served = run_cli("serve", "-c", str(path))
+    finally:
+        redis.stop()
+    for result in (checked, served):
+        assert result.returncode == 2
+        lines = result.stderr.splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{path}:2: rate_limit.storage: the store answered")
+        assert expected in lines[0]
+        assert PASSWORD not in result.stdout + result.stderr
+    assert checked.stderr == served.stderr
+
+
+def test_an_unreachable_store_only_warns_at_start(tmp_path: Path) -> None:
+    """Nothing listens: an outage, not a config error; requests are decided by on_storage_error."""
+    path = _storage_config(tmp_path, {"storage": f"redis://127.0.0.1:{free_port()}/0"})
+    checked = run_cli("check-config", "-c", str(path))
+    assert checked.returncode == 0
+    warning = (
+        f"warning: {path}:2: rate_limit.storage: unreachable now (ConnectionError): requests are decided by "
+        "on_storage_error: allow until it answers"
+    )
+    assert warning in checked.stderr.splitlines()
