@@ -27,6 +27,7 @@ from gateway.policy.windows import MemoryWindows, RedisWindows
 log = get_logger("gateway.ratelimit")
 
 _NETWORK_ERROR = re.compile(r"Errno|[Cc]onnect|[Tt]imeout|timed out")  # coredis on a node it cannot reach
+ANSWERED = "the store answered but cannot serve"
 CHECK_TIMEOUT_S = 3.0  # the start-up check's bound: a first connection (TLS, HELLO) takes longer than a call
 WARN_EVERY_S = 60.0  # an outage's warning is repeated this often while it lasts
 
@@ -170,6 +171,7 @@ class RateStore:
         self.options = options or StorageOptions()
         self.limits: Any = _open_storage(uri, self.options)
         self.memory = uri.startswith("memory://")
+        self.single = uri.startswith(("redis://", "rediss://"))  # one server, not Sentinel or Cluster
         self.health = StorageHealth(observer, clock)
         self.windows: MemoryWindows | RedisWindows = MemoryWindows(clock)
         if not self.memory:
@@ -185,12 +187,29 @@ class RateStore:
             return None
         try:
             async with asyncio.timeout(timeout_s):
+                if self.single and await self._is_cluster_node():  # else MOVED for most keys, at run time
+                    raise StorageUnusable(
+                        f"{ANSWERED} (a Redis Cluster node: name the nodes in redis+cluster://)"
+                    )
                 await self.windows.probe()  # type: ignore[union-attr]
+        except StorageUnusable:
+            raise
         except Exception as exc:
             if unreachable(exc):
                 return exc
             raise StorageUnusable(describe(exc)) from None
         return None
+
+    async def _is_cluster_node(self) -> bool:
+        from coredis.exceptions import AuthenticationError, ResponseError
+
+        try:
+            info = await self.limits.bridge.get_connection().info("cluster")
+        except AuthenticationError:
+            raise
+        except ResponseError:  # INFO renamed or refused (some managed Redis): the dry decision still runs
+            return False
+        return str(info.get("cluster_enabled")) == "1"
 
     def disconnect(self) -> None:
         """Close a Redis store's connection pool. Never `reset()`: that deletes every replica's counters."""
@@ -220,4 +239,4 @@ def unreachable(exc: BaseException) -> bool:
 def describe(exc: BaseException) -> str:
     """One line for a store that cannot serve; Redis error texts carry no secret (AUTH's reply does not)."""
     detail = " ".join(line.strip() for line in str(exc).splitlines() if line.strip())
-    return f"the store answered but cannot serve ({type(exc).__name__}{': ' + detail if detail else ''})"
+    return f"{ANSWERED} ({type(exc).__name__}{': ' + detail if detail else ''})"

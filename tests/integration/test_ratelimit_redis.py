@@ -233,26 +233,14 @@ def _storage_config(tmp_path: Path, rate_limit: dict[str, Any]) -> Path:
     return path
 
 
-@pytest.mark.parametrize("case", ["wrong_password", "no_password", "not_a_cluster", "untrusted_tls"])
+@pytest.mark.parametrize(
+    "case", ["wrong_password", "no_password", "not_a_cluster", "a_cluster_node", "untrusted_tls"]
+)
 def test_a_store_that_cannot_serve_is_refused_at_start(
     tmp_path: Path, test_ca: trustme.CA, case: str
 ) -> None:
     """Not an outage but a config error: check-config and serve both exit 2 with the same one line."""
-    tls = _tls_files(tmp_path, test_ca) if case == "untrusted_tls" else None
-    redis = RedisServer(tmp_path, tls=tls, password=None if case == "not_a_cluster" else PASSWORD)
-    rate_limit: dict[str, Any] = {"storage": redis.url, "storage_password": "not-it"}
-    expected = "AuthenticationFailureError: invalid username-password pair or user is disabled."
-    if case == "no_password":
-        del rate_limit["storage_password"]
-        expected = "AuthenticationRequiredError: Authentication required."
-    elif case == "not_a_cluster":
-        rate_limit = {"storage": f"redis+cluster://127.0.0.1:{redis.port}"}
-        expected = "This instance has cluster support disabled"
-    elif case == "untrusted_tls":
-        other = tmp_path / "other-ca.pem"
-        trustme.CA().cert_pem.write_to_path(str(other))
-        rate_limit.update(storage_password=PASSWORD, storage_ca_bundle=str(other))
-        expected = "certificate verify failed"
+    redis, rate_limit, expected = _unusable_store(tmp_path, test_ca, case)
     path = _storage_config(tmp_path, rate_limit)
     try:
         checked = run_cli("check-config", "-c", str(path))
@@ -266,6 +254,31 @@ def test_a_store_that_cannot_serve_is_refused_at_start(
         assert expected in lines[0]
         assert PASSWORD not in result.stdout + result.stderr
     assert checked.stderr == served.stderr
+
+
+def _unusable_store(
+    tmp_path: Path, ca: trustme.CA, case: str
+) -> tuple[RedisServer | RedisCluster, dict[str, Any], str]:
+    """(the servers, `rate_limit`, what the refusal must say) for one way a store cannot serve."""
+    if case == "a_cluster_node":  # a single-server URI for one node of a cluster: MOVED for most keys
+        cluster = RedisCluster(tmp_path)
+        storage = f"redis://127.0.0.1:{cluster.nodes[1].port}/0"
+        return cluster, {"storage": storage}, "(a Redis Cluster node: name the nodes in redis+cluster://)"
+    if case == "not_a_cluster":
+        redis = RedisServer(tmp_path)
+        storage = f"redis+cluster://127.0.0.1:{redis.port}"
+        return redis, {"storage": storage}, "This instance has cluster support disabled"
+    if case == "untrusted_tls":
+        redis = RedisServer(tmp_path, tls=_tls_files(tmp_path, ca), password=PASSWORD)
+        other = tmp_path / "other-ca.pem"
+        trustme.CA().cert_pem.write_to_path(str(other))
+        rate_limit = {"storage": redis.url, "storage_password": PASSWORD, "storage_ca_bundle": str(other)}
+        return redis, rate_limit, "certificate verify failed"
+    redis = RedisServer(tmp_path, password=PASSWORD)
+    if case == "no_password":
+        return redis, {"storage": redis.url}, "AuthenticationRequiredError: Authentication required."
+    expected = "AuthenticationFailureError: invalid username-password pair or user is disabled."
+    return redis, {"storage": redis.url, "storage_password": "not-it"}, expected
 
 
 def test_an_unreachable_store_only_warns_at_start(tmp_path: Path) -> None:
