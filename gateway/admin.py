@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Awaitable, Callable
-from typing import Any
+from typing import Any, NamedTuple
 
 from aiohttp import web
 
@@ -27,7 +27,16 @@ from gateway.status_page import StatusPage
 
 log = get_logger("gateway.admin")
 
-Readiness = Callable[[], Awaitable[str | None]]  # None when ready, else the reason (the 503 body's status)
+
+class Readiness(NamedTuple):
+    """`/readyz`'s answer: 200 when `ready` (even degraded), else 503; the rest goes in the body."""
+
+    ready: bool
+    status: str  # ready | degraded | draining
+    reason: str | None = None  # what degrades it: rate_limit_storage_unavailable
+    on_storage_error: str | None = None  # and what requests get meanwhile: allow | deny
+
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 # A POST /explain body -> the `explain --json` document; ValueError for a body that names no request.
 Explainer = Callable[[dict[str, Any]], Awaitable[dict[str, Any]]]
@@ -37,7 +46,7 @@ NOT_CACHED = {"Cache-Control": "no-store"}
 
 
 def admin_app(
-    readiness: Readiness,
+    readiness: Callable[[], Awaitable[Readiness]],
     render_metrics: Callable[[], bytes],
     reload: Callable[[], Awaitable[ReloadResult]],
     access: Callable[[], AdminAccess],
@@ -52,10 +61,9 @@ def admin_app(
         return web.json_response({"status": "ok"})
 
     async def readyz(_: web.Request) -> web.Response:
-        reason = await readiness()
-        if reason is not None:
-            return web.json_response({"status": reason}, status=503)
-        return web.json_response({"status": "ready"})
+        state = await readiness()
+        body = {key: value for key, value in state._asdict().items() if value is not None and key != "ready"}
+        return web.json_response(body, status=200 if state.ready else 503)
 
     async def metrics(_: web.Request) -> web.Response:
         return web.Response(body=render_metrics(), headers={"Content-Type": CONTENT_TYPE})

@@ -33,6 +33,7 @@ from gateway.policy.forward_proxy import ForwardProxyPolicy
 from gateway.policy.paths import PathGlobs
 from gateway.policy.proxyauth import ProxyAuth, ScryptHash
 from gateway.policy.ratelimit import LimitSpec, RateLimiter, RateLimitSettings
+from gateway.policy.ratestore import NO_OBSERVER, StorageObserver, StorageOptions, StorageUnusable
 from gateway.policy.routes import RouteTable, RouteTarget
 from gateway.policy.urlrewrite import RewriteLimits, RewritePolicy
 from gateway.pool import UpstreamPool
@@ -42,10 +43,6 @@ from gateway.steps import SizeLimits
 from gateway.upstream import EgressGuard, EgressResolver, build_session, tls_context
 
 T = TypeVar("T")
-
-
-def _nothing() -> None:
-    """The tunnel limiter's store is process memory: it has no errors to count."""
 
 
 log = get_logger("gateway.generation")
@@ -85,6 +82,7 @@ def rate_limit_settings(config: GatewayConfig) -> RateLimitSettings:
         routes=routes,
         strategy=rl.strategy,
         storage=rl.storage,
+        storage_options=StorageOptions(rl.storage_password, rl.storage_ca_bundle),
         on_storage_error=rl.on_storage_error,
         storage_timeout_ms=rl.storage_timeout_ms,
         anonymous=rl.anonymous,
@@ -111,7 +109,7 @@ def rewrite_policy(config: GatewayConfig) -> RewritePolicy:
 
 
 def _limiter(
-    settings: RateLimitSettings, previous: RateLimiter | None, on_storage_error: Callable[[], None]
+    settings: RateLimitSettings, previous: RateLimiter | None, observer: StorageObserver
 ) -> RateLimiter:
     """A limiter that takes over the previous generation's store when it is the same one, and always its
     queues of delayed requests (one line per key across reloads, first come first served).
@@ -120,10 +118,23 @@ def _limiter(
     where it was, and a changed one starts afresh.
     """
     storage = None
-    if previous is not None and previous.settings.storage == settings.storage:
-        storage = previous.storage  # ownership moves only once the whole generation is built
+    old = previous.settings if previous is not None else None
+    if old is not None and (old.storage, old.storage_options) == (settings.storage, settings.storage_options):
+        storage = previous.storage if previous is not None else None  # moves once the generation is built
     queues = previous.queues if previous is not None else None
-    return RateLimiter(settings, storage=storage, on_storage_error=on_storage_error, queues=queues)
+    return RateLimiter(settings, storage=storage, observer=observer, queues=queues)
+
+
+async def _storage_down(limiter: RateLimiter) -> BaseException | None:
+    """The start-up check of a shared store: why it is unreachable now (then requests are decided by
+    `on_storage_error` until it answers), or None; a store that answers but cannot serve is a BuildError."""
+    try:
+        down = await limiter.check_storage()
+    except StorageUnusable as exc:
+        raise BuildError(("rate_limit", "storage"), str(exc)) from None
+    if down is not None:
+        limiter.storage.health.down_at_start()
+    return down
 
 
 def limited_hosts(config: GatewayConfig) -> dict[str, tuple[str, str]]:
@@ -252,6 +263,7 @@ class Generation:
         limiter: RateLimiter,
         tunnel_limiter: RateLimiter,
         proxy_auth: ProxyAuth | None,
+        storage_down: BaseException | None = None,
     ) -> None:
         self.config = config
         self.http = http
@@ -262,6 +274,7 @@ class Generation:
         self.limiter = limiter
         self.tunnel_limiter = tunnel_limiter
         self.proxy_auth = proxy_auth
+        self.storage_down = storage_down  # the rate-limit store was unreachable when this was built
         self._in_flight = 0
         self._served = 0
         self._retired = False
@@ -280,7 +293,7 @@ class Generation:
         cls,
         config: GatewayConfig,
         previous: Generation | None = None,
-        on_storage_error: Callable[[], None] = lambda: None,
+        observer: StorageObserver = NO_OBSERVER,
     ) -> Generation:
         """Build every part (the session needs a running loop); raise BuildError on the first fault.
 
@@ -292,12 +305,11 @@ class Generation:
         audit = _audit(config)
         limiter = _built(
             ("rate_limit", "storage"),
-            lambda: _limiter(
-                rate_limit_settings(config), previous.limiter if previous else None, on_storage_error
-            ),
+            lambda: _limiter(rate_limit_settings(config), previous.limiter if previous else None, observer),
         )
+        storage_down = await _storage_down(limiter)
         tunnel_limiter = _limiter(
-            tunnel_limit_settings(config), previous.tunnel_limiter if previous else None, _nothing
+            tunnel_limit_settings(config), previous.tunnel_limiter if previous else None, NO_OBSERVER
         )
         allowlist = Allowlist.parse(config.allowlist)
         fp, limits = config.forward_proxy, config.limits
@@ -378,6 +390,7 @@ class Generation:
             limiter=limiter,
             tunnel_limiter=tunnel_limiter,
             proxy_auth=proxy_auth,
+            storage_down=storage_down,
         )
 
     def warnings(self) -> list[Notice]:
@@ -394,6 +407,13 @@ class Generation:
             )
             key = ("forward_proxy", "tunnel_to_limited_hosts")
             notices.append(Notice("tunnels_bypass_rate_limit", key, detail, {"hosts": hosts}))
+        if self.storage_down is not None:
+            mode = config.rate_limit.on_storage_error
+            detail = (
+                f"unreachable now ({type(self.storage_down).__name__}): requests are decided by "
+                f"on_storage_error: {mode} until it answers"
+            )
+            notices.append(Notice("rate_limit_storage_unavailable", ("rate_limit", "storage"), detail))
         return notices + delays_outlasting_shutdown(config)
 
     @property

@@ -152,6 +152,17 @@ class Metrics:
             "Rate-limit store calls that failed or timed out.",
             registry=registry,
         )
+        self.storage_is_up = Gauge(
+            "bt_gateway_rate_limit_storage_up",
+            "1 while the rate-limit store answers (always, for memory://); 0 during an outage.",
+            registry=registry,
+        )
+        self.storage_is_up.set(1)
+        self.without_storage = Counter(
+            "bt_gateway_rate_limit_decisions_without_storage",
+            "Requests decided by on_storage_error (allowed or refused) because the store did not answer.",
+            registry=registry,
+        )
         self.reloads = Counter(
             "bt_gateway_config_reloads", "Config reloads, by result.", ("result",), registry=registry
         )
@@ -245,6 +256,12 @@ class Metrics:
 
     def storage_error(self) -> None:
         self.storage_errors.inc()
+
+    def storage_up(self, up: bool) -> None:
+        self.storage_is_up.set(int(up))
+
+    def decided_without_storage(self) -> None:
+        self.without_storage.inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

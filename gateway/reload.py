@@ -107,7 +107,7 @@ class Reloader:
             return self._failed("", exc.problems)
         config, restart = bound_at_start(self._live.bound, current.config, loaded)
         try:
-            fresh = await Generation.build(config, current, self._metrics.storage_error)
+            fresh = await Generation.build(config, current, self._metrics)
         except BuildError as exc:
             return self._failed(loaded.origin, [loaded.problem(exc.key, exc.message)])
         if self._live.stopping or self._live.generation is None:  # the stop began while it was built

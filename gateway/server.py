@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from gateway import aiohttp_internals
-from gateway.admin import admin_app
+from gateway.admin import Readiness, admin_app
 from gateway.config.certs import CertProblem
 from gateway.config.model import Admin, GatewayConfig
 from gateway.config.redact import config_sha256
@@ -102,7 +102,7 @@ class Gateway:
             aiohttp_internals.check()
         except aiohttp_internals.AiohttpMismatch as exc:
             raise StartupError(str(exc)) from None
-        self.generation = await Generation.build(config, on_storage_error=self.metrics.storage_error)
+        self.generation = await Generation.build(config, observer=self.metrics)
         self.metrics.config_loaded(config_sha256(config))
         self._proxy_server = proxy = GatewayServer(
             self.handle,
@@ -122,7 +122,7 @@ class Gateway:
             self._tls.watch()
         admin_port = admin.port + self.worker if admin.port else 0
         app = admin_app(
-            self._not_ready,
+            self._readiness,
             self.metrics.render,
             self.reload,
             lambda: self._admin_access,
@@ -290,14 +290,16 @@ class Gateway:
         for task in self._handlers:
             task.cancel()
 
-    async def _not_ready(self) -> str | None:
-        """`/readyz`: None when ready, else why (draining, or the rate-limit storage is unreachable)."""
+    async def _readiness(self) -> Readiness:
+        """`/readyz`: draining, or the rate-limit store is down (degraded: ready when failing open)."""
         generation = self.generation
         if not self.ready or generation is None:
-            return "draining"
-        if not await generation.limiter.ready():
-            return "rate_limit_storage_unavailable"
-        return None
+            return Readiness(False, "draining")
+        state = await generation.limiter.readiness()
+        if state == "ready":
+            return Readiness(True, "ready")
+        mode = generation.limiter.settings.on_storage_error
+        return Readiness(state == "degraded", "degraded", "rate_limit_storage_unavailable", mode)
 
 
 def _client_limits(config: GatewayConfig) -> ClientLimits:

@@ -18,6 +18,7 @@ from gateway.config.certs import CertProblem, check_pair
 from gateway.policy.allowlist import Allowlist, canonical_host, parse_entry
 from gateway.policy.paths import compile_glob
 from gateway.policy.proxyauth import ScryptHash
+from gateway.policy.storage_uri import parse_storage_uri
 
 Port = Annotated[int, Field(ge=0, le=65535)]
 _TOKEN = re.compile(r"[\x21-\x7e]{16,}")
@@ -89,6 +90,23 @@ class Listen(Section):
     tls: ListenTls | None = None  # null: plain HTTP
 
 
+def read_secret_file(data: object, section: str, key: str) -> object:
+    """`<key>_file` (a mounted Kubernetes Secret) read at load into `<key>`, surrounding whitespace stripped;
+    setting both is an error. Read again at each reload, so a rotated Secret applies then."""
+    file_key = key + "_file"
+    if not isinstance(data, dict) or not data.get(file_key):
+        return data
+    if data.get(key) is not None:
+        raise KeyedError((section, file_key), f"set {section}.{key} or {section}.{file_key}, not both")
+    path = str(data[file_key])
+    try:
+        secret = Path(path).read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise KeyedError((section, file_key), f"cannot read {path}: {reason.lower()}") from None
+    return {**data, key: secret}
+
+
 class Admin(Section):
     """The admin listener. `token` guards its state-changing endpoints (POST /reload); it is never printed.
 
@@ -105,18 +123,7 @@ class Admin(Section):
     @model_validator(mode="before")
     @classmethod
     def _read_token_file(cls, data: object) -> object:
-        """The file's content (surrounding whitespace stripped) becomes `token`; a problem names the key."""
-        if not isinstance(data, dict) or not data.get("token_file"):
-            return data
-        if data.get("token") is not None:
-            raise KeyedError(("admin", "token_file"), "set admin.token or admin.token_file, not both")
-        path = str(data["token_file"])
-        try:
-            token = Path(path).read_text(encoding="utf-8").strip()
-        except (OSError, UnicodeDecodeError) as exc:
-            reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-            raise KeyedError(("admin", "token_file"), f"cannot read {path}: {reason.lower()}") from None
-        return {**data, "token": token}
+        return read_secret_file(data, "admin", "token")
 
     @field_validator("token")
     @classmethod
@@ -153,9 +160,6 @@ class RouteLimit(Section):
     max_queued: Annotated[int, Field(ge=1)] | None = None
 
 
-STORAGE_SCHEMES = ("memory", "redis", "rediss", "redis+sentinel", "redis+cluster")
-
-
 class RateLimit(Section):
     """Per-token sliding-window limit, Braintrust's OUTBOUND_RATE_LIMIT_* contract."""
 
@@ -163,6 +167,9 @@ class RateLimit(Section):
     window_minutes: WindowMinutes = 1
     strategy: Literal["moving-window", "sliding-window-counter", "fixed-window"] = "moving-window"
     storage: str = "memory://"
+    storage_password: str | None = None  # env BT_GATEWAY_RATE_LIMIT_STORAGE_PASSWORD; never printed
+    storage_password_file: str | None = None  # a mounted Secret; set this or storage_password, not both
+    storage_ca_bundle: str | None = None  # with rediss://: the CA (PEM) the server's certificate chains to
     on_storage_error: Literal["allow", "deny"] = "allow"
     storage_timeout_ms: Annotated[int, Field(ge=1, le=60000)] = 100
     anonymous: Literal["client-ip", "deny"] = "client-ip"
@@ -170,13 +177,33 @@ class RateLimit(Section):
     max_delay_s: Seconds = 10  # with delay: the longest wait; beyond it 429 (below shutdown_timeout_s)
     max_queued: Annotated[int, Field(ge=1)] = 100  # with delay: requests waiting per key; beyond it 429
 
+    @model_validator(mode="before")
+    @classmethod
+    def _read_password_file(cls, data: object) -> object:
+        return read_secret_file(data, "rate_limit", "storage_password")
+
     @field_validator("storage")
     @classmethod
     def _storage(cls, value: str) -> str:
-        scheme = value.partition("://")[0]
-        if "://" not in value or scheme not in STORAGE_SCHEMES:
-            raise ValueError(f"must start with one of {', '.join(s + '://' for s in STORAGE_SCHEMES)}")
+        parse_storage_uri(value)
         return value
+
+    @model_validator(mode="after")
+    def _storage_credentials(self) -> RateLimit:
+        """One password, and TLS settings only where TLS is spoken; checked without echoing the password."""
+        uri = parse_storage_uri(self.storage)
+        if self.storage_password is not None and uri.password is not None:
+            raise KeyedError(
+                ("rate_limit", "storage"),
+                "carries a password and storage_password is set: keep one (the Secret)",
+            )
+        bundle, key = self.storage_ca_bundle, ("rate_limit", "storage_ca_bundle")
+        if bundle is not None:
+            if uri.scheme != "rediss":
+                raise KeyedError(key, "only applies to a rediss:// storage")
+            if not Path(bundle).is_file():
+                raise KeyedError(key, f"no such file: {bundle}")
+        return self
 
     @property
     def window_s(self) -> int:

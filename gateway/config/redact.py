@@ -10,6 +10,7 @@ from typing import Any
 from yarl import URL
 
 from gateway.config.model import GatewayConfig
+from gateway.policy.storage_uri import parse_storage_uri
 
 MASK = "***"
 
@@ -30,7 +31,10 @@ def redacted(config: GatewayConfig) -> dict[str, Any]:
     upstream = data["upstream"]
     if upstream.get("proxy"):
         upstream["proxy"] = redact_url(upstream["proxy"])
-    data["rate_limit"]["storage"] = redact_url(data["rate_limit"]["storage"])
+    rate_limit = data["rate_limit"]
+    rate_limit["storage"] = parse_storage_uri(rate_limit["storage"]).masked()
+    if rate_limit["storage_password"] is not None:
+        rate_limit["storage_password"] = MASK
     for section, key in (("admin", "token"), ("relay", "secret")):
         if data[section][key] is not None:
             data[section][key] = MASK

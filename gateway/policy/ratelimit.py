@@ -4,8 +4,8 @@ The key is the sha256 of the caller's token (never the token); each route counts
 strategy, moving-window, is exact: no interval of one window ever holds more than `max_requests` allowed
 requests; it runs on our own stores (`policy/windows.py`: O(1) in memory, one round trip to Redis).
 The other strategies, and every storage URI, are the `limits` library's. Every Redis call is bounded by
-`storage_timeout_ms`; a dead store fails open or closed as configured, with one warning per outage, and
-limiting resumes by itself when the store comes back.
+`storage_timeout_ms`; a dead store fails open or closed as configured, visibly while it lasts
+(`policy/ratestore.py`), and limiting resumes by itself when the store comes back.
 """
 
 from __future__ import annotations
@@ -20,13 +20,17 @@ from typing import Any, Literal, NamedTuple
 
 from limits import RateLimitItemPerSecond
 from limits.aio.strategies import FixedWindowRateLimiter, SlidingWindowCounterRateLimiter
-from limits.storage import storage_from_string
 
 from gateway.errors import Code, GatewayError
-from gateway.logs import get_logger
-from gateway.policy.windows import MemoryWindows, RedisWindows
-
-log = get_logger("gateway.ratelimit")
+from gateway.policy.ratestore import (
+    CHECK_TIMEOUT_S,
+    NO_OBSERVER,
+    RateStore,
+    StorageObserver,
+    StorageOptions,
+    StorageUnusable,
+)
+from gateway.policy.windows import MemoryWindows
 
 _STRATEGIES: dict[str, Any] = {  # the moving window runs on our own stores (policy/windows.py)
     "sliding-window-counter": SlidingWindowCounterRateLimiter,
@@ -58,6 +62,7 @@ class RateLimitSettings:
     routes: Mapping[str, LimitSpec | None] = field(default_factory=dict)  # None: `off` for that route
     strategy: Literal["moving-window", "sliding-window-counter", "fixed-window"] = "moving-window"
     storage: str = "memory://"
+    storage_options: StorageOptions = field(default_factory=StorageOptions)
     on_storage_error: Literal["allow", "deny"] = "allow"
     storage_timeout_ms: int = 100
     anonymous: Literal["client-ip", "deny"] = "client-ip"
@@ -178,42 +183,6 @@ def _shutting_down(refused: RateDecision) -> RateDecision:
     return refused._replace(outcome="shutting_down", error=error)
 
 
-def storage_uri(uri: str) -> str:
-    """Our config's URI -> the `limits` async storage URI (`redis://` -> `async+redis://`)."""
-    return "async+" + uri
-
-
-def _open_storage(uri: str) -> Any:
-    """The `limits` storage for a config URI. Redis clients get no retry policy: a failed call fails
-    at once, bounded by `storage_timeout_ms`, and the outage is reported once by us, not per request."""
-    if uri.startswith("memory://"):
-        return storage_from_string(storage_uri(uri))
-    from coredis.retry import NoRetryPolicy
-
-    no_retries: Any = NoRetryPolicy()
-    return storage_from_string(storage_uri(uri), retry_policy=no_retries)
-
-
-class RateStore:
-    """Where counters live: a `limits` storage (its URI grammar and its Redis client) and, for the
-    moving window, our own windows over the same place. Handed whole to the next generation on reload."""
-
-    def __init__(self, uri: str, clock: Callable[[], float]) -> None:
-        self.uri = uri
-        self.limits = _open_storage(uri)
-        self.memory = uri.startswith("memory://")
-        self.windows: MemoryWindows | RedisWindows = (
-            MemoryWindows(clock) if self.memory else RedisWindows(self.limits.bridge.get_connection(), clock)
-        )
-
-    def disconnect(self) -> None:
-        """Close a Redis store's connection pool. Never `reset()`: that deletes every replica's counters."""
-        client = getattr(getattr(self.limits, "bridge", None), "storage", None)
-        pool = getattr(client, "connection_pool", None)
-        if pool is not None:
-            pool.disconnect()
-
-
 def rate_key(digest: str | None, client_ip: str, anonymous: str) -> str | GatewayError:
     """Storage key: `tok:<sha256 of the token>`, or `ip:<addr>` without one; 401 when anonymous is denied.
 
@@ -234,26 +203,22 @@ class RateLimiter:
         settings: RateLimitSettings,
         clock: Callable[[], float] = time.time,
         *,
-        storage: Any = None,
-        on_storage_error: Callable[[], None] = lambda: None,
+        storage: RateStore | None = None,
+        observer: StorageObserver = NO_OBSERVER,
         queues: DelayQueues | None = None,
     ) -> None:
-        """`storage`: a store taken over from an earlier limiter (see `hand_over_storage`), else a new one.
-
-        `on_storage_error` is called once per failed store call (the metrics count them). `queues`: an
-        earlier limiter's waiting requests, which this one keeps in line (see `DelayQueues`).
-        """
+        """`storage`: a store taken over from an earlier limiter (see `hand_over_storage`), else a new one
+        whose health `observer` exports (the metrics). `queues`: an earlier limiter's waiting requests,
+        which this one keeps in line (see `DelayQueues`)."""
         self.settings = settings
         self._clock = clock
         self._timeout = settings.storage_timeout_ms / 1000
-        self._store: RateStore = storage if storage is not None else RateStore(settings.storage, clock)
+        self._store = storage or RateStore(settings.storage, clock, settings.storage_options, observer)
         self._owns_storage = True
-        self._on_storage_error = on_storage_error
         strategy = _STRATEGIES.get(settings.strategy)  # None: the moving window, on our own stores
         self._strategy = strategy(self._store.limits) if strategy is not None else None
         self._default = self._compile(settings.default)
         self._routes = {name: self._compile(spec) for name, spec in settings.routes.items()}
-        self._healthy = True
         self.queues = queues if queues is not None else DelayQueues()
 
     @staticmethod
@@ -432,18 +397,8 @@ class RateLimiter:
         return bool(allowed), int(remaining), float(reset)
 
     def _storage_failed(self, exc: BaseException) -> RateDecision:
-        self._on_storage_error()
-        self._storage_down(exc)
+        self._store.health.failed(exc, self.settings.on_storage_error, decided=True)
         return self._failed()
-
-    def _storage_down(self, exc: BaseException) -> None:
-        if self._healthy:
-            self._healthy = False
-            log.warning(
-                "rate_limit_storage_unavailable",
-                error=type(exc).__name__,
-                on_storage_error=self.settings.on_storage_error,
-            )
 
     def _failed(self) -> RateDecision:
         """The decision while the store fails: `on_storage_error` says allow or deny."""
@@ -453,43 +408,37 @@ class RateLimiter:
         return RateDecision(allowed=False, outcome="storage_error_deny", error=error)
 
     def _storage_ok(self) -> None:
-        if not self._healthy:
-            self._healthy = True
-            log.info("rate_limit_storage_recovered")
+        self._store.health.ok()
 
-    async def ready(self) -> bool:
-        """Whether requests can be decided as configured: false only while a fail-closed store is down.
+    async def readiness(self, *, counted: bool = True) -> Literal["ready", "degraded", "unavailable"]:
+        """`ready`, or while a shared store is down: `degraded` (failing open) or `unavailable` (closed).
 
-        Asks the store (bounded by `storage_timeout_ms`), so a load balancer sees an outage even when no
-        request has hit it yet; the outage and the recovery are logged once each, as for requests.
+        Asks the store (bounded by `storage_timeout_ms`), so a load balancer and an operator see an outage
+        even when no request has hit it yet; it is reported as for requests.
         """
-        if not self.shared or self.settings.on_storage_error == "allow":
-            return True
-        return await self.storage_up(count=True)
-
-    async def storage_up(self, *, count: bool = False) -> bool:
-        """Whether the store answers now (process memory always does); an outage and its end are logged
-        once each, as for requests. `count`: a failure is a store error in the metrics (a readiness probe
-        decides by it; a look at the status page is no failed call of the gateway's)."""
         if not self.shared:
-            return True
-        failure = await self._ping()
-        if failure is not None:
-            if count:
-                self._on_storage_error()
-            self._storage_down(failure)
-            return False
-        self._storage_ok()
-        return True
-
-    async def _ping(self) -> BaseException | None:
-        """Why a shared store did not answer a PING within `storage_timeout_ms`, or None when it did."""
+            return "ready"
         try:
-            async with asyncio.timeout(self._timeout):
-                alive = bool(await self._store.limits.check())
-        except Exception as exc:
-            return exc
-        return None if alive else ConnectionError("store did not answer PING")
+            error = await self._store.check(self._timeout)
+        except StorageUnusable as exc:  # it answers, wrongly: as down for requests (they fail the same way)
+            error = exc
+        if error is None:
+            self._storage_ok()
+            return "ready"
+        self._store.health.failed(error, self.settings.on_storage_error, decided=False, counted=counted)
+        return "degraded" if self.settings.on_storage_error == "allow" else "unavailable"
+
+    async def check_storage(self) -> BaseException | None:
+        """At start-up: None, or why the store is unreachable now; raises StorageUnusable if it cannot
+        serve at all (see `RateStore.check`)."""
+        if not self.shared:
+            return None
+        return await self._store.check(max(self._timeout, CHECK_TIMEOUT_S))
+
+    async def storage_up(self) -> bool:
+        """Whether the store answers now (process memory always does), for the status page; an outage
+        is reported as for requests, and counts no decision."""
+        return await self.readiness(counted=False) == "ready"
 
     @property
     def storage(self) -> RateStore:

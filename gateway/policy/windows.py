@@ -9,7 +9,7 @@ with the cost made independent of the limit:
   decision is O(1) amortized whatever the limit (the `limits` memory store inserts at the front of a
   list, O(n)), and takes no lock because it never awaits;
 - Redis: one Lua script per decision over a sorted set (ZREMRANGEBYSCORE, ZCARD, ZADD, ZRANGE), where
-  `limits` needs two round trips, `hit` and then `get_window_stats`.
+  `limits` needs two round trips, `hit` and then `get_window_stats`; its time is Redis's own (`TIME`).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ import itertools
 import os
 from collections import OrderedDict, deque
 from collections.abc import Callable
+from functools import partial
 from typing import Any, NamedTuple
 
 SWEEP_EVERY = 1024  # decisions between two sweeps of idle keys out of memory
@@ -85,9 +86,20 @@ class MemoryWindows:
         return len(self._windows)
 
 
-_MOVING_WINDOW = """
-local now = tonumber(ARGV[1])
+# Redis's time, never a replica's (ARGV[1] empty), or the caller's (tests that drive time).
+_NOW = """
+local now
+if ARGV[1] == '' then
+  local time = redis.call('TIME')
+  now = tonumber(time[1]) + tonumber(time[2]) / 1000000
+else
+  now = tonumber(ARGV[1])
+end
 local window = tonumber(ARGV[2])
+"""
+_MOVING_WINDOW = (
+    _NOW
+    + """
 local limit = tonumber(ARGV[3])
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', '(' .. (now - window))
 local count = redis.call('ZCARD', KEYS[1])
@@ -99,42 +111,77 @@ if count < limit then
 end
 redis.call('PEXPIRE', KEYS[1], math.ceil(window * 1000) + 1000)
 local oldest = redis.call('ZRANGE', KEYS[1], 0, 0, 'WITHSCORES')
-local reset = now + window
-if oldest[2] then reset = tonumber(oldest[2]) + window end
+local reset = window
+if oldest[2] then reset = tonumber(oldest[2]) + window - now end
 return {allowed, limit - count, tostring(reset)}
 """
-# The same window, read only: how many requests it holds now and when the oldest leaves (no write).
-_MOVING_WINDOW_PEEK = """
-local since = tonumber(ARGV[1]) - tonumber(ARGV[2])
+)
+# The same window, read only (`bt-gateway explain`): how many requests it holds now and how long until
+# the oldest leaves; it writes nothing.
+_MOVING_WINDOW_PEEK = (
+    _NOW
+    + """
+local since = now - window
 local count = redis.call('ZCOUNT', KEYS[1], since, '+inf')
 local oldest = redis.call('ZRANGEBYSCORE', KEYS[1], since, '+inf', 'LIMIT', 0, 1, 'WITHSCORES')
-return {count, oldest[2] or ''}
+local reset = window
+if oldest[2] then reset = tonumber(oldest[2]) + window - now end
+return {count, tostring(reset)}
 """
+)
 
 
 class RedisWindows:
-    """Moving windows shared by every replica through Redis: one script call per decision."""
+    """Moving windows shared by every replica through Redis: one script call per decision.
+
+    Time is Redis's (`TIME` in the script, Redis 5 or later), never a replica's: replicas whose clocks
+    disagree still share one exact window. The script returns how long until the oldest counted request
+    leaves, which this replica adds to its own clock for Retry-After. Every key expires one second after its
+    window, so an idle token costs nothing.
+    """
 
     PREFIX = "btgw:mw:"  # not the `limits` keys: a different structure (a sorted set per key)
+    PROBE_KEY = PREFIX + "probe"  # the start-up check's dry decision (limit 0) never writes it
 
-    def __init__(self, client: Any, clock: Callable[[], float]) -> None:
+    def __init__(
+        self,
+        client: Any,
+        clock: Callable[[], float],
+        now: Callable[[], float] | None = None,
+        *,
+        by_body: bool = False,
+    ) -> None:
+        """`now`: None for Redis's time (the gateway); a clock only for tests that drive time.
+
+        `by_body`: send the script itself (EVAL), never its digest (EVALSHA), so Redis never answers
+        NOSCRIPT: over TLS, coredis 5.7 reconnects after an error reply and that reconnection races the
+        TLS handshake (a decision then hangs until its timeout, and the next one with it).
+        """
         self._client = client
-        self._script = client.register_script(_MOVING_WINDOW)
-        self._peek = client.register_script(_MOVING_WINDOW_PEEK)
+        script = client.register_script(_MOVING_WINDOW)
+        self._script = partial(client.eval, _MOVING_WINDOW) if by_body else script
+        peek = client.register_script(_MOVING_WINDOW_PEEK)
+        self._peek = partial(client.eval, _MOVING_WINDOW_PEEK) if by_body else peek
         self._clock = clock
+        self._now = now
         self._origin = os.urandom(6).hex()  # members are unique across replicas without a syscall each
         self._sequence = itertools.count()
 
     async def hit(self, key: str, limit: int, window: float) -> WindowHit:
         member = f"{self._origin}:{next(self._sequence)}"
-        args = [repr(self._clock()), str(window), str(limit), member]
-        allowed, remaining, reset = await self._script(keys=[self.PREFIX + key], args=args)
-        return WindowHit(bool(allowed), int(remaining), float(reset))
+        now = "" if self._now is None else repr(self._now())
+        allowed, remaining, reset_in = await self._script(
+            keys=[self.PREFIX + key], args=[now, str(window), str(limit), member]
+        )
+        return WindowHit(bool(allowed), int(remaining), self._clock() + float(reset_in))
+
+    async def probe(self) -> None:
+        """A decision that counts nothing: raises what a real one would (auth, TLS, wrong server kind)."""
+        await self._script(keys=[self.PROBE_KEY], args=["", "1", "0", "probe"])
 
     async def peek(self, key: str, limit: int, window: float) -> WindowHit:
         """What `hit` would decide, read only (`bt-gateway explain`); `remaining` is before this request."""
-        now = self._clock()
-        count, oldest = await self._peek(keys=[self.PREFIX + key], args=[repr(now), str(window)])
+        now = "" if self._now is None else repr(self._now())
+        count, reset_in = await self._peek(keys=[self.PREFIX + key], args=[now, str(window)])
         count = int(count)
-        reset = float(oldest) + window if oldest not in ("", b"") else now + window
-        return WindowHit(count < limit, limit - count, reset)
+        return WindowHit(count < limit, limit - count, self._clock() + float(reset_in))

@@ -13,6 +13,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from tests.clients import scrape, value
 from tests.conftest import GatewayFactory, Upstream, route_to
 from tests.gateway_process import GatewayProcess
 from tests.redis_server import RedisServer
@@ -134,9 +135,11 @@ async def test_redis_outage_fails_open_or_closed_then_recovers(
         redis.stop()
         during = await _spread(urls, 10)
         ready_during = await _readyz(gateways)
+        down = [await scrape(f"http://127.0.0.1:{g.admin_port}") for g in gateways]
         redis.start()
         after = await _reconnected(urls)
         ready_after = await _readyz(gateways)
+        up = [await scrape(f"http://127.0.0.1:{g.admin_port}") for g in gateways]
     finally:
         for g in gateways:
             g.stop()
@@ -144,8 +147,13 @@ async def test_redis_outage_fails_open_or_closed_then_recovers(
     expected = 200 if mode == "allow" else 503
     assert during == [expected] * 10
     assert after[-1] == 429  # limiting resumed without restarting the gateways
-    assert ready_before == ready_after == [200, 200]
-    assert ready_during == [expected, expected]  # a fail-closed gateway tells its load balancer
+    assert ready_before == ready_after == [(200, {"status": "ready"})] * 2
+    degraded = {"status": "degraded", "reason": "rate_limit_storage_unavailable", "on_storage_error": mode}
+    assert ready_during == [(expected, degraded)] * 2  # a fail-closed gateway tells its load balancer
+    assert [value(s, "bt_gateway_rate_limit_storage_up") for s in down] == [0, 0]
+    assert [value(s, "bt_gateway_rate_limit_storage_up") for s in up] == [1, 1]
+    without = [value(s, "bt_gateway_rate_limit_decisions_without_storage_total") for s in down]
+    assert sum(without) == 10  # every request of the outage, on the gateway that decided it
     for g in gateways:
         assert len(g.events("rate_limit_storage_unavailable")) == 1  # once per outage, not per request
         assert len(g.events("rate_limit_storage_recovered")) == 1
@@ -154,13 +162,13 @@ async def test_redis_outage_fails_open_or_closed_then_recovers(
         assert not [line for line in g.raw_lines if "Retry attempt" in line]  # the client library is quiet
 
 
-async def _readyz(gateways: list[GatewayProcess]) -> list[int]:
+async def _readyz(gateways: list[GatewayProcess]) -> list[tuple[int, dict[str, str]]]:
     async with aiohttp.ClientSession() as client:
-        statuses = []
+        answers = []
         for g in gateways:
             async with client.get(f"http://127.0.0.1:{g.admin_port}/readyz") as resp:
-                statuses.append(resp.status)
-        return statuses
+                answers.append((resp.status, await resp.json()))
+        return answers
 
 
 @pytest.mark.redis

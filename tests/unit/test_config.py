@@ -13,6 +13,7 @@ from gateway.config.load import ConfigError, config_path, format_key, load_confi
 from gateway.config.messages import _model_in
 from gateway.config.model import GatewayConfig
 from gateway.config.overrides import flag
+from gateway.config.redact import redacted
 
 SHIPPED = Path(__file__).resolve().parents[2] / "config" / "gateway.yaml"
 
@@ -285,4 +286,79 @@ def test_deny_path_patterns_are_checked_at_load(tmp_path: Path) -> None:
     text = "routes:\n  - {name: app, prefix: /, upstream: https://www.braintrust.dev, deny_paths: ['/a**']}\n"
     assert problems(tmp_path, text) == [
         "F:2: routes[0].deny_paths[0]: '/a**': '**' must be a whole segment, as in /brainstore/**"
+    ]
+
+
+@pytest.mark.parametrize(
+    ("uri", "expected"),
+    [
+        (
+            "redis:/h",
+            "must start with one of memory://, redis://, rediss://, redis+sentinel://, redis+cluster://",
+        ),
+        ("memory://x", "memory:// takes nothing after it"),
+        (
+            "redis://a:1,b:2",
+            "redis:// takes one host (several are for redis+sentinel:// or redis+cluster://)",
+        ),
+        ("redis://h/x", "the database after the host must be a number, got 'x'"),
+        ("redis://h:99999", "bad port in 'h:99999': a number from 1 to 65535"),
+        (
+            "redis://h?ssl_cert_reqs=none",
+            "takes no query string: set rate_limit.storage_ca_bundle for TLS, "
+            "and the password through rate_limit.storage_password_file or env "
+            "BT_GATEWAY_RATE_LIMIT_STORAGE_PASSWORD",
+        ),
+        (
+            "redis+sentinel://s:26379",
+            "needs the master's name after the sentinels: redis+sentinel://host:26379/mymaster",
+        ),
+        ("redis+cluster://a:1,b:2/0", "redis+cluster:// takes no path: a cluster has database 0 only"),
+        ("redis+cluster://a:1,,b:2", "bad host '': host[:port], several separated by commas"),
+    ],
+)
+def test_storage_uris_are_checked_at_load(tmp_path: Path, uri: str, expected: str) -> None:
+    assert problems(tmp_path, f"rate_limit:\n  storage: '{uri}'\n") == [
+        f"F:2: rate_limit.storage: {expected}"
+    ]
+
+
+def test_the_storage_password_comes_from_a_file_or_the_environment_and_is_never_printed(
+    tmp_path: Path,
+) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("p@ss word\n")
+    text = f"rate_limit:\n  storage: redis+cluster://a,b:7000\n  storage_password_file: {secret}\n"
+    from_file = loads(tmp_path, text)
+    assert from_file.rate_limit.storage_password == "p@ss word"
+    env = {"BT_GATEWAY_RATE_LIMIT_STORAGE_PASSWORD": "p@ss word"}
+    from_env = load_config(None, {**env, "BT_GATEWAY_RATE_LIMIT_STORAGE": "redis://u@h/1"}).config
+    assert from_env.rate_limit.storage_password == "p@ss word"
+    for config in (from_file, from_env):
+        assert "p@ss" not in str(redacted(config))
+    assert redacted(from_file)["rate_limit"]["storage"] == "redis+cluster://a:6379,b:7000"
+    assert redacted(from_env)["rate_limit"]["storage_password"] == "***"
+    in_uri = loads(tmp_path, "rate_limit: {storage: 'redis+sentinel://u:p%40ss@s1,s2/m'}")
+    assert redacted(in_uri)["rate_limit"]["storage"] == "redis+sentinel://u:***@s1:26379,s2:26379/m"
+
+
+def test_one_storage_password_and_tls_settings_only_for_tls(tmp_path: Path) -> None:
+    secret = tmp_path / "password"
+    secret.write_text("x")
+    both = f"rate_limit:\n  storage: redis://h\n  storage_password: a\n  storage_password_file: {secret}\n"
+    assert problems(tmp_path, both) == [
+        "F:4: rate_limit.storage_password_file: set rate_limit.storage_password or "
+        "rate_limit.storage_password_file, not both"
+    ]
+    twice = "rate_limit:\n  storage: 'redis://:in-uri@h'\n  storage_password: a\n"
+    assert problems(tmp_path, twice) == [
+        "F:2: rate_limit.storage: carries a password and storage_password is set: keep one (the Secret)"
+    ]
+    plain = f"rate_limit:\n  storage: redis://h\n  storage_ca_bundle: {secret}\n"
+    assert problems(tmp_path, plain) == [
+        "F:3: rate_limit.storage_ca_bundle: only applies to a rediss:// storage"
+    ]
+    missing = "rate_limit:\n  storage: rediss://h\n  storage_ca_bundle: /nonexistent.pem\n"
+    assert problems(tmp_path, missing) == [
+        "F:3: rate_limit.storage_ca_bundle: no such file: /nonexistent.pem"
     ]
