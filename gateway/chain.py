@@ -49,6 +49,7 @@ from gateway.steps import (
 )
 
 NEVER: frozenset[str] = frozenset()  # the `relaxable` of a step that declares none
+RELAXED = "would_refuse"  # a step's verdict in `explain` when report mode let its refusal go
 
 
 @dataclass(frozen=True, slots=True)
@@ -93,7 +94,7 @@ class Chain:
             if decision is None:
                 continue
             if decision.final:
-                if decision.outcome in relaxable and self._by_route.get(exchange.route or "", self._report):
+                if self._relaxes(relaxable, decision, exchange):
                     exchange.relax(step.name, decision.error)
                     continue
                 exchange.decisions.append(f"{step.name}:{decision.outcome}")
@@ -106,11 +107,15 @@ class Chain:
         decide); the last one is final when the chain ended early. A step that counts is asked through
         its `peek`, so tracing changes no counter."""
         reached: list[tuple[str, Decision | None]] = []
-        for step in self.steps:
+        for step, _, relaxable in self._plan:
             ask = getattr(step, "peek", step.decide)  # `peek`: the same decision, counting nothing
             decision = ask(exchange)
             if inspect.isawaitable(decision):
                 decision = await decision
+            if decision is not None and decision.final and self._relaxes(relaxable, decision, exchange):
+                exchange.relax(step.name, decision.error)  # report mode: as `run` does, on it goes
+                reached.append((step.name, Decision(RELAXED, facts=decision.facts)))
+                continue
             reached.append((step.name, decision))
             if decision is None:
                 continue
@@ -118,6 +123,11 @@ class Chain:
             if decision.final:
                 break
         return reached
+
+    def _relaxes(self, relaxable: frozenset[str], decision: Decision, exchange: Exchange) -> bool:
+        """Report mode lets this refusal go: the step may relax it, and the route (or, before one is
+        known, the top level) reports."""
+        return decision.outcome in relaxable and self._by_route.get(exchange.route or "", self._report)
 
 
 def http_chain(

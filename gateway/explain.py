@@ -128,6 +128,7 @@ async def explain(generation: Generation, request: ExplainRequest, *, live: bool
         },
         **_verdict(final),
         "decided_by": reached[-1][0] if final is not None else None,
+        "would_refuse": _would_refuse(exchange),
         "steps": _steps(chain.names, reached),
         "route": exchange.route,
         "upstream": _upstream(generation, exchange),
@@ -166,6 +167,14 @@ def _verdict(final: Decision | None) -> Report:
 
 def _error(error: GatewayError) -> Report:
     return {"status": error.status, "code": str(error.code), "reason": error.why, "detail": error.detail}
+
+
+def _would_refuse(exchange: Exchange) -> Report | None:
+    """Report mode: the refusal enforce mode would have sent (the first one let go), or None."""
+    if exchange.would_refuse is None:
+        return None
+    step, error = exchange.would_refuse
+    return {"step": step, **_error(error)}
 
 
 def _steps(names: Sequence[str], reached: Sequence[tuple[str, Decision | None]]) -> list[Report]:

@@ -33,6 +33,11 @@ def render_text(report: Report) -> str:
             f" {report['code']} ({report['reason']})" if report["code"] else ""
         )
         verdict += f": {report['detail']}"
+    let_go = report["would_refuse"]
+    if let_go is not None:  # report mode: what enforce mode would have answered instead
+        verdict += (
+            f" (report mode; enforce would refuse {let_go['status']} {let_go['code']} at {let_go['step']})"
+        )
     lines.append(f"verdict:    {verdict}")
     return "\n".join(lines) + "\n"
 

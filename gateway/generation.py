@@ -307,7 +307,12 @@ class Generation:
             ("rate_limit", "storage"),
             lambda: _limiter(rate_limit_settings(config), previous.limiter if previous else None, observer),
         )
-        storage_down = await _storage_down(limiter)
+        try:
+            storage_down = await _storage_down(limiter)
+        except BuildError:
+            if previous is None or limiter.storage is not previous.limiter.storage:
+                await limiter.close()  # a new store refused: its connections go (a taken-over one stays)
+            raise
         tunnel_limiter = _limiter(
             tunnel_limit_settings(config), previous.tunnel_limiter if previous else None, NO_OBSERVER
         )

@@ -222,6 +222,7 @@ class Gateway:
         assert current is not None  # the reloader only swaps a running gateway
         self.generation, self.config = fresh, fresh.config
         self._admin_access = admin_access(fresh.config.admin)  # a rotated admin.token applies at once
+        self.metrics.storage_up(fresh.limiter.storage.health.up)  # the store serving now (maybe a new one)
         self._retired = [g for g in self._retired if not g.is_closed] + [current]
         current.retire()
         if self._proxy_server is not None:  # new connections get the new client limits (keep-alive too)

@@ -21,11 +21,12 @@ from yarl import URL
 
 from gateway import __version__
 from gateway.config.model import GatewayConfig
-from gateway.config.redact import config_sha256, redact_url
+from gateway.config.redact import config_sha256
 from gateway.exchange import FORWARD_PROXY_ROUTE
 from gateway.generation import Generation
 from gateway.metrics import DURATION_BUCKETS, Metrics
 from gateway.policy.ratelimit import RateLimiter
+from gateway.policy.storage_uri import parse_storage_uri
 from gateway.reload import ReloadResult
 from gateway.tunnel import TunnelStats
 
@@ -229,11 +230,12 @@ def _routes(
 async def _storage(limiter: RateLimiter) -> dict[str, Any]:
     """Where the counters live, whether that store answers now, and what a dead one means for requests."""
     settings = limiter.settings
+    uri = parse_storage_uri(settings.storage)  # (not yarl: a sentinel or cluster URI lists several hosts)
     up = await limiter.storage_up()
     state = "counting" if up else OUTAGE[settings.on_storage_error]
     return {
-        "storage": "memory" if not limiter.shared else URL(settings.storage).scheme,
-        "uri": redact_url(settings.storage),
+        "storage": uri.scheme,
+        "uri": uri.masked(),
         "up": up,
         "on_storage_error": settings.on_storage_error,
         "state": state,

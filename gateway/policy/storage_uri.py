@@ -35,7 +35,10 @@ class StorageUri:
         return self._with_password(None if password is None else quote(password, safe=""))
 
     def masked(self) -> str:
-        """For printing: the password, if the URI carries one, is `***`."""
+        """For printing: the password, if the URI carries one, is `***`; so is a user without one (some
+        write `redis://PASSWORD@host`, and it cannot be told from an ACL user name)."""
+        if self.password is None and self.user is not None:
+            return self._with_password(None).replace(quote(self.user, safe="") + "@", MASK + "@", 1)
         return self._with_password(MASK if self.password is not None else None)
 
     def _with_password(self, encoded: str | None) -> str:

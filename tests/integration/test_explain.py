@@ -47,6 +47,7 @@ REPORT_KEYS = {
     "reason",
     "detail",
     "decided_by",
+    "would_refuse",
     "steps",
     "route",
     "upstream",
@@ -424,3 +425,21 @@ async def test_without_an_admin_token_post_explain_is_served_on_loopback_only(tm
             assert gw.events("explain") == []
         else:
             assert (status, answer["outcome"], answer["route"]) == (200, "forward", "app")
+
+
+def test_in_report_mode_a_refusal_let_through_is_forward_with_what_enforce_would_send(tmp_path: Path) -> None:
+    """explain answers what serve does: report mode forwards, and says which refusal it let go."""
+    code, report, _ = explain(
+        config_file(tmp_path, "mode: report\n" + CONFIG), "--no-token", "/v1/secret/keys"
+    )
+    assert (code, report["outcome"], report["decided_by"]) == (0, "forward", None)
+    assert ("deny_paths", "would_refuse") in verdicts(report)
+    assert report["would_refuse"] == {
+        "step": "deny_paths",
+        "status": 403,
+        "code": "path_denied",
+        "reason": "path_denied",
+        "detail": report["would_refuse"]["detail"],
+    }
+    enforced, report, _ = explain(config_file(tmp_path), "--no-token", "/v1/secret/keys")
+    assert (enforced, report["outcome"], report["would_refuse"]) == (1, "refuse", None)

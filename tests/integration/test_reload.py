@@ -481,3 +481,18 @@ async def test_a_secret_alone_leaves_the_config_hash_unchanged(tmp_path: Path, u
         assert (await reload_state(gw))[2] == first == [effective_sha256(gw.config_path)]
     finally:
         assert gw.stop() == 0
+
+
+async def test_the_store_gauge_follows_a_reload_to_another_store(tmp_path: Path, upstream: Upstream) -> None:
+    """A dead store's 0 does not outlive a reload to one that works: the gauge is the serving store's."""
+    dead = {"max_requests": 3, "storage": f"redis://127.0.0.1:{free_port()}/0", "on_storage_error": "allow"}
+    config = base_config(upstream, rate_limit=dead)
+    gw = GatewayProcess(config, tmp_path)
+    admin = f"http://127.0.0.1:{gw.admin_port}"
+    try:
+        assert value(await scrape(admin), "bt_gateway_rate_limit_storage_up") == 0
+        edit(gw, {**config, "rate_limit": {"max_requests": 3}})  # back to process memory
+        assert (await post_reload(gw))[0] == 200
+        assert value(await scrape(admin), "bt_gateway_rate_limit_storage_up") == 1
+    finally:
+        assert gw.stop() == 0

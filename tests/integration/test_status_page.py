@@ -299,3 +299,20 @@ async def test_report_modes_would_refuse_counts_are_on_the_page(
     async with aiohttp.ClientSession() as client, client.get(gw.admin_url + "/status.json") as resp:
         status = await resp.json()
     assert status["would_refuse"] == {"deny_paths/path_denied": 2}
+
+
+async def test_a_sentinel_store_of_several_hosts_is_shown_masked(
+    start_gateway: GatewayFactory, upstream: Upstream
+) -> None:
+    """The usual production form lists several sentinels: one URI, many hosts, its password masked."""
+    ports = (free_port(), free_port())  # nothing listens there
+    storage = f"redis+sentinel://:hunter2@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/mymaster"
+    gw = await start_gateway(**route_to(upstream, rate_limit={"storage": storage}))
+    async with aiohttp.ClientSession() as client, client.get(gw.admin_url + "/status.json") as resp:
+        assert resp.status == 200
+        status = await resp.json()
+    assert (status["rate_limit"]["storage"], status["rate_limit"]["up"]) == ("redis+sentinel", False)
+    assert (
+        status["rate_limit"]["uri"]
+        == f"redis+sentinel://:***@127.0.0.1:{ports[0]},127.0.0.1:{ports[1]}/mymaster"
+    )
