@@ -307,12 +307,13 @@ class Generation:
             ("rate_limit", "storage"),
             lambda: _limiter(rate_limit_settings(config), previous.limiter if previous else None, observer),
         )
-        try:
-            storage_down = await _storage_down(limiter)
-        except BuildError:
-            if previous is None or limiter.storage is not previous.limiter.storage:
-                await limiter.close()  # a new store refused: its connections go (a taken-over one stays)
-            raise
+        storage_down = None
+        if previous is None or limiter.storage is not previous.limiter.storage:
+            try:  # a new store is checked; one taken over is serving already (its health says how)
+                storage_down = await _storage_down(limiter)
+            except BuildError:
+                await limiter.close()  # refused: its connections go
+                raise
         tunnel_limiter = _limiter(
             tunnel_limit_settings(config), previous.tunnel_limiter if previous else None, NO_OBSERVER
         )

@@ -496,3 +496,24 @@ async def test_the_store_gauge_follows_a_reload_to_another_store(tmp_path: Path,
         assert value(await scrape(admin), "bt_gateway_rate_limit_storage_up") == 1
     finally:
         assert gw.stop() == 0
+
+
+async def test_a_reload_keeping_the_store_does_not_check_it_again(tmp_path: Path, upstream: Upstream) -> None:
+    """The store serving now is taken over as it is (its health goes on reporting an outage): an unrelated
+    reload neither waits for a start-up check of it nor says again that it is unreachable."""
+    redis = RedisServer(tmp_path)
+    try:
+        config = base_config(upstream, rate_limit={"storage": redis.url, "on_storage_error": "allow"})
+        gw = GatewayProcess(config, tmp_path)
+        try:
+            assert await statuses(gw, "/x", 1) == [200]
+            redis.stop()  # down from now on
+            edit(gw, {**config, "deny_paths": ["/nothing/**"]})  # an unrelated change
+            status, body = await post_reload(gw)
+            assert (status, body["status"]) == (200, "reloaded"), body
+            notices = [e for e in gw.events("rate_limit_storage_unavailable") if "unreachable now" in str(e)]
+            assert notices == []
+        finally:
+            assert gw.stop() == 0
+    finally:
+        redis.stop()
