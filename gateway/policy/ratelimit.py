@@ -244,21 +244,19 @@ class RateLimiter:
 
     async def decide(self, route: str, digest: str | None, client_ip: str) -> RateDecision:
         """The decision for one request: a route without a limit needs no key, so no token either."""
-        if self._routes.get(route, self._default) is None:
+        limit = self._routes.get(route, self._default)
+        if limit is None:
             return OFF
         key = rate_key(digest, client_ip, self.settings.anonymous)
         if isinstance(key, GatewayError):
             return ANONYMOUS_DENIED
-        limit = self._routes.get(route, self._default)
-        delays = limit is not None and limit.spec.on_limit == "delay"
-        if delays and self.queues.has_line((route, key)):
-            assert limit is not None
-            return await self._wait_for_slot(route, key, limit.spec, None)  # behind those already waiting
+        delay = limit.spec if limit.spec.on_limit == "delay" else None
+        if delay is not None and self.queues.has_line((route, key)):
+            return await self._wait_for_slot(route, key, delay, None)  # behind those already waiting
         decision = await self.check(route, key)
-        if decision.outcome != "deny" or not delays:
+        if decision.outcome != "deny" or delay is None:
             return decision
-        assert limit is not None
-        return await self._wait_for_slot(route, key, limit.spec, decision)
+        return await self._wait_for_slot(route, key, delay, decision)
 
     async def _wait_for_slot(
         self, route: str, key: str, spec: LimitSpec, refused: RateDecision | None
@@ -326,7 +324,7 @@ class RateLimiter:
             return self._count_in_memory(limit, route, key)
         try:
             async with asyncio.timeout(self._timeout):
-                allowed, remaining, reset = await self._count(limit, route, key)
+                allowed, remaining, reset = await self._window(limit, route, key)
         except Exception as exc:  # any store failure or timeout: decided by on_storage_error
             return self._storage_failed(exc)
         self._storage_ok()
@@ -353,7 +351,7 @@ class RateLimiter:
             return RatePeek(OFF, key, None, None)
         try:
             async with asyncio.timeout(self._timeout):
-                allowed, remaining, reset = await self._read(limit, route, key)
+                allowed, remaining, reset = await self._window(limit, route, key, count=False)
         except Exception:
             return RatePeek(self._failed(), key, None, limit.spec)
         decision = self._decision(limit, allowed, remaining - 1 if allowed else remaining, reset)
@@ -364,15 +362,6 @@ class RateLimiter:
             else:
                 decision = decision._replace(allowed=True, outcome="delayed", error=None)
         return RatePeek(decision, key, limit.amount - remaining, spec)
-
-    async def _read(self, limit: _Limit, route: str, key: str) -> tuple[bool, int, float]:
-        """(allowed, remaining before this request, reset) without counting."""
-        if self._strategy is None:
-            hit = await self._store.windows.peek(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
-            return hit.allowed, hit.remaining, hit.reset
-        allowed = await self._strategy.test(limit.item, route, key)
-        reset, remaining = await self._strategy.get_window_stats(limit.item, route, key)
-        return bool(allowed), int(remaining), float(reset)
 
     def _decision(self, limit: _Limit, allowed: bool, remaining: int, reset: float) -> RateDecision:
         seconds = max(0, math.ceil(reset - self._clock()))
@@ -388,12 +377,19 @@ class RateLimiter:
         wait = max(0.0, reset - self._clock())
         return RateDecision(allowed=False, outcome="deny", headers=headers, error=error, wait_s=wait)
 
-    async def _count(self, limit: _Limit, route: str, key: str) -> tuple[bool, int, float]:
-        if self._strategy is None:
-            hit = await self._store.windows.hit(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
+    async def _window(
+        self, limit: _Limit, route: str, key: str, *, count: bool = True
+    ) -> tuple[bool, int, float]:
+        """(allowed, remaining, reset) from the store. `count=False` (`explain`): read only, and
+        `remaining` is before this request."""
+        strategy = self._strategy
+        if strategy is None:
+            windows = self._store.windows
+            ask = windows.hit if count else windows.peek
+            hit = await ask(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
             return hit.allowed, hit.remaining, hit.reset
-        allowed = await self._strategy.hit(limit.item, route, key)
-        reset, remaining = await self._strategy.get_window_stats(limit.item, route, key)
+        allowed = await (strategy.hit if count else strategy.test)(limit.item, route, key)
+        reset, remaining = await strategy.get_window_stats(limit.item, route, key)
         return bool(allowed), int(remaining), float(reset)
 
     def _storage_failed(self, exc: BaseException) -> RateDecision:
