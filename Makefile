@@ -76,8 +76,8 @@ lint: $(TEST_STAMP)
 
 bench: $(TEST_STAMP)
 	@command -v nginx >/dev/null && command -v wrk >/dev/null && command -v redis-server >/dev/null && \
-		command -v redis-cli >/dev/null && command -v curl >/dev/null || \
-		(apt-get update -q && apt-get install -y -q nginx-light wrk redis-server curl)
+		command -v redis-cli >/dev/null && command -v curl >/dev/null && command -v valgrind >/dev/null || \
+		(apt-get update -q && apt-get install -y -q nginx-light wrk redis-server curl valgrind)
 	$(BIN)/python bench/run.py
 
 image:

@@ -78,12 +78,16 @@ def wrk(port: int, connections: int, duration_s: int, path: str = "/v1/bench") -
     return Wrk(float(rps.group(1)), _ms(re.search(r"99%\s+([\d.]+)(us|ms|s)\b", out)), bad)
 
 
-def curl(url: str, out: str = "/dev/null") -> tuple[float, int, int]:
-    """Seconds, HTTP status and bytes of one GET (no --compressed: the bytes on the wire are timed)."""
-    args = ["curl", "-s", "-o", out, "-w", "%{time_total} %{http_code} %{size_download}", url]
+def curl(url: str, out: str = "/dev/null", upload: Path | None = None) -> tuple[float, int, int]:
+    """Seconds, HTTP status and bytes of one GET (no --compressed: the bytes on the wire are timed); with
+    `upload`, of one PUT streaming that file (Content-Length set, no Expect: 100-continue), bytes sent."""
+    size = "%{size_upload}" if upload else "%{size_download}"
+    args = ["curl", "-s", "-o", out, "-w", f"%{{time_total}} %{{http_code}} {size}", url]
+    if upload is not None:
+        args += ["-T", str(upload), "-H", "Expect:", "-H", f"Authorization: {TOKEN}"]
     done = subprocess.run(args, capture_output=True, text=True, check=True, timeout=300)
-    seconds, status, size = done.stdout.split()
-    return float(seconds), int(status), int(size)
+    seconds, status, count = done.stdout.split()
+    return float(seconds), int(status), int(count)
 
 
 def rss_kb(pid: int) -> int:
@@ -94,8 +98,11 @@ def rss_kb(pid: int) -> int:
     raise RuntimeError(f"no VmRSS for {pid}")
 
 
-def download_rss(pid: int, url: str) -> tuple[float, float, int, int]:
-    """Fetches `url` while sampling `pid`'s RSS every 50 ms: (seconds, max growth MB, status, bytes)."""
+def curl_rss(
+    pid: int, url: str, out: str = "/dev/null", upload: Path | None = None
+) -> tuple[float, float, int, int]:
+    """`curl(url, out, upload)` while sampling `pid`'s RSS every 50 ms: (seconds, max growth MB, status,
+    bytes)."""
     before = rss_kb(pid)
     peak = before
     stop = threading.Event()
@@ -108,7 +115,7 @@ def download_rss(pid: int, url: str) -> tuple[float, float, int, int]:
     sampler = threading.Thread(target=sample, daemon=True)
     sampler.start()
     try:
-        seconds, status, size = curl(url)
+        seconds, status, size = curl(url, out, upload)
     finally:
         stop.set()
         sampler.join()

@@ -14,6 +14,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -108,19 +109,7 @@ class Peers:
 
     def nginx(self, upstream_port: int, proxy_port: int, body: str) -> None:
         """nginx serving `body` on upstream_port, and proxying proxy_port to it with keep-alive."""
-        prefix = self.tmp / "nginx"
-        prefix.mkdir(exist_ok=True)
-        conf = prefix / "nginx.conf"
-        conf.write_text(
-            f"""
-worker_processes 1;
-pid {prefix}/nginx.pid;
-error_log {prefix}/error.log warn;
-events {{ worker_connections 4096; }}
-http {{
-  access_log off;
-  client_body_temp_path {prefix}; proxy_temp_path {prefix}; fastcgi_temp_path {prefix};
-  uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
+        servers = f"""
   upstream up {{ server 127.0.0.1:{upstream_port}; keepalive 64; }}
   server {{
     listen 127.0.0.1:{upstream_port};
@@ -135,12 +124,31 @@ http {{
       proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
     }}
   }}
+"""
+        self.nginx_http("nginx", servers, [upstream_port, proxy_port])
+
+    def nginx_http(self, name: str, servers: str, ports: Sequence[int]) -> None:
+        """An nginx of one worker whose http block holds `servers`; returns once all of `ports` accept."""
+        prefix = self.tmp / name
+        prefix.mkdir(exist_ok=True)
+        conf = prefix / "nginx.conf"
+        conf.write_text(
+            f"""
+worker_processes 1;
+pid {prefix}/nginx.pid;
+error_log {prefix}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}; proxy_temp_path {prefix}; fastcgi_temp_path {prefix};
+  uwsgi_temp_path {prefix}; scgi_temp_path {prefix};
+{servers}
 }}
 """
         )
-        proc = self.spawn("nginx", ["nginx", "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"])
-        wait_port(upstream_port, proc, "nginx")
-        wait_port(proxy_port, proc, "nginx")
+        proc = self.spawn(name, ["nginx", "-c", str(conf), "-p", str(prefix), "-g", "daemon off;"])
+        for port in ports:
+            wait_port(port, proc, name)
 
     def redis(self) -> int:
         port = free_port()
@@ -155,11 +163,13 @@ http {{
         wait_port(port, proc, "python upstream")
         return port
 
-    def bare_proxy(self, port: int, upstream_port: int) -> None:
-        """bench/bare_proxy.py on `port`, forwarding to `upstream_port`: the stack's ceiling."""
+    def bare_proxy(self, port: int, upstream_port: int, wrap: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """bench/bare_proxy.py on `port`, forwarding to `upstream_port`: the stack's ceiling. `wrap` is a
+        command that runs it (valgrind's), none by default."""
         script = str(ROOT / "bench" / "bare_proxy.py")
-        proc = self.spawn("bare-proxy", [sys.executable, script, str(port), str(upstream_port)])
+        proc = self.spawn("bare-proxy", [*wrap, sys.executable, script, str(port), str(upstream_port)])
         wait_port(port, proc, "bare aiohttp proxy")
+        return proc
 
     def write_config(self, name: str, config: dict[str, Any]) -> Path:
         path = self.tmp / f"{name}.yaml"
@@ -175,9 +185,10 @@ http {{
             raise RuntimeError(f"check-config exited {done.returncode}: {done.stderr.decode()[-2000:]}")
         return done.returncode == 0
 
-    def gateway(self, name: str, config: dict[str, Any]) -> subprocess.Popen[bytes]:
+    def gateway(self, name: str, config: dict[str, Any], wrap: Sequence[str] = ()) -> subprocess.Popen[bytes]:
+        """`gateway serve` with `config`, run by the command `wrap` (valgrind's) if one is given."""
         path = self.write_config(name, config)
-        proc = self.spawn(name, [sys.executable, "-m", "gateway", "serve", "-c", str(path)])
+        proc = self.spawn(name, [*wrap, sys.executable, "-m", "gateway", "serve", "-c", str(path)])
         try:
             wait_port(int(config["listen"]["port"]), proc, name)
         except RuntimeError as exc:

@@ -3,7 +3,8 @@ and written as JSON to bench/results/<UTC timestamp>.json.
 
 Each figure is the median of BENCH_ROUNDS rounds (default 3) with the min-max; each wrk run lasts
 BENCH_DURATION_S seconds (default 5). Ratios are taken between figures of this same run. Every process runs
-on 127.0.0.1 and is stopped in `finally`.
+on 127.0.0.1 and is stopped in `finally`. BENCH_ONLY=proxy,instructions (a comma list of the SECTIONS'
+names) runs only those sections; all by default.
 """
 
 from __future__ import annotations
@@ -24,7 +25,9 @@ from typing import Any
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the checkout's gateway package, not an installed one
 
-from figures import Stat, Wrk, codec_floor, curl, download_rss, memory_cost, redis_cost, wrk  # noqa: E402
+import callgrind  # noqa: E402
+import transfer  # noqa: E402
+from figures import Stat, Wrk, codec_floor, curl, curl_rss, memory_cost, redis_cost, wrk  # noqa: E402
 from peers import PUBLIC_URL, Peers, free_port, gateway_config, small_body  # noqa: E402
 
 DURATION = int(os.environ.get("BENCH_DURATION_S", "5"))
@@ -162,7 +165,7 @@ def stream_figures(tmp: Path) -> list[Row]:
         on = peers.gateway("gw-on", gateway_config(on_port, up, body_paths=["/**"]))
         peers.gateway("gw-off", gateway_config(off_port, up, rewrite=False))
 
-        seconds, growth, status, size = download_rss(on.pid, f"http://127.0.0.1:{on_port}/stream")
+        seconds, growth, status, size = curl_rss(on.pid, f"http://127.0.0.1:{on_port}/stream")
         if status != 200 or size != 2**30:
             raise RuntimeError(f"1 GiB download: status {status}, {size} bytes")
 
@@ -222,8 +225,69 @@ def limiter_figures(tmp: Path) -> list[Row]:
     return rows
 
 
+def instruction_figures(tmp: Path) -> list[Row]:
+    """Figure 7: instructions per request under callgrind (bench/callgrind.py), gateway and bare proxy."""
+    counted = callgrind.measure(tmp, [callgrind.GATEWAY, callgrind.BARE])
+    rows = []
+    for name, c in counted.items():
+        first, last = c.requests[0], c.requests[-1]
+        rows.append(
+            Row(
+                f"7. instructions/request, {name}",
+                f"{c.slope / 1e3:.0f}k (slope {first}->{last} requests; "
+                f"{c.per_request / 1e3:.0f}k at {first})",
+                data={
+                    "slope": c.slope,
+                    "per_request": c.per_request,
+                    "requests": c.requests,
+                    "instructions": c.instructions,
+                },
+            )
+        )
+    gateway, bare = counted[callgrind.GATEWAY], counted[callgrind.BARE]
+    rows[0].target, rows[0].met = "<= 300k", met(gateway.slope <= 300_000)
+    ratio = gateway.slope / bare.slope
+    rows.append(Row("   ratio to the bare aiohttp proxy", f"{ratio:.2f}x", data={"ratio": ratio}))
+    return rows
+
+
+def transfer_figures(tmp: Path) -> list[Row]:
+    """Figures 8 and 9: 1 GiB up and down through the gateway and nginx (bench/transfer.py)."""
+    results = transfer.measure(tmp, ROUNDS)
+    rows = []
+    for number, way in zip((8, 9), transfer.WAYS, strict=True):
+        speed = {via: [t.mib_s for t in results[way, via]] for via in transfer.VIAS}
+        for via, samples in speed.items():
+            rows.append(row(f"{number}. 1 GiB {way}, {via}", samples, 0, " MiB/s"))
+        nginx, gateway = speed[transfer.NGINX], speed[transfer.GATEWAY]
+        rows.append(ratio_row("   ratio gateway / nginx", gateway, nginx, ">= 0.50x", lambda x: x >= 0.5))
+        growth = [t.rss_growth_mb for t in results[way, transfer.GATEWAY] if t.rss_growth_mb is not None]
+        rows.append(row(f"{number}. 1 GiB {way}, gateway RSS growth", growth, 1, " MB"))
+        rows[-1].target, rows[-1].met = "<= 64 MB", met(max(growth) <= 64)  # the worst round
+    return rows
+
+
+SECTIONS: dict[str, Callable[[Path], list[Row]]] = {
+    "proxy": proxy_figures,
+    "stream": stream_figures,
+    "limiter": limiter_figures,
+    "instructions": instruction_figures,
+    "transfer": transfer_figures,
+}
+
+
 def main() -> int:
-    for tool in ("nginx", "wrk", "redis-server", "redis-cli", "curl"):
+    only = [
+        name.strip() for name in os.environ.get("BENCH_ONLY", ",".join(SECTIONS)).split(",") if name.strip()
+    ]
+    unknown = [name for name in only if name not in SECTIONS]
+    if unknown:
+        print(
+            f"bench: BENCH_ONLY names no section {unknown}; the sections: {', '.join(SECTIONS)}",
+            file=sys.stderr,
+        )
+        return 1
+    for tool in ("nginx", "wrk", "redis-server", "redis-cli", "curl", "valgrind", "callgrind_control"):
         if shutil.which(tool) is None:
             print(f"bench: {tool} is not installed", file=sys.stderr)
             return 1
@@ -231,14 +295,10 @@ def main() -> int:
     tmp = Path(tempfile.mkdtemp(prefix="bt-bench-"))
     rows: list[Row] = []
     try:
-        for part, section in (
-            ("proxy", proxy_figures),
-            ("stream", stream_figures),
-            ("limiter", limiter_figures),
-        ):
+        for part in only:
             (tmp / part).mkdir()
             print(f"... {part}", file=sys.stderr, flush=True)
-            rows += section(tmp / part)
+            rows += SECTIONS[part](tmp / part)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     elapsed = (datetime.now(UTC) - started).total_seconds()
@@ -258,6 +318,7 @@ def main() -> int:
     out = results / f"{started:%Y%m%dT%H%M%SZ}.json"
     meta = {"started": started.isoformat(), "seconds": elapsed, "rounds": ROUNDS, "duration_s": DURATION}
     meta["cpus"] = os.cpu_count()
+    meta["sections"] = only
     out.write_text(json.dumps({**meta, "figures": [asdict(r) for r in rows]}, indent=2) + "\n")
     print(f"written {out.relative_to(HERE.parent)}")
     return 0

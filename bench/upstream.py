@@ -2,6 +2,7 @@
 
 GET /stream     1 GiB of application/octet-stream in 64 KiB chunks (Content-Length set)
 GET /big.json   ~20 MB of JSON (decoded) sent gzip-encoded, with its own URL in every record
+PUT /upload     reads the whole body as fast as it comes and discards it; answers with its byte count
 
 The JSON body is built and compressed before the port opens, so a caller that waits for the port waits for it.
 """
@@ -52,9 +53,16 @@ def app(port: int) -> web.Application:
             body=body, headers={"Content-Type": "application/json", "Content-Encoding": "gzip"}
         )
 
-    application = web.Application()
+    async def sink(request: web.Request) -> web.Response:
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+        return web.Response(text=str(size))
+
+    application = web.Application(client_max_size=0)
     application.router.add_get("/stream", stream)
     application.router.add_get("/big.json", json_gzip)
+    application.router.add_put("/upload", sink)
     return application
 
 
