@@ -10,7 +10,8 @@ answer must be a 200) and the counters are dumped. Batches of N and 2N requests 
 between them).
 
 `python bench/callgrind.py --annotate [--requests N]` measures the gateway alone, keeps its callgrind
-files and prints the top functions by inclusive cost (`callgrind_annotate --inclusive=yes`).
+files and prints the top functions by inclusive cost (`callgrind_annotate --inclusive=yes`; by self cost
+with --self). They are C functions: CPython's, uvloop's, aiohttp's and the other extensions'.
 """
 
 from __future__ import annotations
@@ -164,6 +165,7 @@ def main() -> int:
     parser.add_argument("--annotate", action="store_true", help="print the gateway's top functions")
     parser.add_argument("--requests", type=int, default=REQUESTS, help="N (batches of N and 2N requests)")
     parser.add_argument("--top", type=int, default=40, help="functions to print")
+    parser.add_argument("--self", action="store_true", help="rank by self cost, not inclusive")
     args = parser.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bt-callgrind-"))
     names = [GATEWAY] if args.annotate else [GATEWAY, BARE]
@@ -176,7 +178,7 @@ def main() -> int:
         shutil.rmtree(tmp, ignore_errors=True)
         return 0
     last = counted.files[-1]
-    annotate = ["callgrind_annotate", "--inclusive=yes", str(last)]
+    annotate = ["callgrind_annotate", f"--inclusive={'no' if args.self else 'yes'}", str(last)]
     lines = subprocess.run(annotate, capture_output=True, text=True, check=True).stdout.splitlines()
     table = next(i for i, line in enumerate(lines) if line.lstrip().startswith("Ir")) + 2
     print("\n".join(lines[: table + args.top]))
