@@ -155,11 +155,12 @@ http {{
         wait_port(port, proc, "python upstream")
         return port
 
-    def bare_proxy(self, port: int, upstream_port: int) -> None:
+    def bare_proxy(self, port: int, upstream_port: int) -> subprocess.Popen[bytes]:
         """bench/bare_proxy.py on `port`, forwarding to `upstream_port`: the stack's ceiling."""
         script = str(ROOT / "bench" / "bare_proxy.py")
         proc = self.spawn("bare-proxy", [sys.executable, script, str(port), str(upstream_port)])
         wait_port(port, proc, "bare aiohttp proxy")
+        return proc
 
     def write_config(self, name: str, config: dict[str, Any]) -> Path:
         path = self.tmp / f"{name}.yaml"

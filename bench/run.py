@@ -25,6 +25,15 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))  # the checkout's gateway package, not an installed one
 
 from figures import Stat, Wrk, codec_floor, curl, download_rss, memory_cost, redis_cost, wrk  # noqa: E402
+from idle import (  # noqa: E402  # noqa: E402
+    CLIENTS,
+    MAX_CLIENT_CONNECTIONS,
+    TUNNELS,
+    IdleRound,
+    idle_gateway_config,
+    idle_round,
+    raise_nofile,
+)
 from peers import PUBLIC_URL, Peers, free_port, gateway_config, small_body  # noqa: E402
 
 DURATION = int(os.environ.get("BENCH_DURATION_S", "5"))
@@ -222,6 +231,43 @@ def limiter_figures(tmp: Path) -> list[Row]:
     return rows
 
 
+def idle_figures(tmp: Path) -> list[Row]:
+    """Figure 9: RSS per idle keep-alive client connection (gateway, bare aiohttp proxy) and per idle
+    tunnel; a fresh proxy for every reading, nginx behind."""
+    raise_nofile()
+    readings: dict[str, list[IdleRound]] = {"gateway": [], BARE: []}
+    peers = Peers(tmp)
+    try:
+        up = free_port()
+        peers.nginx(up, free_port(), small_body(up))
+        for r in range(ROUNDS):
+            for name, rounds in readings.items():
+                proxy = Peers(tmp)
+                try:
+                    port, target = free_port(), free_port()
+                    if name == BARE:
+                        rounds.append(idle_round(proxy.bare_proxy(port, up).pid, port))
+                    else:
+                        gateway = proxy.gateway(f"gw-idle-{r}", idle_gateway_config(port, up, target))
+                        rounds.append(idle_round(gateway.pid, port, target))
+                finally:
+                    proxy.close()
+    finally:
+        peers.close()
+    ours = readings["gateway"]
+    per_client = [g.per_client_kb for g in ours]
+    rows = [
+        row("9. idle keep-alive client connection, RSS each", per_client, 1, " KB", clients=CLIENTS),
+        row(f"   {BARE}", [b.per_client_kb for b in readings[BARE]], 1, " KB", clients=CLIENTS),
+        row("9. idle tunnel, RSS each", [g.per_tunnel_kb or 0.0 for g in ours], 1, " KB", tunnels=TUNNELS),
+    ]
+    rows[0].data["rss_before_kb"] = [g.before_kb for g in ours]
+    rows[0].measured += f" ({CLIENTS:,} held; max_client_connections {MAX_CLIENT_CONNECTIONS:,})"
+    rows[0].target, rows[0].met = "<= 16 KB", met(Stat.of(per_client).median <= 16)
+    rows[2].measured += f" ({TUNNELS:,} held, on top of the clients)"
+    return rows
+
+
 def main() -> int:
     for tool in ("nginx", "wrk", "redis-server", "redis-cli", "curl"):
         if shutil.which(tool) is None:
@@ -230,12 +276,16 @@ def main() -> int:
     started = datetime.now(UTC)
     tmp = Path(tempfile.mkdtemp(prefix="bt-bench-"))
     rows: list[Row] = []
+    only = os.environ.get("BENCH_ONLY")  # a comma list of section names; default all
     try:
         for part, section in (
             ("proxy", proxy_figures),
             ("stream", stream_figures),
             ("limiter", limiter_figures),
+            ("idle", idle_figures),
         ):
+            if only is not None and part not in only.split(","):
+                continue
             (tmp / part).mkdir()
             print(f"... {part}", file=sys.stderr, flush=True)
             rows += section(tmp / part)
