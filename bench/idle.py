@@ -29,6 +29,18 @@ CONCURRENCY = 100  # connections being opened at once
 DESCRIPTORS = 10_000  # clients, tunnels and their target's side (7,000), with room to spare
 MAX_CLIENT_CONNECTIONS = 8_192  # the bench gateway's limit: above the 6,000 held
 SETTLE_S = 5  # at most this long for RSS to stop moving
+# What an SDK's request adds to the bench's three fields: aiohttp keeps the last head of every idle
+# connection (until its next request), so the cost of one grows with it.
+SDK_FIELDS = (
+    "User-Agent: braintrust-python/0.2.0 python-requests/2.32.3\r\n"
+    "Accept-Encoding: gzip, deflate, zstd\r\n"
+    "Accept: */*\r\n"
+    "Connection: keep-alive\r\n"
+    "Content-Type: application/json\r\n"
+    "X-Bt-Org-Name: example-org\r\n"
+    "X-Bt-Project-Id: b5d0a0c2-5a1b-4c8e-9d3e-0123456789ab\r\n"
+    "traceparent: 00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01\r\n"
+)
 T = TypeVar("T")
 Stream = tuple[asyncio.StreamReader, asyncio.StreamWriter]
 
@@ -97,12 +109,12 @@ async def read_head(reader: asyncio.StreamReader) -> tuple[int, int]:
     return status, length
 
 
-async def one_request(port: int, close: bool = False) -> Stream:
-    """A connection that has sent one GET /v1/bench and read its whole 200 response: kept alive, or with
-    `close` asked to close and read to its end (the proxy has let it go)."""
+async def one_request(port: int, *, close: bool = False, fields: str = "") -> Stream:
+    """A connection that has sent one GET /v1/bench (with `fields` in its head) and read its whole 200
+    response: kept alive, or with `close` asked to close and read to its end (the proxy has let it go)."""
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
-    connection = "Connection: close\r\n" if close else ""
-    head = f"GET /v1/bench HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {TOKEN}\r\n{connection}\r\n"
+    fields += "Connection: close\r\n" if close else ""
+    head = f"GET /v1/bench HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nAuthorization: {TOKEN}\r\n{fields}\r\n"
     writer.write(head.encode())
     status, length = await read_head(reader)
     await reader.readexactly(length)
@@ -151,9 +163,9 @@ class EchoTarget(asyncio.Protocol):
         self.transport.write(data)
 
 
-async def measure(pid: int, port: int, target_port: int | None) -> IdleRound:
-    """One round against the proxy `pid` on `port`; with tunnels to an echo target on `target_port`
-    (started here; the proxy must allow it) unless None."""
+async def measure(pid: int, port: int, target_port: int | None, fields: str = "") -> IdleRound:
+    """One round against the proxy `pid` on `port`, the clients' requests carrying `fields`; with tunnels
+    to an echo target on `target_port` (started here; the proxy must allow it) unless None."""
     streams: list[Stream] = []
     loop = asyncio.get_running_loop()
     target = None
@@ -162,7 +174,7 @@ async def measure(pid: int, port: int, target_port: int | None) -> IdleRound:
     try:
         await warm_up(port)
         before = await loop.run_in_executor(None, settled_rss, pid)
-        streams += await bounded(CLIENTS, lambda: one_request(port))
+        streams += await bounded(CLIENTS, lambda: one_request(port, fields=fields))
         still_open(streams)
         clients = await loop.run_in_executor(None, settled_rss, pid)
         tunnels = None
@@ -179,8 +191,8 @@ async def measure(pid: int, port: int, target_port: int | None) -> IdleRound:
             target.close()
 
 
-def idle_round(pid: int, port: int, target_port: int | None = None) -> IdleRound:
-    return asyncio.run(measure(pid, port, target_port))
+def idle_round(pid: int, port: int, target_port: int | None = None, fields: str = "") -> IdleRound:
+    return asyncio.run(measure(pid, port, target_port, fields))
 
 
 def idle_gateway_config(port: int, upstream_port: int, target_port: int) -> dict[str, Any]:
