@@ -28,6 +28,16 @@ sys.path.insert(0, str(HERE.parent))  # the checkout's gateway package, not an i
 import callgrind  # noqa: E402
 import transfer  # noqa: E402
 from figures import Stat, Wrk, codec_floor, curl, curl_rss, memory_cost, redis_cost, wrk  # noqa: E402
+from idle import (  # noqa: E402
+    CLIENTS,
+    MAX_CLIENT_CONNECTIONS,
+    SDK_FIELDS,
+    TUNNELS,
+    IdleRound,
+    idle_gateway_config,
+    idle_round,
+    raise_nofile,
+)
 from peers import PUBLIC_URL, Peers, free_port, gateway_config, small_body  # noqa: E402
 
 DURATION = int(os.environ.get("BENCH_DURATION_S", "5"))
@@ -267,12 +277,56 @@ def transfer_figures(tmp: Path) -> list[Row]:
     return rows
 
 
+def idle_figures(tmp: Path) -> list[Row]:
+    """Figure 10: RSS per idle keep-alive client connection (gateway, bare aiohttp proxy) and per idle
+    tunnel; a fresh proxy for every reading, nginx behind."""
+    raise_nofile()
+    sdk = f"   with an SDK-like request head (+8 fields, {len(SDK_FIELDS)} B)"
+    readings: dict[str, list[IdleRound]] = {"gateway": [], sdk: [], BARE: []}
+    peers = Peers(tmp)
+    try:
+        up = free_port()
+        peers.nginx(up, free_port(), small_body(up))
+        for r in range(ROUNDS):
+            for name, rounds in readings.items():
+                proxy = Peers(tmp)
+                try:
+                    port, target = free_port(), free_port()
+                    if name == BARE:
+                        rounds.append(idle_round(proxy.bare_proxy(port, up).pid, port))
+                    elif name == sdk:
+                        gateway = proxy.gateway(f"gw-sdk-{r}", idle_gateway_config(port, up, target))
+                        rounds.append(idle_round(gateway.pid, port, fields=SDK_FIELDS))
+                    else:
+                        gateway = proxy.gateway(f"gw-idle-{r}", idle_gateway_config(port, up, target))
+                        rounds.append(idle_round(gateway.pid, port, target))
+                finally:
+                    proxy.close()
+    finally:
+        peers.close()
+    ours = readings["gateway"]
+    per_client = [g.per_client_kb for g in ours]
+    rows = [
+        row("10. idle keep-alive client connection, RSS each", per_client, 1, " KB", clients=CLIENTS),
+        row(sdk, [g.per_client_kb for g in readings[sdk]], 1, " KB", clients=CLIENTS, fields=SDK_FIELDS),
+        row(f"   {BARE}", [b.per_client_kb for b in readings[BARE]], 1, " KB", clients=CLIENTS),
+        row("10. idle tunnel, RSS each", [g.per_tunnel_kb or 0.0 for g in ours], 1, " KB", tunnels=TUNNELS),
+    ]
+    rows[0].data["rss_before_kb"] = [g.before_kb for g in ours]
+    rows[0].measured += f" ({CLIENTS:,} held; max_client_connections {MAX_CLIENT_CONNECTIONS:,})"
+    rows[0].target, rows[0].met = "<= 16 KB", met(Stat.of(per_client).median <= 16)
+    rows[1].target, rows[1].met = "<= 16 KB", met(Stat.of(rows[1].data["samples"]).median <= 16)
+    rows[3].measured += f" ({TUNNELS:,} held, on top of the clients)"
+    return rows
+
+
 SECTIONS: dict[str, Callable[[Path], list[Row]]] = {
     "proxy": proxy_figures,
     "stream": stream_figures,
     "limiter": limiter_figures,
     "instructions": instruction_figures,
     "transfer": transfer_figures,
+    "idle": idle_figures,
 }
 
 
