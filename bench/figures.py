@@ -61,13 +61,16 @@ def wrk(port: int, connections: int, duration_s: int, path: str = "/v1/bench") -
         "-H",
         f"Authorization: {TOKEN}",
     ]
-    out = subprocess.run(
+    done = subprocess.run(
         [*args, f"http://127.0.0.1:{port}{path}"],
         capture_output=True,
         text=True,
-        check=True,
+        check=False,
         timeout=duration_s + 30,
-    ).stdout
+    )
+    if done.returncode != 0:
+        raise RuntimeError(f"wrk on port {port} exited {done.returncode}: {done.stderr or done.stdout}")
+    out = done.stdout
     rps = re.search(r"Requests/sec:\s+([\d.]+)", out)
     if rps is None:
         raise RuntimeError(f"wrk output without Requests/sec:\n{out}")

@@ -42,10 +42,11 @@ class ServerProtocol(RequestHandler):
     def loop(self) -> asyncio.AbstractEventLoop:
         return self._loop
 
-    @property
-    def heads_parsed(self) -> int:
-        """Request heads parsed on this connection so far (a parse error counts as one)."""
-        return self._request_count
+    def head_in(self, data: bytes) -> bool:
+        """aiohttp's `data_received`; True when a whole request head (or a parse error) came of it."""
+        before = self._request_count
+        RequestHandler.data_received(self, data)
+        return self._request_count != before
 
     @property
     def between_requests(self) -> bool:
@@ -71,12 +72,55 @@ class ProtocolFactory(web.Server):
 
 
 class ClientProtocol(ResponseHandler):
-    """aiohttp's client protocol (its C response parser, read timeout and flow control), driven directly."""
+    """aiohttp's client protocol (its C response parser, read timeout and flow control), driven directly.
 
-    def use_parser(self, head_only: bool, **params: Any) -> None:
-        """A new response parser, unless the current one already frames responses this way."""
+    Its read timeout is kept lazily: aiohttp cancels its timer and starts a new one at every read; here
+    a read only moves the deadline, and the one timer, when it fires early, waits out the rest (as nginx
+    keeps its timers).
+    """
+
+    _read_deadline: float | None = None
+
+    def _reschedule_timeout(self) -> None:
+        timeout = self._read_timeout
+        if not timeout:
+            self._drop_timeout()
+            return
+        loop = self._loop
+        self._read_deadline = deadline = loop.time() + timeout
+        if self._read_timeout_handle is None:
+            self._read_timeout_handle = loop.call_at(deadline, self._read_timer)
+
+    def _drop_timeout(self) -> None:
+        self._read_deadline = None  # a timer still running finds nothing to time out
+        if self.transport is None:  # closed: no timer keeps the protocol alive
+            self._cancel_read_timer()
+
+    def _read_timer(self) -> None:
+        self._read_timeout_handle = None
+        deadline = self._read_deadline
+        if deadline is None:
+            return
+        if self._loop.time() < deadline:  # bytes came since it was set: wait out the rest
+            self._read_timeout_handle = self._loop.call_at(deadline, self._read_timer)
+            return
+        self._read_deadline = None
+        self._on_read_timeout()
+
+    def _cancel_read_timer(self) -> None:
+        handle, self._read_timeout_handle = self._read_timeout_handle, None
+        if handle is not None:
+            handle.cancel()
+
+    def connection_lost(self, exc: BaseException | None) -> None:
+        super().connection_lost(exc)
+        self._cancel_read_timer()
+
+    def use_parser(self, head_only: bool, params: dict[str, Any] | None = None) -> None:
+        """A new response parser (with `params`), unless the current one already frames responses this
+        way."""
         if self._parser is None or self._skip_payload is not head_only:
-            self.set_response_params(skip_payload=head_only, **params)
+            self.set_response_params(skip_payload=head_only, **(params or {}))
 
     def parser_at_boundary(self) -> bool:
         """Whether the parser holds no byte of a next message (a partial head is invisible elsewhere)."""
@@ -96,10 +140,13 @@ class RelayedResponse(web.StreamResponse):
     """A response streamed from upstream: aiohttp adds no `Server` or `Content-Type` of its own."""
 
     async def _prepare_headers(self) -> None:
-        absent = [name for name in ("Server", "Content-Type") if name not in self.headers]
+        headers = self.headers
+        server, content_type = "Server" in headers, "Content-Type" in headers
         await super()._prepare_headers()
-        for name in absent:
-            self.headers.popall(name, None)
+        if not server:
+            headers.popall("Server", None)
+        if not content_type:
+            headers.popall("Content-Type", None)
 
 
 def defer_head(response: web.StreamResponse) -> None:
@@ -191,13 +238,18 @@ _CLASS_NEEDS: tuple[tuple[type, tuple[str, ...]], ...] = (
         ("_parser", "_drain_helper", "set_response_params", "writing_paused", "start_timeout", "read"),
     ),
     (ResponseHandler, ("should_close", "is_connected", "set_exception", "close")),
+    (ResponseHandler, ("_reschedule_timeout", "_drop_timeout", "_on_read_timeout")),
     (web.StreamResponse, ("_prepare_headers", "_send_headers_immediately")),
     (aiohttp.TCPConnector, ("_create_connection",)),
     (web.TCPSite, ("_server", "_runner", "_host", "_port", "_ssl_context", "_backlog")),
     (web.TCPSite, ("_reuse_address", "_reuse_port")),
 )
 _INSTANCE_NEEDS: tuple[tuple[str, Callable[[asyncio.AbstractEventLoop], object], tuple[str, ...]], ...] = (
-    ("ResponseHandler()", ResponseHandler, ("_skip_payload",)),
+    (
+        "ResponseHandler()",
+        ResponseHandler,
+        ("_skip_payload", "_read_timeout", "_read_timeout_handle", "_loop"),
+    ),
     ("Server()", lambda loop: web.Server(_no_handler, loop=loop), ("_loop", "_kwargs")),
 )
 

@@ -17,6 +17,7 @@ from gateway.bypass import Bypass
 from gateway.errors import Code, GatewayError, Reason
 from gateway.logs import loggable_target
 from gateway.policy.forward_proxy import ConnectTarget
+from gateway.policy.paths import normalize_path
 from gateway.policy.routes import RouteTarget
 
 FORWARD_PROXY_ROUTE = "forward_proxy"  # absolute-form requests to no route's upstream
@@ -43,10 +44,19 @@ def request_id(offered: str | None) -> str:
 
 @dataclass(frozen=True, slots=True)
 class Target:
-    """Where a request goes: the route it matched and the full upstream URL."""
+    """Where a request goes: the route it matched and the full upstream URL.
+
+    `path`: the URL's path below the route's base, normalized (None: it climbs above the root), the one
+    `deny_paths` and `body_paths` judge; worked out once, with the target.
+    """
 
     route: RouteTarget
     url: URL
+    path: str | None
+
+    @classmethod
+    def of(cls, route: RouteTarget, url: URL) -> Target:
+        return cls(route, url, normalize_path(route.relative_path(url)))
 
 
 @dataclass(slots=True)
@@ -94,13 +104,6 @@ class Exchange:
     def path(self) -> str:
         """The target as the log shows it (`logs.loggable_target`): no query, no relay token."""
         return loggable_target(self.raw_target)
-
-    @property
-    def metric_route(self) -> str:
-        """The metrics' route label: a configured route name, `forward_proxy`, `tunnel` or `none`."""
-        if self.method == "CONNECT":
-            return TUNNEL_ROUTE
-        return self.route or NO_ROUTE
 
     def refuse(self, error: GatewayError) -> None:
         """Record the error this request ends with (its status is the error's)."""

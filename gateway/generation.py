@@ -269,6 +269,7 @@ class Generation:
         self.http = http
         self.connect = connect
         self.forwarder = forwarder
+        self.audit: Audit | None = forwarder.audit  # read as every request ends
         self.dialer = dialer  # None when forward-proxy mode is off
         self.resolver = resolver
         self.limiter = limiter
@@ -283,10 +284,6 @@ class Generation:
     @property
     def session(self) -> aiohttp.ClientSession:
         return self.forwarder.session
-
-    @property
-    def audit(self) -> Audit | None:
-        return self.forwarder.audit
 
     @classmethod
     async def build(

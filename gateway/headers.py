@@ -59,6 +59,20 @@ STORE_PREFIXES = ("x-amz-", "x-goog-", "x-ms-")  # S3, GCS, Azure: headers a sig
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 Fields = list[tuple[str, str]]
 _NONE_NAMED: frozenset[str] = frozenset()
+# The lowercase names `upstream_request_headers` folds our values into, and the field it appends them as.
+_FOLDED = {
+    "x-forwarded-for": "X-Forwarded-For",
+    "x-forwarded-proto": "X-Forwarded-Proto",
+    "x-forwarded-host": "X-Forwarded-Host",
+    "via": "Via",
+}
+
+
+# `Connection` as nearly every message spells it, looked up rather than parsed.
+_COMMON_CONNECTION = {
+    spelling: frozenset((spelling.lower(),))
+    for spelling in ("keep-alive", "Keep-Alive", "close", "Close", "Upgrade", "upgrade")
+}
 
 
 def _connection_named(headers: Headers) -> frozenset[str]:
@@ -66,14 +80,9 @@ def _connection_named(headers: Headers) -> frozenset[str]:
     connection = headers.getall("Connection", ())
     if not connection:
         return _NONE_NAMED
+    if len(connection) == 1 and (common := _COMMON_CONNECTION.get(connection[0])) is not None:
+        return common
     return frozenset(token.strip().lower() for value in connection for token in value.split(","))
-
-
-def _end_to_end(headers: Headers, drop: frozenset[str], named: frozenset[str]) -> Fields:
-    """The fields that travel to the next hop: not hop-by-hop, not named in Connection, not in `drop`."""
-    if named:
-        drop = drop | named
-    return [(name, value) for name, value in headers.items() if name.lower() not in drop]
 
 
 def upstream_request_headers(
@@ -84,26 +93,47 @@ def upstream_request_headers(
     client_host: str | None,
     scheme: str,
     request_id: str,
-) -> CIMultiDict[str]:
-    """Headers to send upstream: end-to-end ones, upstream's Host, appended X-Forwarded-* and Via."""
-    named = _connection_named(headers)
-    fields = _end_to_end(headers, _REQUEST_DROP, named)
+) -> Fields:
+    """Headers to send upstream: end-to-end ones, upstream's Host, appended X-Forwarded-* and Via.
+
+    One pass over the client's fields (this runs on every request): what is dropped is dropped, what we
+    append to is collected, in order, for folding.
+    """
+    named = _connection_named(headers) if "Connection" in headers else _NONE_NAMED
+    fields: Fields = []
+    carried: dict[str, list[str]] = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in named:
+            continue
+        if lower not in _REQUEST_DROP:
+            fields.append((name, value))
+        elif lower in _FOLDED:
+            carried.setdefault(lower, []).append(value)
+    if not carried:  # most requests: nothing to fold
+        fields += (
+            ("Host", host_header),
+            ("X-Forwarded-For", client_ip),
+            ("X-Forwarded-Proto", scheme),
+        )
+        if client_host:
+            fields.append(("X-Forwarded-Host", client_host))
+        fields += (("Via", VIA), ("X-Request-Id", request_id))
+        return fields
     fields += (
         ("Host", host_header),
-        _appended(headers, named, "X-Forwarded-For", client_ip),
-        _appended(headers, named, "X-Forwarded-Proto", scheme),
+        _folded(carried, "x-forwarded-for", client_ip),
+        _folded(carried, "x-forwarded-proto", scheme),
     )
     if client_host:
-        fields.append(_appended(headers, named, "X-Forwarded-Host", client_host))
+        fields.append(_folded(carried, "x-forwarded-host", client_host))
     else:
-        fields += (("X-Forwarded-Host", value) for value in _carried(headers, named, "X-Forwarded-Host"))
-    fields += (_appended(headers, named, "Via", VIA), ("X-Request-Id", request_id))
-    return CIMultiDict(fields)
+        fields += (("X-Forwarded-Host", value) for value in carried.get("x-forwarded-host", ()))
+    fields += (_folded(carried, "via", VIA), ("X-Request-Id", request_id))
+    return fields
 
 
-def relay_request_headers(
-    headers: CIMultiDictProxy[str], *, host_header: str, request_id: str
-) -> CIMultiDict[str]:
+def relay_request_headers(headers: CIMultiDictProxy[str], *, host_header: str, request_id: str) -> Fields:
     """Headers to send an object store: the transfer's own fields, its Host, Via and our request id."""
     named = _connection_named(headers)
     fields = [
@@ -112,25 +142,28 @@ def relay_request_headers(
         if ((lower := name.lower()) in TRANSFER or lower.startswith(STORE_PREFIXES)) and lower not in named
     ]
     fields += (("Host", host_header), ("Via", VIA), ("X-Request-Id", request_id))
-    return CIMultiDict(fields)
+    return fields
 
 
-def downstream_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> CIMultiDict[str]:
+def downstream_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> Fields:
     """Headers to send the client: end-to-end ones from upstream, plus Via and our request id."""
-    named = _connection_named(headers)
-    fields = _end_to_end(headers, _RESPONSE_DROP, named)
-    fields += (_appended(headers, named, "Via", VIA), ("X-Request-Id", request_id))
-    return CIMultiDict(fields)
+    named = _connection_named(headers) if "Connection" in headers else _NONE_NAMED
+    fields: Fields = []
+    vias: list[str] = []
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in named:
+            continue
+        if lower not in _RESPONSE_DROP:
+            fields.append((name, value))
+        elif lower == "via":
+            vias.append(value)
+    vias.append(VIA)
+    fields += (("Via", ", ".join(vias)), ("X-Request-Id", request_id))
+    return fields
 
 
-def _carried(headers: Headers, named: frozenset[str], name: str) -> list[str]:
-    """The values of `name` that travel on: none when the sender named it in Connection."""
-    if named and name.lower() in named:
-        return []
-    return headers.getall(name, [])
-
-
-def _appended(headers: Headers, named: frozenset[str], name: str, value: str) -> tuple[str, str]:
+def _folded(carried: dict[str, list[str]], lower: str, value: str) -> tuple[str, str]:
     """`value` appended to a comma list header, repeated fields folded into one (RFC 9110 5.3)."""
-    existing = _carried(headers, named, name)
-    return (name, ", ".join((*existing, value)) if existing else value)
+    existing = carried.get(lower)
+    return (_FOLDED[lower], ", ".join((*existing, value)) if existing else value)

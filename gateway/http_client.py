@@ -168,9 +168,23 @@ class Upload:
 
 
 class UpstreamResponse:
-    """A response head and its streaming body; `close()` returns a drained connection to the pool."""
+    """A response head and its streaming body; `close()` returns a drained connection to the pool.
 
-    __slots__ = ("_client", "_key", "_message", "_protocol", "_upload", "content")
+    The head's fields are plain attributes, read on every request: no property call each.
+    """
+
+    __slots__ = (
+        "_client",
+        "_key",
+        "_protocol",
+        "_upload",
+        "content",
+        "content_length",
+        "headers",
+        "raw_headers",
+        "reason",
+        "status",
+    )
 
     def __init__(
         self,
@@ -185,37 +199,21 @@ class UpstreamResponse:
         self._client = client
         self._key = key
         self._protocol: UpstreamProtocol | None = protocol
-        self._message = message
         self._upload = upload  # still sending the body the upstream answered early (and without refusing)
         self.content = content
-
-    @property
-    def status(self) -> int:
-        return self._message.code
-
-    @property
-    def reason(self) -> str:
-        return self._message.reason
-
-    @property
-    def headers(self) -> CIMultiDictProxy[str]:
-        return self._message.headers
-
-    @property
-    def raw_headers(self) -> tuple[tuple[bytes, bytes], ...]:
-        return self._message.raw_headers
-
-    @property
-    def content_length(self) -> int | None:
-        value = self._message.headers.get("Content-Length")
-        return int(value) if value is not None and value.isdigit() else None
+        self.status: int = message.code
+        self.reason: str = message.reason
+        self.headers: CIMultiDictProxy[str] = message.headers
+        self.raw_headers: tuple[tuple[bytes, bytes], ...] = message.raw_headers
+        length = message.headers.get("Content-Length")
+        self.content_length = int(length) if length is not None and length.isdigit() else None
 
     def close(self) -> None:
         protocol, self._protocol = self._protocol, None
         if self._upload is not None:
             self._upload.cancel()  # the answer is over: the rest of the body has no one to go to
         if protocol is not None:
-            keep_alive = self._message.headers.get("Keep-Alive")
+            keep_alive = self.headers.get("Keep-Alive")
             keep_s = IDLE_S if keep_alive is None else keep_alive_s(keep_alive)
             self._client.release(self._key, protocol, ended=self.content.is_eof(), keep_s=keep_s)
 
@@ -270,9 +268,22 @@ class HttpClient:
         reused = protocol is not None  # (not `or`: an idle protocol is an empty queue, and so falsy)
         if protocol is None:
             protocol = await self._connect(key, vet)
+        head_only = method == "HEAD"
         while True:
             try:
-                message, content, uploading = await self._exchange(protocol, method == "HEAD", head, upload)
+                protocol.use_parser(head_only, self._parser_settings)
+                protocol.begin()
+                if upload is None:  # most requests, written here: no coroutine of its own per request
+                    protocol.send(head)
+                    protocol.sent = True
+                    protocol.start_timeout()
+                    message, content = await protocol.read()
+                    if message.code < 200:
+                        message, content = await _final_head(protocol, message, content)
+                    protocol.answered = True
+                    uploading = None
+                else:
+                    message, content, uploading = await self._exchange(protocol, head, upload)
             except (aiohttp.ClientConnectionError, ConnectionError) as exc:
                 protocol.close()
                 stale = reused and protocol.received == 0 and not isinstance(exc, TimeoutError)
@@ -288,25 +299,21 @@ class HttpClient:
             return UpstreamResponse(self, key, protocol, message, content, upload=uploading)
 
     async def _exchange(
-        self, protocol: UpstreamProtocol, head_only: bool, head: bytes, upload: Upload | None
+        self, protocol: UpstreamProtocol, head: bytes, upload: Upload
     ) -> tuple[RawResponseMessage, StreamReader, asyncio.Task[None] | None]:
-        """Write the request and read the response head, with the upload still running if it is.
+        """Write the request and its body (from a task) and read the response head, with the upload still
+        running if it is.
 
         An answer before the whole body went out stops the upload when it refuses (4xx, 5xx) or closes
         the connection (RFC 9112 9.3's advice); any other answer lets it go on beside the response.
         """
-        protocol.use_parser(head_only, **self._parser_settings)
-        protocol.begin()
-        if upload is None:
-            protocol.send(head)
-            protocol.sent = True
-            protocol.start_timeout()
-            message, content = await _read_head(protocol)
-            return message, content, None
         task = asyncio.get_running_loop().create_task(self._upload(protocol, head, upload))
         task.add_done_callback(protocol.upload_ended)
         try:
-            message, content = await _read_head(protocol)
+            message, content = await protocol.read()
+            if message.code < 200:
+                message, content = await _final_head(protocol, message, content)
+            protocol.answered = True
         except BaseException:
             await _stop(task)  # stopped before the body could be read again, or not at all
             raise
@@ -438,13 +445,14 @@ def keep_alive_s(value: str) -> float:
     return IDLE_S
 
 
-async def _read_head(protocol: UpstreamProtocol) -> tuple[RawResponseMessage, StreamReader]:
-    message, content = await protocol.read()
-    while 100 <= message.code < 200 and message.code != 101:  # interim answers are not relayed
+async def _final_head(
+    protocol: UpstreamProtocol, message: RawResponseMessage, content: StreamReader
+) -> tuple[RawResponseMessage, StreamReader]:
+    """Past the interim answers (1xx, which are not relayed) to the final response head."""
+    while 100 <= message.code < 200 and message.code != 101:
         if protocol.sent:
             protocol.start_timeout()  # aiohttp drops the read timer at each interim answer
         message, content = await protocol.read()
-    protocol.answered = True
     return message, content
 
 

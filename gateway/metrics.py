@@ -31,7 +31,7 @@ from prometheus_client.utils import floatToGoString
 
 from gateway import __version__
 from gateway.errors import UPSTREAM_FAILURES, Code
-from gateway.exchange import TUNNEL_ROUTE, Exchange
+from gateway.exchange import NO_ROUTE, TUNNEL_ROUTE, Exchange
 from gateway.policy.credentials import FINGERPRINT_HEX
 from gateway.topk import TopK
 
@@ -220,7 +220,9 @@ class Metrics:
     def count(self, exchange: Exchange) -> None:
         """Count one finished request: its route and status, its error code, its bytes and upstream time."""
         counts = self.counts
-        route = exchange.metric_route
+        # The route label: a configured route name, `forward_proxy`, `tunnel`, or `none` (refused before
+        # a route was known).
+        route = TUNNEL_ROUTE if exchange.method == "CONNECT" else exchange.route or NO_ROUTE
         counts.requests[route, exchange.status] += 1
         if exchange.upstream_status is not None:
             counts.last_upstream[route] = exchange.upstream_status

@@ -74,7 +74,10 @@ class UpstreamPool:
             self._held[client] = remaining
         else:
             del self._held[client]
-        self._hand_on()
+        if self._waiters:
+            self._hand_on()
+        else:
+            self._free += 1
 
     def _hand_on(self) -> None:
         """A slot came free: to the first request still waiting, else back to the free count."""

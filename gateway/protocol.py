@@ -61,10 +61,9 @@ class GatewayProtocol(ServerProtocol):
         super().connection_lost(exc)
 
     def data_received(self, data: bytes) -> None:
-        parsed = self.heads_parsed
-        super().data_received(data)
-        if self.heads_parsed != parsed:
-            self._disarm()  # a whole head arrived (or a parse error, answered by the handler)
+        if self.head_in(data):
+            if self._head_deadline is not None:
+                self._disarm()  # a whole head arrived (or a parse error, answered by the handler)
         elif self._head_deadline is None and self.between_requests:
             self._arm()  # the first bytes of the next request on a kept-alive connection
 

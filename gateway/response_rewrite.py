@@ -17,7 +17,7 @@ from gateway.config.model import DEFAULT_BODY_PATHS
 from gateway.exchange import Exchange
 from gateway.policy.codec import Codec, open_codec, parse_content_encoding
 from gateway.policy.external_url import ExternalUrl
-from gateway.policy.paths import PathGlobs, normalize_path
+from gateway.policy.paths import PathGlobs
 from gateway.policy.urlrewrite import (
     BodyRewriter,
     RewriteAbandoned,
@@ -141,7 +141,7 @@ class ResponseRewrite:
         target = exchange.target
         if target is None:
             return None
-        path = normalize_path(target.route.relative_path(target.url))
+        path = target.path
         return path if path is not None and self._body_paths.matches(path) else None
 
     def body(

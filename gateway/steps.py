@@ -11,7 +11,7 @@ runner); a step without one (size bounds, malformed requests, proxy auth, relay 
 from __future__ import annotations
 
 from collections.abc import Awaitable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Protocol
 
 from yarl import URL
@@ -45,10 +45,10 @@ class Decision:
     error: GatewayError | None = None
     location: str | None = None
     facts: tuple[Fact, ...] = ()
+    final: bool = field(init=False, repr=False, compare=False)  # it ends the chain: a field, read per step
 
-    @property
-    def final(self) -> bool:
-        return self.error is not None or self.location is not None
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "final", self.error is not None or self.location is not None)
 
 
 class Step(Protocol):
@@ -129,11 +129,13 @@ class HostHeader:
         headers = exchange.headers
         getall = getattr(headers, "getall", None)
         hosts = getall("Host", []) if getall is not None else [h for h in (headers.get("Host"),) if h]
-        if len(hosts) > 1 or not all(valid_host(host) for host in hosts):
+        if len(hosts) > 1 or (hosts and not valid_host(hosts[0])):
             return self._BAD
         forwarded = headers.get("X-Forwarded-Host")
-        if forwarded is not None and not all(valid_host(h.strip()) for h in forwarded.split(",")):
-            return self._BAD
+        if forwarded is not None:
+            for host in forwarded.split(","):
+                if not valid_host(host.strip()):
+                    return self._BAD
         return None
 
 
@@ -209,7 +211,7 @@ class Router:
             route = self._routes.match(path.partition("#")[0])
             if route is None:
                 return self._none
-            target = Target(route, route.url_for(path.partition("#")[0], query.partition("#")[0]))
+            target = Target.of(route, route.url_for(path.partition("#")[0], query.partition("#")[0]))
             if len(raw) <= SEEN_TARGET_CHARS:
                 if len(self._seen) >= SEEN_TARGETS:
                     self._seen.clear()  # bounded: endless new paths only lose the shortcut
@@ -241,7 +243,8 @@ class Router:
         exchange.route = route.name
         exchange.upstream_host = host
         target = RouteTarget(route.name, "/", url.scheme, host, url.port, route.base_path)  # the URI as sent
-        exchange.target = Target(target, target.url_for(path[len(route.base_path) :], url.raw_query_string))
+        sent = target.url_for(path[len(route.base_path) :], url.raw_query_string)
+        exchange.target = Target.of(target, sent)
         return self._found.get(route.name) or Decision(FORWARD_PROXY_ROUTE)
 
     def _relayed(self, exchange: Exchange, token: str) -> Decision:
@@ -255,7 +258,7 @@ class Router:
         route = RouteTarget(grant.route, "/", url.scheme, url.raw_host, url.port, "")
         exchange.route, exchange.upstream_host, exchange.relay = grant.route, url.raw_host, True
         exchange.token_digest = grant.token_digest
-        exchange.target = Target(route, url)
+        exchange.target = Target.of(route, url)
         return Decision("relay")
 
     def _route_of(self, scheme: str, host: str, port: int, path: str) -> RouteTarget | None:
@@ -306,7 +309,7 @@ class ForwardProxyMode:
         self._ports = frozenset(http_ports)
 
     def decide(self, exchange: Exchange) -> Decision | None:
-        if not is_proxied(exchange):
+        if exchange.raw_target.startswith("/"):  # `is_proxied`, inline: every request asks
             return None
         if not self._enabled:
             return Decision("disabled", PROXY_DISABLED)
@@ -406,16 +409,17 @@ class DeniedPaths:
     def __init__(self, global_list: PathDenyList, per_route: dict[str, PathDenyList]) -> None:
         self._global = global_list
         self._routes = per_route
+        self._any = bool(global_list) or any(per_route.values())  # none: every request passes at once
 
     def decide(self, exchange: Exchange) -> Decision | None:
         assert exchange.target is not None and exchange.route is not None
-        if exchange.relay:
-            return None  # an object store's path, not the gateway's to judge
+        if exchange.relay or not self._any:
+            return None  # an object store's path is not the gateway's to judge
         route_list = self._routes.get(exchange.route)
         if not self._global and not route_list:
             return None
-        path = exchange.target.route.relative_path(exchange.target.url)
-        error = self._global.check(path) or (route_list.check(path) if route_list else None)
+        path = exchange.target.path
+        error = self._global.judge(path) or (route_list.judge(path) if route_list else None)
         return ALLOW if error is None else Decision("deny", error)
 
 

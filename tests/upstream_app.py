@@ -46,6 +46,8 @@ def make_app(recorder: Recorder, canary_url: str = "http://127.0.0.1:9/") -> web
             return await _download(request, int(path.rsplit("/", 1)[1]))
         if path == "/sse":
             return await _sse(request, recorder)
+        if path == "/drip":
+            return await _drip(request)
         if path == "/redirect":
             raise web.HTTPFound(canary_url)
         if path == "/gzip":
@@ -125,6 +127,21 @@ async def _download(request: web.Request, size: int) -> web.StreamResponse:
         part = block[: min(len(block), size - sent)]
         await response.write(part)
         sent += len(part)
+    await response.write_eof()
+    return response
+
+
+DRIP = 30  # bytes of /drip, one every DRIP_EVERY_S: 1.5 s in all, never silent for longer than that step
+DRIP_EVERY_S = 0.05
+
+
+async def _drip(request: web.Request) -> web.StreamResponse:
+    response = web.StreamResponse(headers={"Content-Type": "application/octet-stream"})
+    response.content_length = DRIP
+    await response.prepare(request)
+    for _ in range(DRIP):
+        await asyncio.sleep(DRIP_EVERY_S)
+        await response.write(b"x")
     await response.write_eof()
     return response
 

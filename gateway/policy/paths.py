@@ -99,9 +99,12 @@ class PathDenyList(PathGlobs):
 
     def check(self, raw_path: str) -> GatewayError | None:
         """None when the path may pass; `path_denied`, or `bad_path` for a path above the root."""
+        return self.judge(normalize_path(raw_path)) if self._regex is not None else None
+
+    def judge(self, path: str | None) -> GatewayError | None:
+        """`check` on a path normalized already (None: it climbs above the root)."""
         if self._regex is None:
             return None
-        path = normalize_path(raw_path)
         if path is None:
             return BAD_PATH
         if self._regex.match(path):

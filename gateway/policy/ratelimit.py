@@ -16,6 +16,7 @@ import math
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any, Literal, NamedTuple
 
 from limits import RateLimitItemPerSecond
@@ -79,6 +80,13 @@ class RateDecision(NamedTuple):
     headers: tuple[tuple[str, str], ...] = ()
     error: GatewayError | None = None
     wait_s: float = 0.0  # for a refusal: until the oldest counted request leaves the window
+
+
+# A RateDecision built in C (tuple.__new__), not through the named tuple's Python `__new__`.
+_Fields = tuple[tuple[str, str], ...]
+_decided: Callable[[tuple[bool, str, _Fields, GatewayError | None, float]], RateDecision] = partial(
+    tuple.__new__, RateDecision
+)
 
 
 class RatePeek(NamedTuple):
@@ -215,6 +223,8 @@ class RateLimiter:
         self._timeout = settings.storage_timeout_ms / 1000
         self._store = storage or RateStore(settings.storage, clock, settings.storage_options, observer)
         self._owns_storage = True
+        windows = self._store.windows
+        self._memory = windows if isinstance(windows, MemoryWindows) else None  # no I/O, no timeout
         strategy = _STRATEGIES.get(settings.strategy)  # None: the moving window, on our own stores
         self._strategy = strategy(self._store.limits) if strategy is not None else None
         self._default = self._compile(settings.default)
@@ -299,14 +309,26 @@ class RateLimiter:
         return not any(limit is not None and limit.spec.on_limit == "delay" for limit in limits)
 
     def decide_now(self, route: str, digest: str | None, client_ip: str) -> RateDecision:
-        """`decide`, for a limiter that is `immediate`."""
+        """`decide`, for a limiter that is `immediate`: written out for the request path (no coroutine,
+        and an allowed request builds only its two response fields)."""
         limit = self._routes.get(route, self._default)
         if limit is None:
             return OFF
-        key = rate_key(digest, client_ip, self.settings.anonymous)
-        if isinstance(key, GatewayError):
-            return ANONYMOUS_DENIED
-        return self._count_in_memory(limit, route, key)
+        if digest is not None:
+            key = "tok:" + digest
+        else:
+            anonymous = rate_key(None, client_ip, self.settings.anonymous)
+            if isinstance(anonymous, GatewayError):
+                return ANONYMOUS_DENIED
+            key = anonymous
+        memory = self._memory
+        assert memory is not None  # `immediate`
+        hit = memory.hit_now(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
+        if not hit[0]:
+            return self._decision(limit, *hit)
+        seconds = max(0, math.ceil(hit[2] - self._clock()))
+        field = ("RateLimit", f'"{POLICY_NAME}";r={hit[1]};t={seconds}')
+        return _decided((True, "allow", (limit.policy_field, field), None, 0.0))
 
     def _count_in_memory(self, limit: _Limit, route: str, key: str) -> RateDecision:
         windows = self._store.windows

@@ -7,7 +7,7 @@ is byte-for-byte what the client sent after the prefix.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from yarl import URL
 
@@ -23,6 +23,12 @@ class RouteTarget:
     port: int
     base_path: str
     advertise: bool = False
+    host_header: str = field(init=False, repr=False, compare=False)  # the Host upstream: asked per request
+
+    def __post_init__(self) -> None:
+        default = 443 if self.scheme == "https" else 80
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        object.__setattr__(self, "host_header", host if self.port == default else f"{host}:{self.port}")
 
     @classmethod
     def from_url(cls, name: str, prefix: str, upstream: str, advertise: bool = False) -> RouteTarget:
@@ -37,12 +43,6 @@ class RouteTarget:
             base_path=url.raw_path.rstrip("/"),
             advertise=advertise,
         )
-
-    @property
-    def host_header(self) -> str:
-        default = 443 if self.scheme == "https" else 80
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return host if self.port == default else f"{host}:{self.port}"
 
     def url_for(self, raw_path: str, raw_query: str) -> URL:
         """The upstream URL for a raw request path; `encoded=True` keeps `//x` a path, never a host."""

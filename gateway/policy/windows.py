@@ -32,6 +32,10 @@ class WindowHit(NamedTuple):
     reset: float  # unix seconds
 
 
+# A WindowHit built in C (tuple.__new__), not through the named tuple's Python `__new__`: one per decision.
+_hit: Callable[[tuple[bool, int, float]], WindowHit] = partial(tuple.__new__, WindowHit)
+
+
 class MemoryWindows:
     """Moving windows in this process: exact, O(1) amortized, bounded to the keys active in a window."""
 
@@ -62,7 +66,7 @@ class MemoryWindows:
         if self._decisions % SWEEP_EVERY == 0:
             self._sweep(now)
         reset = times[0] + window if times else now + window
-        return WindowHit(allowed, limit - len(times), reset)
+        return _hit((allowed, limit - len(times), reset))
 
     async def peek(self, key: str, limit: int, window: float) -> WindowHit:
         """What `hit_now` would decide, counting nothing and changing nothing (`bt-gateway explain`);

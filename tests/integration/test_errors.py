@@ -9,6 +9,7 @@ import aiohttp
 
 from tests.clients import assert_error, free_port, reply_of, send_raw
 from tests.conftest import GatewayFactory, Logs, Upstream, route_to
+from tests.upstream_app import DRIP
 
 
 async def test_connection_refused_is_502_and_the_log_says_why(
@@ -63,6 +64,19 @@ async def test_read_timeout_is_504_and_the_log_says_why(
         reply = await reply_of(resp)
     assert_error(reply, 504, "upstream_timeout")
     assert (await logs.access("/hang"))["reason"] == "read_timeout"
+
+
+async def test_the_read_timeout_bounds_silence_not_a_slow_answer(
+    start_gateway: GatewayFactory, upstream: Upstream, logs: Logs
+) -> None:
+    """A byte every 0.05 s for three times the timeout: each read moves the deadline (the timer, firing
+    at the first one, waits out the rest), so the answer arrives whole."""
+    gw = await start_gateway(**route_to(upstream), upstream={"read_timeout_s": 0.5})
+    async with aiohttp.ClientSession() as client, client.get(gw.url + "/drip") as resp:
+        assert resp.status == 200
+        assert await resp.read() == b"x" * DRIP
+    event = await logs.access("/drip")
+    assert (event["status"], event["error_code"], event["bytes_out"]) == (200, None, DRIP)
 
 
 async def test_declared_body_over_limit_is_413_and_not_forwarded(
