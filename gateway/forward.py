@@ -216,8 +216,11 @@ class Forwarder:
             scheme=exchange.scheme,
             request_id=exchange.request_id,
         )
-        if self.audit is not None:
-            headers += self.audit.upstream_headers()
+        if self.audit is not None:  # ours replace whatever the client sent under those names
+            ours = self.audit.upstream_headers()
+            names = {name.lower() for name, _ in ours}
+            headers = [field for field in headers if field[0].lower() not in names]
+            headers += ours
         return headers
 
     async def _relay(

@@ -77,6 +77,27 @@ async def test_clients_see_audit_headers_only_as_configured(
     assert ("x-bt-audit-user-id" in headers) is shown
 
 
+@pytest.mark.parametrize("sent", ["false", "true"])
+async def test_the_upstream_is_asked_for_audit_headers_once_whatever_the_client_sent(
+    tmp_path: Path, upstream: Upstream, sent: str
+) -> None:
+    """The gateway's own `x-bt-enable-audit: true` replaces the client's field: a client's `false` cannot
+    switch the audit off, nor a `true` arrive twice."""
+    sink = tmp_path / "audit.jsonl"
+    gw = GatewayProcess(audit_config(upstream, sink), tmp_path)
+    try:
+        status, _ = await fetch(gw, "/v1/project/p-1", **{"X-Bt-Enable-Audit": sent})
+    finally:
+        assert gw.stop() == 0
+    assert status == 200
+    asked = [
+        value for name, value in upstream.recorder.requests[0].headers if name.lower() == "x-bt-enable-audit"
+    ]
+    assert asked == ["true"]
+    [event] = events(sink)
+    assert event["user_id"] == "u-1"
+
+
 @pytest.mark.parametrize("path", sorted(BAD_AUDIT))
 async def test_malformed_audit_headers_are_recorded_and_harm_nothing(
     tmp_path: Path, upstream: Upstream, path: str
