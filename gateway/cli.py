@@ -20,7 +20,7 @@ from typing import Any
 
 import yaml
 
-from gateway import __version__, hangup
+from gateway import __version__, hangup, open_files
 from gateway.config.load import DEFAULT_PATHS, DEFAULTS, ConfigError, LoadedConfig, config_path, load_config
 from gateway.config.overrides import Override, flag
 from gateway.config.redact import redacted
@@ -383,6 +383,20 @@ async def _serve(
     from gateway.server import Gateway
 
     log = get_logger("gateway.cli")
+    limits = loaded.config.limits
+    want = open_files.needed(limits)
+    if (have := open_files.raise_soft_limit(want)) < want:
+        log.warning(
+            "open_files_limit",
+            limit=have,
+            needed=want,
+            detail=(
+                f"the system caps open files at {have}, below the {want} that max_client_connections "
+                f"({limits.max_client_connections}) and max_connections ({limits.max_connections}) can "
+                "use: connections past it fail (EMFILE) instead of a 503; raise the hard limit "
+                "(ulimit -Hn, systemd LimitNOFILE=, docker/podman --ulimit nofile=) or lower the bounds"
+            ),
+        )
     loop = asyncio.get_running_loop()
     source = lambda: load_config(loaded.path, os.environ, flags)  # noqa: E731
     gateway = Gateway(loaded.config, source=source, worker=worker_index() or 0)

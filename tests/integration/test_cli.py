@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import resource
 import subprocess
 import sys
 from pathlib import Path
@@ -257,3 +258,27 @@ def test_serve_refuses_an_aiohttp_without_the_internals_it_uses(tmp_path: Path) 
         in output
     )
     assert "Traceback" not in output
+
+
+NEEDED_FILES = 2 * 4096 + 1024 + 256  # the default bounds: clients, an upstream each, the pool, spare
+
+
+@pytest.mark.parametrize("enough", [True, False])
+def test_serve_raises_its_open_file_limit_to_what_its_connection_bounds_need(
+    tmp_path: Path, enough: bool
+) -> None:
+    """Started under systemd's 1,024 soft limit, the gateway raises it (up to the hard limit) so accept()
+    cannot fail with EMFILE before `max_client_connections` answers 503; a hard limit too low is said."""
+    ours = resource.getrlimit(resource.RLIMIT_NOFILE)[1]  # a hard limit can be lowered, not raised
+    assert ours >= NEEDED_FILES, f"this test needs a hard open-file limit of {NEEDED_FILES}, not {ours}"
+    hard, soft, warned = (min(ours, 2 * NEEDED_FILES), NEEDED_FILES, False) if enough else (4096, 4096, True)
+    prlimit = ["prlimit", f"--nofile=1024:{hard}", "--"]  # execs the gateway: the pid stays its own
+    gw = GatewayProcess({}, tmp_path, prefix=prlimit)
+    try:
+        limits = Path(f"/proc/{gw.proc.pid}/limits").read_text().splitlines()
+        [line] = [line for line in limits if line.startswith("Max open files")]
+        assert line.split()[3:5] == [str(soft), str(hard)]
+        said = gw.events("open_files_limit")
+        assert [(e["limit"], e["needed"]) for e in said] == ([(hard, NEEDED_FILES)] if warned else [])
+    finally:
+        assert gw.stop() == 0
