@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import gzip
 import json
+import operator
 import os
 import shutil
 import sys
@@ -19,6 +20,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from datetime import UTC, datetime
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -154,7 +156,7 @@ def proxy_figures(tmp: Path) -> list[Row]:
         if name.startswith("bt-gateway"):  # issue 23: judged against the stack's ceiling, not nginx
             rows.append(ratio_row("   ratio to nginx reverse proxy", rps, nginx))
             floor = BARE_TARGETS.get(name)
-            target, ok = (f">= {floor:.2f}x", lambda x, f=floor: x >= f) if floor else ("", None)
+            target, ok = (f">= {floor:.2f}x", partial(operator.le, floor)) if floor else ("", None)
             rows.append(ratio_row("   ratio to the bare aiohttp proxy", rps, bare, target, ok))
     if workers not in names:
         rows.append(Row(f"1. req/s, {workers}", WORKERS_NA))

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from gateway.config.model import GatewayConfig
 from gateway.config.overrides import KeyPath
 from gateway.policy.addresses import is_loopback
+from gateway.policy.admin_access import state_changes_open
 
 
 @dataclass(frozen=True, slots=True)
@@ -29,7 +30,7 @@ def exposure_notices(config: GatewayConfig) -> list[Notice]:
     """A forward proxy anyone can use, an admin listener whose POST /reload is shut for want of a token."""
     notices = []
     admin, listen, proxy = config.admin, config.listen, config.forward_proxy
-    if admin.token is None and not is_loopback(admin.host):
+    if not state_changes_open(admin.token, admin.host):
         notices.append(
             Notice(
                 "admin_reload_disabled",

@@ -42,11 +42,12 @@ CHUNK = 2**16
 WHOLE_REWRITE = 2**14
 BODY_TOO_LARGE = GatewayError(Code.BODY_TOO_LARGE, "request body is over the limit")
 BODY_TIMEOUT = GatewayError(Code.REQUEST_TIMEOUT, "the request body stopped arriving")
+_TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"  # RFC 9110
 # RFC 9110 field-names, one per line; values: visible bytes, spaces, tabs (no CR, LF, NUL), one per line
-_NAMES = re.compile(rb"(?:[!#$%&'*+\-.^_`|~0-9A-Za-z]+\n)*")
+_NAMES = re.compile(rb"(?:[" + re.escape(_TCHAR) + rb"]+\n)*")
 _VALUES = re.compile(rb"[\t\n\x20-\x7e\x80-\xff]*")
 _NAME, _VALUE = itemgetter(0), itemgetter(1)
-_TOKEN_OR_NL = b"\n!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+_TOKEN_OR_NL = b"\n" + _TCHAR
 _VISIBLE_ASCII_OR_NL = b"\t\n" + bytes(range(0x20, 0x7F))
 log = get_logger("gateway.forward")
 Upstream = aiohttp.ClientResponse | UpstreamResponse

@@ -26,9 +26,17 @@ HOP_BY_HOP = frozenset(
     )
 )
 VIA = "1.1 bt-gateway"
-_APPENDED = frozenset(("x-forwarded-for", "x-forwarded-proto", "x-forwarded-host", "via"))  # folded, last
+# The fields a hop appends its own value to (lowercase -> as sent): the sender's values come first, folded.
+_FOLDED = {
+    "x-forwarded-for": "X-Forwarded-For",
+    "x-forwarded-proto": "X-Forwarded-Proto",
+    "x-forwarded-host": "X-Forwarded-Host",
+    "via": "Via",
+}
+_APPENDED = frozenset(_FOLDED)
 _REQUEST_DROP = HOP_BY_HOP | _APPENDED | {"host", "expect", "x-request-id"}
-_RESPONSE_DROP = HOP_BY_HOP | {"via", "x-request-id"}  # our request id replaces the upstream's
+_VIA = frozenset(("via",))  # the one a response's hop appends to
+_RESPONSE_DROP = HOP_BY_HOP | _VIA | {"x-request-id"}  # our request id replaces the upstream's
 
 # What a signed upload or download needs: the body's description, ranges and preconditions.
 TRANSFER = frozenset(
@@ -58,14 +66,8 @@ STORE_PREFIXES = ("x-amz-", "x-goog-", "x-ms-")  # S3, GCS, Azure: headers a sig
 
 Headers = CIMultiDictProxy[str] | CIMultiDict[str]
 Fields = list[tuple[str, str]]
+Carried = dict[str, list[str]]  # lowercase name -> the sender's values, in order
 _NONE_NAMED: frozenset[str] = frozenset()
-# The lowercase names `upstream_request_headers` folds our values into, and the field it appends them as.
-_FOLDED = {
-    "x-forwarded-for": "X-Forwarded-For",
-    "x-forwarded-proto": "X-Forwarded-Proto",
-    "x-forwarded-host": "X-Forwarded-Host",
-    "via": "Via",
-}
 
 
 # `Connection` as nearly every message spells it, looked up rather than parsed.
@@ -85,6 +87,23 @@ def _connection_named(headers: Headers) -> frozenset[str]:
     return frozenset(token.strip().lower() for value in connection for token in value.split(","))
 
 
+def _end_to_end(headers: Headers, drop: frozenset[str], folded: frozenset[str]) -> tuple[Fields, Carried]:
+    """One pass over a message's fields: those that travel to the next hop (not hop-by-hop, not named in
+    Connection, not in `drop`), and, in order, the values of the `folded` ones this hop appends to."""
+    named = _connection_named(headers) if "Connection" in headers else _NONE_NAMED
+    fields: Fields = []
+    carried: Carried = {}
+    for name, value in headers.items():
+        lower = name.lower()
+        if lower in named:
+            continue
+        if lower not in drop:
+            fields.append((name, value))
+        elif lower in folded:
+            carried.setdefault(lower, []).append(value)
+    return fields, carried
+
+
 def upstream_request_headers(
     headers: CIMultiDictProxy[str],
     *,
@@ -94,32 +113,8 @@ def upstream_request_headers(
     scheme: str,
     request_id: str,
 ) -> Fields:
-    """Headers to send upstream: end-to-end ones, upstream's Host, appended X-Forwarded-* and Via.
-
-    One pass over the client's fields (this runs on every request): what is dropped is dropped, what we
-    append to is collected, in order, for folding.
-    """
-    named = _connection_named(headers) if "Connection" in headers else _NONE_NAMED
-    fields: Fields = []
-    carried: dict[str, list[str]] = {}
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in named:
-            continue
-        if lower not in _REQUEST_DROP:
-            fields.append((name, value))
-        elif lower in _FOLDED:
-            carried.setdefault(lower, []).append(value)
-    if not carried:  # most requests: nothing to fold
-        fields += (
-            ("Host", host_header),
-            ("X-Forwarded-For", client_ip),
-            ("X-Forwarded-Proto", scheme),
-        )
-        if client_host:
-            fields.append(("X-Forwarded-Host", client_host))
-        fields += (("Via", VIA), ("X-Request-Id", request_id))
-        return fields
+    """Headers to send upstream: end-to-end ones, upstream's Host, appended X-Forwarded-* and Via."""
+    fields, carried = _end_to_end(headers, _REQUEST_DROP, _APPENDED)
     fields += (
         ("Host", host_header),
         _folded(carried, "x-forwarded-for", client_ip),
@@ -147,23 +142,12 @@ def relay_request_headers(headers: CIMultiDictProxy[str], *, host_header: str, r
 
 def downstream_response_headers(headers: CIMultiDictProxy[str], request_id: str) -> Fields:
     """Headers to send the client: end-to-end ones from upstream, plus Via and our request id."""
-    named = _connection_named(headers) if "Connection" in headers else _NONE_NAMED
-    fields: Fields = []
-    vias: list[str] = []
-    for name, value in headers.items():
-        lower = name.lower()
-        if lower in named:
-            continue
-        if lower not in _RESPONSE_DROP:
-            fields.append((name, value))
-        elif lower == "via":
-            vias.append(value)
-    vias.append(VIA)
-    fields += (("Via", ", ".join(vias)), ("X-Request-Id", request_id))
+    fields, carried = _end_to_end(headers, _RESPONSE_DROP, _VIA)
+    fields += (_folded(carried, "via", VIA), ("X-Request-Id", request_id))
     return fields
 
 
-def _folded(carried: dict[str, list[str]], lower: str, value: str) -> tuple[str, str]:
+def _folded(carried: Carried, lower: str, value: str) -> tuple[str, str]:
     """`value` appended to a comma list header, repeated fields folded into one (RFC 9110 5.3)."""
     existing = carried.get(lower)
     return (_FOLDED[lower], ", ".join((*existing, value)) if existing else value)

@@ -24,8 +24,9 @@ def needed(limits: Limits) -> int:
 def raise_soft_limit(want: int) -> int:
     """The soft RLIMIT_NOFILE raised to `want` where the hard limit allows (never lowered); the limit now."""
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= want:
-        return want if soft == resource.RLIM_INFINITY else soft
-    target = want if hard == resource.RLIM_INFINITY else min(want, hard)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
-    return target
+    if soft == resource.RLIM_INFINITY:  # (-1 on Linux: no figure to compare)
+        return want
+    if soft < want:
+        soft = want if hard == resource.RLIM_INFINITY else min(want, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    return soft

@@ -74,10 +74,7 @@ class UpstreamPool:
             self._held[client] = remaining
         else:
             del self._held[client]
-        if self._waiters:
-            self._hand_on()
-        else:
-            self._free += 1
+        self._hand_on()
 
     def _hand_on(self) -> None:
         """A slot came free: to the first request still waiting, else back to the free count."""

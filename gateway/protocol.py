@@ -62,8 +62,7 @@ class GatewayProtocol(ServerProtocol):
 
     def data_received(self, data: bytes) -> None:
         if self.head_in(data):
-            if self._head_deadline is not None:
-                self._disarm()  # a whole head arrived (or a parse error, answered by the handler)
+            self._disarm()  # a whole head arrived (or a parse error, answered by the handler)
         elif self._head_deadline is None and self.between_requests:
             self._arm()  # the first bytes of the next request on a kept-alive connection
 

@@ -309,7 +309,7 @@ class ForwardProxyMode:
         self._ports = frozenset(http_ports)
 
     def decide(self, exchange: Exchange) -> Decision | None:
-        if exchange.raw_target.startswith("/"):  # `is_proxied`, inline: every request asks
+        if not is_proxied(exchange):
             return None
         if not self._enabled:
             return Decision("disabled", PROXY_DISABLED)

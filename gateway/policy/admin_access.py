@@ -91,6 +91,12 @@ def bearer_matches(authorization: str | None, token: str) -> bool:
     return hmac.compare_digest(token_digest(given), token_digest(token))
 
 
+def state_changes_open(token: str | None, host: str) -> bool:
+    """Without a token, state-changing endpoints are served only where only this host can ask (what
+    `AdminAccess.check` enforces, and the start-up warning says)."""
+    return token is not None or is_loopback(host)
+
+
 @dataclass(frozen=True, slots=True)
 class AdminAccess:
     """The admin listener's rules for one config: built at start and at each reload."""
@@ -108,11 +114,6 @@ class AdminAccess:
         if host not in WILDCARDS and not is_ip_literal(host):
             names.add(host.lower().rstrip("."))
         return cls(token=token, loopback=is_loopback(host), own_names=frozenset(names))
-
-    @property
-    def state_changes_open(self) -> bool:
-        """Without a token, state-changing endpoints are served only where only this host can ask."""
-        return self.token is not None or self.loopback
 
     def check(self, method: str, path: str, headers: Mapping[str, str]) -> GatewayError | None:
         """None to serve the request, else the refusal. Host first: a rebinding page learns nothing."""

@@ -37,7 +37,7 @@ def digest_of(authorization: str | None) -> str | None:
     """The sha256 of the request's token, or None without one: computed once per request (and never
     cached, so no raw token outlives its request in memory)."""
     token = bearer_token(authorization)
-    return None if token is None else hashlib.sha256(token.encode("utf-8", "surrogateescape")).hexdigest()
+    return None if token is None else token_digest(token)
 
 
 def fingerprint(token: str | None) -> str | None:

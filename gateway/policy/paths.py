@@ -97,12 +97,9 @@ class PathDenyList(PathGlobs):
 
     __slots__ = ()
 
-    def check(self, raw_path: str) -> GatewayError | None:
-        """None when the path may pass; `path_denied`, or `bad_path` for a path above the root."""
-        return self.judge(normalize_path(raw_path)) if self._regex is not None else None
-
     def judge(self, path: str | None) -> GatewayError | None:
-        """`check` on a path normalized already (None: it climbs above the root)."""
+        """None when the path may pass; `path_denied`, or `bad_path` for a path above the root. `path` is
+        normalized already (`normalize_path`; None: it climbs above the root)."""
         if self._regex is None:
             return None
         if path is None:

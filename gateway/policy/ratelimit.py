@@ -223,8 +223,6 @@ class RateLimiter:
         self._timeout = settings.storage_timeout_ms / 1000
         self._store = storage or RateStore(settings.storage, clock, settings.storage_options, observer)
         self._owns_storage = True
-        windows = self._store.windows
-        self._memory = windows if isinstance(windows, MemoryWindows) else None  # no I/O, no timeout
         strategy = _STRATEGIES.get(settings.strategy)  # None: the moving window, on our own stores
         self._strategy = strategy(self._store.limits) if strategy is not None else None
         self._default = self._compile(settings.default)
@@ -309,26 +307,14 @@ class RateLimiter:
         return not any(limit is not None and limit.spec.on_limit == "delay" for limit in limits)
 
     def decide_now(self, route: str, digest: str | None, client_ip: str) -> RateDecision:
-        """`decide`, for a limiter that is `immediate`: written out for the request path (no coroutine,
-        and an allowed request builds only its two response fields)."""
+        """`decide`, for a limiter that is `immediate`."""
         limit = self._routes.get(route, self._default)
         if limit is None:
             return OFF
-        if digest is not None:
-            key = "tok:" + digest
-        else:
-            anonymous = rate_key(None, client_ip, self.settings.anonymous)
-            if isinstance(anonymous, GatewayError):
-                return ANONYMOUS_DENIED
-            key = anonymous
-        memory = self._memory
-        assert memory is not None  # `immediate`
-        hit = memory.hit_now(f"{route}/{limit.scope}{key}", limit.amount, limit.window_s)
-        if not hit[0]:
-            return self._decision(limit, *hit)
-        seconds = max(0, math.ceil(hit[2] - self._clock()))
-        field = ("RateLimit", f'"{POLICY_NAME}";r={hit[1]};t={seconds}')
-        return _decided((True, "allow", (limit.policy_field, field), None, 0.0))
+        key = rate_key(digest, client_ip, self.settings.anonymous)
+        if isinstance(key, GatewayError):
+            return ANONYMOUS_DENIED
+        return self._count_in_memory(limit, route, key)
 
     def _count_in_memory(self, limit: _Limit, route: str, key: str) -> RateDecision:
         windows = self._store.windows
@@ -388,8 +374,8 @@ class RateLimiter:
     def _decision(self, limit: _Limit, allowed: bool, remaining: int, reset: float) -> RateDecision:
         seconds = max(0, math.ceil(reset - self._clock()))
         headers = (limit.policy_field, ("RateLimit", f'"{POLICY_NAME}";r={max(0, remaining)};t={seconds}'))
-        if allowed:
-            return RateDecision(allowed=True, outcome="allow", headers=headers)
+        if allowed:  # most requests: built in C
+            return _decided((True, "allow", headers, None, 0.0))
         retry = max(1, seconds)
         error = GatewayError(
             Code.RATE_LIMITED,
