@@ -19,6 +19,7 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from multidict import CIMultiDict
 
+from gateway import direct_response
 from gateway.aiohttp_internals import RelayedResponse, defer_head
 from gateway.audit import Audit
 from gateway.errors import Code, GatewayError, GatewayFailure, Reason
@@ -227,34 +228,30 @@ class Forwarder:
     async def _relay(
         self, request: web.BaseRequest, exchange: Exchange, upstream: Upstream, host: str
     ) -> web.StreamResponse:
-        response = RelayedResponse(
-            status=upstream.status,
-            reason=upstream.reason,
-            headers=downstream_response_headers(upstream.headers, exchange.request_id),
-        )
-        headers = response.headers
+        headers = CIMultiDict(downstream_response_headers(upstream.headers, exchange.request_id))
         if self.audit is not None:
             self.audit.capture(exchange, upstream.headers, headers)
         body = self._rewriter(request, exchange, upstream, headers)
         headers.extend(exchange.response_headers)  # ours appended; upstream's RateLimit kept
         exchange.status = exchange.upstream_status = upstream.status
+        content, length = upstream.content, upstream.content_length
         if body is None:
-            content = upstream.content
-            length = upstream.content_length
             if length is not None and content.is_eof():
                 # Small answers arrive whole with their head: head and body leave in one write.
-                return await _whole(request, response, exchange, content.read_nowait())
+                return await _whole(request, exchange, upstream, headers, content.read_nowait())
+            response = _streamed(upstream, headers)
             if length is not None:
                 # A body of known length: the head goes out with its first bytes, one write not two.
                 defer_head(response)
             elif not await _send(request, response, exchange, b""):
                 return response  # a stream (SSE, chunked): its head goes at once, clients see it
             return await _pass_through(request, response, exchange, upstream, host=host)
-        content, length = upstream.content, upstream.content_length
         if length is not None and length <= WHOLE_REWRITE and content.is_eof():
             data = content.read_nowait()
-            return await _rewrite_whole(request, response, exchange, upstream, body=body, data=data)
-        return await _rewrite_through(request, response, exchange, upstream, host=host, body=body)
+            return await _rewrite_whole(request, exchange, upstream, headers, body=body, data=data)
+        return await _rewrite_through(
+            request, _streamed(upstream, headers), exchange, upstream, host=host, body=body
+        )
 
     def _rewriter(
         self,
@@ -302,9 +299,9 @@ class Forwarder:
 
 async def _rewrite_whole(
     request: web.BaseRequest,
-    response: web.StreamResponse,
     exchange: Exchange,
     upstream: Upstream,
+    headers: CIMultiDict[str],
     *,
     body: BodyTransform,
     data: bytes,
@@ -317,12 +314,12 @@ async def _rewrite_whole(
         out = body.whole(data)
     except RewriteAbandoned as exc:
         _skipped(exchange, exc.reason)
-        _restore_framing(response, upstream)
-        return await _whole(request, response, exchange, data)
+        _restore_framing(headers, upstream)
+        return await _whole(request, exchange, upstream, headers, data)
     if body.skipped is not None:
         _skipped(exchange, body.skipped)
-    response.headers["Content-Length"] = str(len(out))
-    return await _whole(request, response, exchange, out)
+    headers["Content-Length"] = str(len(out))
+    return await _whole(request, exchange, upstream, headers, out)
 
 
 async def _rewrite_through(
@@ -354,7 +351,7 @@ async def _rewrite_through(
     except RewriteAbandoned as exc:
         _skipped(exchange, exc.reason)
         if not response.prepared:  # nothing sent: the original bytes go out as they came
-            _restore_framing(response, upstream)
+            _restore_framing(response.headers, upstream)
             if not await _send(request, response, exchange, b""):
                 return response
             return await _pass_through(request, response, exchange, upstream, host=host, held=held)
@@ -399,17 +396,30 @@ async def _pass_through(
     return await _finish(request, response, exchange)
 
 
+def _streamed(upstream: Upstream, headers: CIMultiDict[str]) -> web.StreamResponse:
+    return RelayedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
+
+
 async def _whole(
-    request: web.BaseRequest, response: web.StreamResponse, exchange: Exchange, data: bytes
+    request: web.BaseRequest,
+    exchange: Exchange,
+    upstream: Upstream,
+    headers: CIMultiDict[str],
+    data: bytes,
 ) -> web.StreamResponse:
     """A body already read to its end: sent with the head and the end of the response, in one write."""
-    defer_head(response)
     try:
-        await response.prepare(request)
-        await response.write_eof(data)
+        head = direct_response.head_bytes(request, upstream.status, upstream.reason, headers)
+        if head is not None:
+            response = await direct_response.send(request, head[0], data, head[1])
+        else:  # framing of aiohttp's own (no body by status or method)
+            response = _streamed(upstream, headers)
+            defer_head(response)
+            await response.prepare(request)
+            await response.write_eof(data)
     except ConnectionError:
         exchange.client_gone()
-        return response
+        return direct_response.CLOSED
     exchange.bytes_out += len(data)
     return response
 
@@ -425,12 +435,12 @@ async def _finish(
     return response
 
 
-def _restore_framing(response: web.StreamResponse, upstream: Upstream) -> None:
+def _restore_framing(headers: CIMultiDict[str], upstream: Upstream) -> None:
     """Undo what the rewriter changed in the head: the body is the upstream's own again."""
     for name in ("Content-Length", "ETag"):
         value = upstream.headers.get(name)
         if value is not None:
-            response.headers[name] = value
+            headers[name] = value
 
 
 def _skipped(exchange: Exchange, reason: str) -> None:

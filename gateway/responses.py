@@ -2,8 +2,8 @@
 
 aiohttp stamps `Server: Python/3.x aiohttp/3.x` (and a default `Content-Type`) on every response it
 prepares. Responses the gateway makes itself say `Server: bt-gateway`, with no version for a scanner to
-match; relayed responses (`aiohttp_internals.RelayedResponse`) carry exactly the `Server` and
-`Content-Type` the upstream sent, or none.
+match; relayed responses (`aiohttp_internals.RelayedResponse`, and `direct_response` for those that
+arrive whole) carry exactly the `Server` and `Content-Type` the upstream sent, or none.
 """
 
 from __future__ import annotations
