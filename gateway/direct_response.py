@@ -24,15 +24,8 @@ _COALESCE = 2048  # below this, head and body are joined into one buffer; above,
 
 class _Written(web.StreamResponse):
     """What the handler returns for a response already written: aiohttp's `prepare` and `write_eof` have
-    nothing left to do, and `keep_alive` says whether the connection stays open. Stateless, so shared."""
-
-    def __init__(self, keep_alive: bool) -> None:
-        super().__init__()
-        self._stays_open = keep_alive
-
-    @property
-    def keep_alive(self) -> bool:
-        return self._stays_open
+    nothing left to do, and `keep_alive` (a class attribute, read without a call) says whether the
+    connection stays open. Stateless, so one instance of each subclass serves every request."""
 
     async def prepare(self, request: web.BaseRequest) -> AbstractStreamWriter | None:
         return None
@@ -41,8 +34,16 @@ class _Written(web.StreamResponse):
         return None
 
 
-KEPT_OPEN = _Written(keep_alive=True)
-CLOSED = _Written(keep_alive=False)
+class _KeptOpen(_Written):
+    keep_alive = True
+
+
+class _Closed(_Written):
+    keep_alive = False
+
+
+KEPT_OPEN = _KeptOpen()
+CLOSED = _Closed()
 
 
 class _HttpDate:
@@ -75,7 +76,7 @@ def head_bytes(
     version = request.version
     keep_alive = request.keep_alive
     lines = [f"HTTP/{version.major}.{version.minor} {status} {reason}"]
-    lines += [f"{name}: {value}" for name, value in headers.items()]
+    lines += map(": ".join, headers.items())  # C calls only, no frame per field
     if "Date" not in headers:
         lines.append(f"Date: {_DATE.now()}")
     if "Connection" not in headers:
