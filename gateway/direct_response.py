@@ -6,7 +6,9 @@ the handler returns) is a dozen calls per request for one `transport.write`. Her
 the relayed fields and sent with the body; the handler returns a shared response that tells aiohttp
 nothing is left to send and whether the connection stays open. The framing rules are aiohttp's where it
 has any (a `Date` when the upstream sent none, `Connection` as the client's version and keep-alive need);
-bodiless answers (HEAD, 204, 304) and anything with CR or LF in its head are left to aiohttp.
+bodiless answers (HEAD, 204, 304) and a head with a line that is not all printable (CR, LF, the control
+characters aiohttp's serializer refuses, a tab it allows, surrogates it drops) are left to aiohttp, so
+nothing is sent here that aiohttp would not have sent.
 """
 
 from __future__ import annotations
@@ -19,7 +21,6 @@ from aiohttp.abc import AbstractStreamWriter
 from multidict import CIMultiDict
 
 _BODILESS = frozenset({204, 304})  # aiohttp's framing rules apply (Content-Length, Transfer-Encoding)
-_COALESCE = 2048  # below this, head and body are joined into one buffer; above, written as two (aiohttp's)
 
 
 class _Written(web.StreamResponse):
@@ -69,8 +70,8 @@ def head_bytes(
     request: web.BaseRequest, status: int, reason: str | None, headers: CIMultiDict[str]
 ) -> tuple[bytes, bool] | None:
     """The response head for `request` and whether the connection stays open after it, or None when this
-    response is one to leave to aiohttp (no body by its status or method, no reason phrase to relay, CR
-    or LF in a line)."""
+    response is one to leave to aiohttp (no body by its status or method, no reason phrase to relay, a
+    line that is not all printable)."""
     if status in _BODILESS or request.method == "HEAD" or reason is None:
         return None
     version = request.version
@@ -84,22 +85,25 @@ def head_bytes(
             lines.append("Connection: close")
         elif keep_alive and version == HttpVersion10:
             lines.append("Connection: keep-alive")
-    head = "\r\n".join(lines)
-    breaks = len(lines) - 1
-    if head.count("\n") != breaks or head.count("\r") != breaks:  # a line would split: never sent
+    if not "".join(lines).isprintable():  # no line would split, none holds a control or a surrogate
         return None
-    return (head + "\r\n\r\n").encode(), keep_alive
+    return ("\r\n".join(lines) + "\r\n\r\n").encode(), keep_alive
 
 
 async def send(request: web.BaseRequest, head: bytes, body: bytes, keep_alive: bool) -> web.StreamResponse:
-    """Write head and body; the response for aiohttp. ConnectionError when the client has gone."""
+    """Write head and body; the response for aiohttp. ConnectionError when the client has gone.
+
+    One `write`, never `writelines`: on some Pythons (3.12.0-3.12.8, 3.13.0-3.13.1) the latter never
+    pauses the protocol, so the drain below would not wait (aiohttp avoids it there too). The writer's
+    `output_size` counts the bytes, so aiohttp knows this response has started.
+    """
     transport = request.transport
     if transport is None or transport.is_closing():
         raise ConnectionResetError("the client has gone")
-    if len(body) < _COALESCE:
-        transport.write(head + body)
-    else:
-        transport.writelines((head, body))
+    data = head + body
+    transport.write(data)
+    writer = request.writer
+    writer.output_size += len(data)
     if transport.get_write_buffer_size():  # the client reads slowly: wait as aiohttp's write_eof does
-        await request.writer.drain()
+        await writer.drain()
     return KEPT_OPEN if keep_alive else CLOSED

@@ -46,6 +46,8 @@ _TCHAR = b"!#$%&'*+-.^_`|~0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqr
 # RFC 9110 field-names, one per line; values: visible bytes, spaces, tabs (no CR, LF, NUL), one per line
 _NAMES = re.compile(rb"(?:[" + re.escape(_TCHAR) + rb"]+\n)*")
 _VALUES = re.compile(rb"[\t\n\x20-\x7e\x80-\xff]*")
+# A reason phrase (decoded): no control character but tab, no surrogate (a byte that was not UTF-8)
+_REFUSED_IN_REASON = re.compile("[\x00-\x08\x0a-\x1f\x7f\ud800-\udfff]")
 log = get_logger("gateway.forward")
 Upstream = aiohttp.ClientResponse | UpstreamResponse
 
@@ -97,25 +99,29 @@ def _upstream_fault(what: str, reason: Reason, host: str, cause: str) -> Gateway
     )
 
 
-def invalid_head(status: int, raw_headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
+def invalid_head(status: int, reason: str | None, raw_headers: tuple[tuple[bytes, bytes], ...]) -> str | None:
     """Why an upstream response head must not be relayed, or None when it is valid HTTP.
 
     No upgrade is ever asked for (Upgrade is hop-by-hop), so 1xx cannot be a final answer; field names
-    must be tokens (`Content-Length : 2` is not) and values valid UTF-8 without control bytes.
+    must be tokens (`Content-Length : 2` is not) and values, like the reason phrase (as the parser
+    decoded it, UTF-8 with surrogateescape), valid UTF-8 without control bytes.
     """
     if not 200 <= status <= 599:
         return f"status {status}"
+    if reason is not None and not reason.isprintable() and _REFUSED_IN_REASON.search(reason):
+        return "control bytes or bytes that are not UTF-8 in the reason phrase"
     if not raw_headers:
         return None
     # The usual head, in a few C calls rather than three per field: names of letters, digits and hyphens,
     # none empty; values printable once decoded (no control byte, no line feed, no byte that is not
-    # UTF-8: those decode to unprintable surrogates). Anything else (other token characters, tabs) goes
+    # UTF-8: those decode to unprintable surrogates), joined by a space so that no character is made of
+    # the end of one value and the start of the next. Anything else (other token characters, tabs) goes
     # the long way, which names the field when something is wrong.
     names, values = zip(*raw_headers)  # noqa: B905 - name-value pairs; strict= costs a keyword parse
     if (
         all(names)
         and b"".join(names).replace(b"-", b"").isalnum()
-        and b"".join(values).decode("utf-8", "surrogateescape").isprintable()
+        and b" ".join(values).decode("utf-8", "surrogateescape").isprintable()
     ):
         return None
     for name, value in raw_headers:
@@ -187,7 +193,7 @@ class Forwarder:
                 raise GatewayFailure(client_error(exc, route.host)) from exc
             exchange.upstream_seconds = time.perf_counter() - started
             try:
-                problem = invalid_head(upstream.status, upstream.raw_headers)
+                problem = invalid_head(upstream.status, upstream.reason, upstream.raw_headers)
                 if problem is not None:
                     what = "sent a response that is not valid HTTP"
                     raise GatewayFailure(_upstream_fault(what, Reason.BAD_RESPONSE, route.host, problem))

@@ -25,6 +25,9 @@ BAD_HEADS = {
     "/space-before-colon": answer(b"HTTP/1.1 200 OK", b"Content-Length : 2"),
     "/invalid-utf8": answer(b"HTTP/1.1 200 OK", b"Link: <https://x.example/\xff>; rel=next"),
     "/control-byte": answer(b"HTTP/1.1 200 OK", b"X-Thing: a\x01b"),
+    "/split-utf8": answer(b"HTTP/1.1 200 OK", b"X-A: \xc3", b"X-B: \xa9"),  # one character over two values
+    "/control-in-reason": answer(b"HTTP/1.1 200 O\x01K"),
+    "/latin1-reason": answer(b"HTTP/1.1 200 Caf\xe9"),
 }
 
 
