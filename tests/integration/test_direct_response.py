@@ -74,7 +74,8 @@ async def test_an_undated_answer_is_dated_and_a_dated_one_keeps_its_date(
 
 async def test_a_client_that_does_not_read_holds_the_answer_until_it_does() -> None:
     """Past the transport's high-water mark the writer waits for the client, as aiohttp's write_eof does,
-    so a client that pipelines requests and reads nothing cannot make the gateway buffer without bound."""
+    so a client that reads nothing (while it pipelines requests, say) cannot make the gateway buffer
+    answer after answer without bound."""
     body = b"b" * 2**23  # far more than the kernel buffers of a client with a small receive window
     written = asyncio.Event()
 
