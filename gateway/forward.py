@@ -396,6 +396,7 @@ async def _pass_through(
 
 
 def _streamed(upstream: Upstream, headers: CIMultiDict[str]) -> web.StreamResponse:
+    """The upstream's answer as a response aiohttp frames and writes (streamed, or left to it)."""
     return RelayedResponse(status=upstream.status, reason=upstream.reason, headers=headers)
 
 
@@ -411,7 +412,7 @@ async def _whole(
         head = direct_response.head_bytes(request, upstream.status, upstream.reason, headers)
         if head is not None:
             response = await direct_response.send(request, head[0], data, head[1])
-        else:  # framing of aiohttp's own (no body by status or method)
+        else:  # aiohttp's framing: no body by status or method, or a head line not all printable
             response = _streamed(upstream, headers)
             defer_head(response)
             await response.prepare(request)
